@@ -1,0 +1,484 @@
+"""The QLoRAJob API (``qlora.dev/v1alpha1``): spec and status models.
+
+The spec is the trainer's input contract (:class:`qlora_trainer.config.TrainingConfig`)
+plus the runtime fields only the operator uses (resources, image, scheduling, run
+policy, the credentials Secret). The CRD in ``crds/`` is generated from these models
+(``python -m qlora_operator.crd``); a test fails when the committed file differs.
+
+No field names a namespace: a job reaches only Secrets of its own namespace. Unknown
+fields (``credentialsSecretRef.namespace`` included) are refused by ``kubectl apply``
+(server-side strict field validation, kubectl's default) and pruned for clients that
+ask for less, so they can never take effect.
+
+Training fields are fixed while a run is active (condition ``Running=True``): the CRD
+refuses such an update with a CEL transition rule at the object root, and
+:func:`training_fields_changed` lets the operator apply the same rule (and decide what
+a changed spec on a finished or suspended job means).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field
+
+from qlora_trainer.config import (
+    ApiModel,
+    DatasetSource,
+    LoraSettings,
+    ModelSource,
+    OutputTarget,
+    QuantizationConfig,
+    StorageSettings,
+    TrainingConfig,
+    TrainingSettings,
+    pattern_check,
+)
+
+GROUP = "qlora.dev"
+VERSION = "v1alpha1"
+KIND = "QLoRAJob"
+PLURAL = "qlorajobs"
+SINGULAR = "qlorajob"
+SHORT_NAMES = ["qj"]
+CATEGORIES = ["qlora"]
+API_VERSION = f"{GROUP}/{VERSION}"
+#: ``metadata.name`` of a QLoRAJob is at most this long (like CronJob's 52): child
+#: names add suffixes (``<name>-train``, ``<name>-config``, ...) and the Job's name
+#: must still fit the 63-character ``job-name`` label of its pods.
+MAX_NAME_LENGTH = 52
+
+#: Kubernetes object name (RFC 1123 label): what a Secret or PriorityClass name must be.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: RFC 1123 subdomain, for Secret names.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+#: A Kubernetes resource quantity without a sign (``8``, ``500m``, ``64Gi``, ``1e3``).
+QUANTITY = (
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+#: A label value (empty allowed), e.g. of ``nodeSelector``.
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+#: A label or taint key: optional DNS-subdomain prefix and ``/``, then a name of up to 63 characters.
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+#: An extended resource name such as ``nvidia.com/gpu``.
+EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"
+
+MSG_QUANTITY = "must be a Kubernetes quantity such as 8, 500m or 64Gi"
+MSG_SECRET_NAME = "must be a Secret name (lowercase RFC 1123 subdomain, e.g. s3-creds)"
+MSG_LABEL_VALUE = "must be a label value (up to 63 letters, digits, '-', '_', '.'; alphanumeric at both ends)"
+MSG_EXTENDED_RESOURCE = "must be an extended resource name such as nvidia.com/gpu"
+MSG_DNS_LABEL = "must be a lowercase RFC 1123 label (letters, digits, '-')"
+MSG_DNS_SUBDOMAIN = "must be a lowercase RFC 1123 subdomain (letters, digits, '-', '.')"
+
+
+def _quantity_to_str(value: Any) -> Any:
+    # YAML ``cpu: 8`` is an integer; Kubernetes quantities are int-or-string.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+#: A resource quantity: ``int-or-string`` in the CRD (``cpu: 8`` and ``cpu: "8"`` both work).
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    Field(max_length=64, json_schema_extra={"pattern": QUANTITY, "x-kubernetes-int-or-string": True}),
+    pattern_check(QUANTITY, MSG_QUANTITY),
+]
+
+
+class SecretReference(ApiModel):
+    """A Secret in the job's own namespace (there is deliberately no namespace field)."""
+
+    name: Annotated[
+        str,
+        Field(min_length=1, max_length=253, json_schema_extra={"pattern": DNS_SUBDOMAIN}),
+        pattern_check(DNS_SUBDOMAIN, MSG_SECRET_NAME),
+    ] = Field(
+        description=(
+            "Secret name in the QLoRAJob's own namespace, with keys AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (optionally AWS_SESSION_TOKEN). There is no namespace field: "
+            "a job can only use Secrets of its own namespace."
+        )
+    )
+
+
+class JobStorageSettings(StorageSettings):
+    """S3 connection plus the Secret the trainer pod reads credentials from."""
+
+    credentials_secret_ref: SecretReference | None = Field(
+        default=None,
+        description=(
+            "Secret (same namespace) whose AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY keys become the "
+            "trainer's environment. Unset: the pod's own identity (e.g. IRSA) is used."
+        ),
+    )
+
+
+class Resources(ApiModel):
+    """Compute for each trainer pod."""
+
+    gpus: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="GPUs per trainer pod, 1..64. Default 1."
+    )
+    gpu_resource_name: Annotated[
+        str,
+        Field(min_length=3, max_length=253, json_schema_extra={"pattern": EXTENDED_RESOURCE}),
+        pattern_check(EXTENDED_RESOURCE, MSG_EXTENDED_RESOURCE),
+    ] | None = Field(
+        default=None,
+        description="Extended resource name of a GPU. Default: the operator's setting (nvidia.com/gpu).",
+    )
+    cpu: Quantity = Field(default="4", description="CPU request and limit (Kubernetes quantity, e.g. 8 or 500m). Default 4.")
+    memory: Quantity = Field(
+        default="32Gi", description="Memory request and limit (Kubernetes quantity, e.g. 64Gi). Default 32Gi."
+    )
+
+
+class Toleration(ApiModel):
+    """A pod toleration (core/v1 ``Toleration``)."""
+
+    key: Annotated[str, Field(max_length=317)] | None = Field(
+        default=None, description="Taint key to tolerate; empty with operator Exists tolerates every taint."
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal (default Equal)."
+    )
+    value: Annotated[str, Field(max_length=63)] | None = Field(
+        default=None, description="Taint value for operator Equal."
+    )
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty: all effects."
+    )
+    toleration_seconds: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = Field(
+        default=None, description="For NoExecute: seconds the pod stays bound after the taint appears."
+    )
+
+
+class Scheduling(ApiModel):
+    """Where trainer pods may run and how they queue (may change while a run is active)."""
+
+    node_selector: Annotated[
+        dict[
+            Annotated[str, Field(max_length=317), pattern_check(LABEL_KEY, "must be a label key such as example.com/gpu-type")],
+            Annotated[str, Field(max_length=63, json_schema_extra={"pattern": LABEL_VALUE}), pattern_check(LABEL_VALUE, MSG_LABEL_VALUE)],
+        ],
+        Field(max_length=64),
+    ] = Field(default_factory=dict, description="Node labels a trainer pod's node must have (at most 64).")
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(
+        default_factory=list, description="Taints trainer pods tolerate (at most 32)."
+    )
+    priority_class_name: Annotated[
+        str,
+        Field(max_length=253, json_schema_extra={"pattern": f"^$|{DNS_SUBDOMAIN}"}),
+        pattern_check(f"^$|{DNS_SUBDOMAIN}", MSG_DNS_SUBDOMAIN),
+    ] = Field(default="", description="PriorityClass of trainer pods (empty: the cluster default).")
+    queue_name: Annotated[
+        str,
+        Field(max_length=63, json_schema_extra={"pattern": f"^$|{DNS_LABEL}"}),
+        pattern_check(f"^$|{DNS_LABEL}", MSG_DNS_LABEL),
+    ] = Field(
+        default="",
+        description="Kueue LocalQueue (same namespace): sets the kueue.x-k8s.io/queue-name label on the Job. Empty: none.",
+    )
+
+
+class RunPolicy(ApiModel):
+    """Retries, deadlines and suspension of the underlying batch/v1 Job."""
+
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=3,
+        description="Failed attempts (pods) retried before the job fails, 0..100; each retry resumes from the newest checkpoint. Default 3.",
+    )
+    active_deadline_seconds: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = Field(
+        default=None, description="Wall-clock limit for the whole run, in seconds (all attempts). Unset: none."
+    )
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = Field(
+        default=None,
+        description="Delete the finished batch/v1 Job (not this QLoRAJob) after this many seconds. Unset: kept.",
+    )
+    suspend: bool = Field(
+        default=False,
+        description="Suspend the run: pods are stopped, checkpoints kept; false resumes. May change while a run is active.",
+    )
+
+
+class QLoRAJobSpec(TrainingConfig):
+    """``spec`` of a QLoRAJob: the trainer config plus runtime fields."""
+
+    storage: JobStorageSettings = Field(
+        default_factory=JobStorageSettings,
+        description="How the trainer reaches S3: endpoint, region, addressing, and the credentials Secret (same namespace).",
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Compute per trainer pod: GPUs, CPU and memory (requests = limits)."
+    )
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+        default=None, description="Trainer image. Default: the operator's configured trainer image."
+    )
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling,
+        description="Placement and queueing of trainer pods (may change while a run is active).",
+    )
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy,
+        description="Retries, deadline, TTL and suspension of the run (all but backoffLimit may change during a run).",
+    )
+
+    def trainer_config(self) -> TrainingConfig:
+        """The part of the spec the trainer reads, as a plain :class:`TrainingConfig`."""
+        data = self.model_dump(by_alias=True, mode="json", include=set(TrainingConfig.model_fields))
+        data["storage"].pop("credentialsSecretRef", None)
+        return TrainingConfig.model_validate(data)
+
+
+# --- status -----------------------------------------------------------------
+#
+# Every field the operator or the trainer writes is listed here: the API server drops
+# status fields its schema does not name. Strings carry a maxLength and lists a
+# maxItems so a runaway writer cannot bloat the object.
+
+
+class Phase(str, Enum):
+    """Display summary of the conditions (never used as state)."""
+
+    pending = "Pending"
+    queued = "Queued"
+    starting = "Starting"
+    running = "Running"
+    merging = "Merging"
+    uploading = "Uploading"
+    suspended = "Suspended"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class ConditionType(str, Enum):
+    """Condition types of a QLoRAJob.
+
+    ``Running=True`` means a run is active (from the creation of its batch/v1 Job until
+    it completes, fails or is suspended): while it holds, the CRD refuses changes to
+    training fields (see :func:`training_fields_changed`).
+    """
+
+    running = "Running"
+    complete = "Complete"
+    failed = "Failed"
+    suspended = "Suspended"
+    stalled = "Stalled"
+
+
+_Str253 = Annotated[str, Field(max_length=253)]
+_Time = Annotated[str, Field(max_length=64)]
+_Uri = Annotated[str, Field(max_length=4096)]
+_Message = Annotated[str, Field(max_length=32768)]
+
+
+class Condition(ApiModel):
+    """A ``metav1.Condition``."""
+
+    type: Annotated[str, Field(min_length=1, max_length=316)] = Field(
+        description="Running, Complete, Failed, Suspended or Stalled."
+    )
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: Annotated[str, Field(max_length=1024)] = Field(
+        description="CamelCase reason of the last transition, e.g. BackoffLimitExceeded."
+    )
+    message: _Message = Field(default="", description="Human-readable details; names the field and the fix.")
+    last_transition_time: _Time = Field(description="When status last changed (RFC 3339).")
+    observed_generation: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="metadata.generation the condition was computed from."
+    )
+
+
+class Progress(ApiModel):
+    """Live training progress, written by the trainer (throttled)."""
+
+    step: int | None = Field(default=None, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, description="Epochs done (fractional).")
+    loss: float | None = Field(default=None, description="Training loss at the last logged step.")
+    eval_loss: float | None = Field(default=None, description="Eval loss at the last evaluation.")
+    learning_rate: float | None = Field(default=None, description="Learning rate at the last logged step.")
+    tokens_per_second: float | None = Field(default=None, description="Real (non-padding) tokens per second.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end of training.")
+    progress: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="step/totalSteps, for display (printer column Progress)."
+    )
+    stage: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="Trainer stage: Loading, Training, Merging, Uploading, Done."
+    )
+    updated_at: _Time | None = Field(default=None, description="When the trainer last reported (RFC 3339).")
+
+
+class Attempt(ApiModel):
+    """One pod of the run."""
+
+    index: int = Field(description="0-based attempt number within the run.")
+    pod_name: _Str253 = Field(description="Trainer pod of this attempt.")
+    start_time: _Time | None = Field(default=None, description="When the pod started (RFC 3339).")
+    finish_time: _Time | None = Field(default=None, description="When the pod finished (RFC 3339).")
+    exit_code: int | None = Field(default=None, description="Trainer exit code (DESIGN section 4 lists them).")
+    reason: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="CamelCase reason, e.g. OutOfMemory, InvalidData, OOMKilled."
+    )
+    message: _Message | None = Field(default=None, description="The trainer's termination message or pod reason.")
+    resumed_from_step: int | None = Field(default=None, description="Checkpoint step this attempt resumed from.")
+
+
+class Artifacts(ApiModel):
+    """Artifact URIs; each is listed only after its _SUCCESS marker exists."""
+
+    adapter_uri: _Uri | None = Field(default=None, description="<output>/adapter/: the LoRA adapter.")
+    merged_uri: _Uri | None = Field(default=None, description="<output>/merged/: the merged model, when asked for.")
+    manifest_uri: _Uri | None = Field(default=None, description="The lineage manifest.json.")
+    last_checkpoint_uri: _Uri | None = Field(default=None, description="Newest complete checkpoint.")
+
+
+class QLoRAJobStatus(ApiModel):
+    """``status`` of a QLoRAJob; every field the operator or trainer writes."""
+
+    observed_generation: int | None = Field(default=None, description="metadata.generation last acted on.")
+    phase: Phase | None = Field(default=None, description="Display summary of the conditions.")
+    conditions: Annotated[list[Condition], Field(max_length=32)] = Field(
+        default_factory=list, description="Running, Complete, Failed, Suspended, Stalled (one per type)."
+    )
+    progress: Progress | None = Field(default=None, description="Live progress, written by the trainer.")
+    attempts: Annotated[list[Attempt], Field(max_length=1024)] = Field(
+        default_factory=list, description="Pods of the current run, oldest first."
+    )
+    artifacts: Artifacts | None = Field(default=None, description="Complete artifacts of the last successful run.")
+    job_name: _Str253 | None = Field(default=None, description="The batch/v1 Job of the current run.")
+    run: int | None = Field(default=None, description="Run number; a changed spec on a finished job starts the next.")
+    start_time: _Time | None = Field(default=None, description="When the current run started (RFC 3339).")
+    completion_time: _Time | None = Field(default=None, description="When the current run finished (RFC 3339).")
+    message: _Message | None = Field(default=None, description="Summary of the current state, for people.")
+
+
+def parse_spec(spec: dict[str, Any]) -> QLoRAJobSpec:
+    """Validate a QLoRAJob ``spec`` mapping (typed as the API server does: ``"2"`` is no integer).
+
+    Raises:
+        qlora_trainer.config.ConfigError: naming every offending ``spec.`` field.
+    """
+    from pydantic import ValidationError
+
+    from qlora_trainer.config import ConfigError, format_validation_error, validate_like_api_server
+
+    try:
+        return validate_like_api_server(QLoRAJobSpec, spec)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix="spec.")) from None
+
+
+# --- changes during a run -----------------------------------------------------
+
+#: Spec fields (camelCase paths) that may change while a run is active; every other
+#: field is fixed for the run. The CRD's transition rule and
+#: :func:`training_fields_changed` are both derived from this tuple.
+MUTABLE_WHILE_ACTIVE = (
+    "runPolicy.suspend",
+    "runPolicy.activeDeadlineSeconds",
+    "runPolicy.ttlSecondsAfterFinished",
+    "scheduling",
+)
+
+
+def _spec_dicts(*specs: QLoRAJobSpec | dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Specs as plain camelCase dicts: with defaults filled in when all are valid (so an
+    absent field equals its default), else as written (an invalid spec has no defaults)."""
+    try:
+        parsed = [s if isinstance(s, QLoRAJobSpec) else QLoRAJobSpec.model_validate(s or {}) for s in specs]
+    except Exception:
+        return [
+            s.model_dump(by_alias=True, mode="json", exclude_none=True) if isinstance(s, QLoRAJobSpec) else dict(s or {})
+            for s in specs
+        ]
+    return [p.model_dump(by_alias=True, mode="json", exclude_none=True) for p in parsed]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if value is not None:  # null == absent
+                out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def _is_mutable(path: str) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in MUTABLE_WHILE_ACTIVE)
+
+
+def training_fields_changed(
+    old_spec: QLoRAJobSpec | dict[str, Any] | None, new_spec: QLoRAJobSpec | dict[str, Any] | None
+) -> list[str]:
+    """Paths (``spec.lora.r``, ...) of fields that differ and are fixed during a run.
+
+    Both specs are compared after defaulting, so ``{}`` and the defaults are equal;
+    lists compare as a whole. Fields in :data:`MUTABLE_WHILE_ACTIVE` (suspension,
+    deadlines, TTL, scheduling) are ignored. Sorted; empty when nothing that matters
+    changed. The operator uses it on a spec change while :func:`run_is_active`.
+    """
+    old, new = (_flatten(d) for d in _spec_dicts(old_spec, new_spec))
+    missing = object()
+    changed = {
+        path
+        for path in old.keys() | new.keys()
+        if old.get(path, missing) != new.get(path, missing) and not _is_mutable(path)
+    }
+    return sorted(f"spec.{path}" for path in changed)
+
+
+def run_is_active(status: QLoRAJobStatus | dict[str, Any] | None) -> bool:
+    """True when the ``Running`` condition is ``True`` (the CRD's transition rule tests the same)."""
+    if status is None:
+        return False
+    if isinstance(status, QLoRAJobStatus):
+        conditions = [c.model_dump(by_alias=True) for c in status.conditions]
+    else:
+        conditions = status.get("conditions") or []
+    return any(c.get("type") == ConditionType.running.value and c.get("status") == "True" for c in conditions)
+
+
+__all__ = [
+    "API_VERSION",
+    "Artifacts",
+    "Attempt",
+    "CATEGORIES",
+    "Condition",
+    "ConditionType",
+    "DatasetSource",
+    "GROUP",
+    "JobStorageSettings",
+    "KIND",
+    "LoraSettings",
+    "MAX_NAME_LENGTH",
+    "MUTABLE_WHILE_ACTIVE",
+    "ModelSource",
+    "OutputTarget",
+    "PLURAL",
+    "Phase",
+    "Progress",
+    "QLoRAJobSpec",
+    "QLoRAJobStatus",
+    "QuantizationConfig",
+    "Resources",
+    "RunPolicy",
+    "SHORT_NAMES",
+    "SINGULAR",
+    "Scheduling",
+    "SecretReference",
+    "Toleration",
+    "TrainingSettings",
+    "VERSION",
+    "parse_spec",
+    "run_is_active",
+    "training_fields_changed",
+]
