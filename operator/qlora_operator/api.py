@@ -271,6 +271,9 @@ class ConditionType(str, Enum):
     failed = "Failed"
     suspended = "Suspended"
     stalled = "Stalled"
+    #: A spec change the operator could not apply to the active run (a fallback behind
+    #: the CRD's immutability rules); the change becomes the next run.
+    spec_rejected = "SpecRejected"
 
 
 _Str253 = Annotated[str, Field(max_length=253)]
@@ -325,7 +328,11 @@ class Attempt(ApiModel):
     finish_time: _Time | None = Field(default=None, description="When the pod finished (RFC 3339).")
     exit_code: int | None = Field(default=None, description="Trainer exit code (DESIGN section 4 lists them).")
     reason: Annotated[str, Field(max_length=1024)] | None = Field(
-        default=None, description="CamelCase reason, e.g. OutOfMemory, InvalidData, OOMKilled."
+        default=None,
+        description=(
+            "CamelCase reason: Succeeded, OOMKilled, CudaOutOfMemory, InvalidData, InvalidConfig, NonFiniteLoss, "
+            "StorageError, Terminated (exit 143), Disrupted, or a waiting reason such as ImagePullBackOff."
+        ),
     )
     message: _Message | None = Field(default=None, description="The trainer's termination message or pod reason.")
     resumed_from_step: int | None = Field(default=None, description="Checkpoint step this attempt resumed from.")

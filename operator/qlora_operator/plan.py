@@ -1,0 +1,139 @@
+"""Pure run decisions: which run is current, and what to do about the spec.
+
+A QLoRAJob has runs 1, 2, ... Run N's children carry the label ``qlora.dev/run=N``
+and the spec they were started with (annotation ``qlora.dev/spec``, on the Job and
+on the run's ConfigMap, which outlives a Job deleted by ``ttlSecondsAfterFinished``).
+The current run is the highest of ``status.run`` and the run labels of the owned Jobs,
+so a crash between creating a Job and recording it in the status never starts a
+second Job: names are deterministic per run, and a new run is started only when the
+spec differs from the *recorded* spec of the finished current run.
+
+Actions:
+
+``invalid``     the spec cannot be run (checks only the operator can make, e.g.
+                ``resources.gpus`` above the operator's limit): Failed/InvalidSpec.
+``create``      the current run has no Job yet: create its children.
+``start-next``  the current run finished (or is suspended) and training fields
+                changed since it started: start run N+1 (GitOps retraining). A
+                suspended run's Job is deleted first (it holds no pod; checkpoints
+                stay in storage, and the next run resumes from them).
+``observe``     translate the current run's Job and pods into status. A change of
+                training fields while the run is active is refused
+                (``spec_rejected``): the active run keeps its spec, and the change
+                starts the next run once this one finishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qlora_operator import render
+from qlora_operator.api import QLoRAJobSpec, parse_spec, training_fields_changed
+from qlora_operator.settings import OperatorSettings
+from qlora_operator.status import job_result, job_suspended, status_terminal
+from qlora_trainer.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one reconcile should do."""
+
+    action: str  # invalid | create | start-next | observe
+    run: int  # the run the status describes (0: none yet)
+    job: Mapping[str, Any] | None = None
+    invalid: str | None = None
+    spec_rejected: str | None = None
+    changed_fields: tuple[str, ...] = ()
+    retire: str | None = None  # a suspended Job the next run replaces (deleted first)
+
+
+def validate(raw_spec: Mapping[str, Any] | None, settings: OperatorSettings) -> tuple[QLoRAJobSpec | None, str | None]:
+    """Parse the spec and apply the rules only the operator can check.
+
+    Returns ``(spec, None)`` or ``(None, message)``; the message names each field and what must hold.
+    """
+    try:
+        spec = parse_spec(dict(raw_spec or {}))
+    except ConfigError as err:
+        return None, str(err)
+    problems = []
+    if spec.resources.gpus > settings.max_gpus_per_job:
+        problems.append(
+            f"spec.resources.gpus: {spec.resources.gpus} GPUs requested, but this operator allows at most "
+            f"{settings.max_gpus_per_job} per job (setting max_gpus_per_job): lower spec.resources.gpus"
+        )
+    if problems:
+        return None, "\n".join(problems)
+    return spec, None
+
+
+def owned(obj: Mapping[str, Any], uid: str) -> bool:
+    """True when ``obj`` has a controller owner reference to the object with ``uid``."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("uid") == uid and ref.get("controller"):
+            return True
+    return False
+
+
+def current_run(status: Mapping[str, Any] | None, jobs: Sequence[Mapping[str, Any]]) -> tuple[int, Mapping[str, Any] | None]:
+    """(run number, its Job or None): the highest of ``status.run`` and the Jobs' run labels."""
+    by_run: dict[int, Mapping[str, Any]] = {}
+    for job in jobs:
+        run = render.run_of(job)
+        if run is not None:
+            by_run[run] = job
+    recorded = int((status or {}).get("run") or 0)
+    run = max([recorded, *by_run.keys()])
+    return run, by_run.get(run)
+
+
+def run_finished(status: Mapping[str, Any] | None, run: int, job: Mapping[str, Any] | None) -> bool:
+    """True when run ``run`` is over: its Job completed or failed, or the status says so."""
+    if job is not None and job_result(job)[0] is not None:
+        return True
+    return status_terminal(status, run)
+
+
+def decide(
+    body: Mapping[str, Any],
+    spec: QLoRAJobSpec | None,
+    invalid: str | None,
+    jobs: Sequence[Mapping[str, Any]],
+    recorded_spec: Mapping[str, Any] | None,
+) -> Plan:
+    """What to do for the QLoRAJob ``body`` given its owned Jobs and the current run's recorded spec."""
+    status = body.get("status") or {}
+    run, job = current_run(status, jobs)
+    if run == 0:
+        if invalid:
+            return Plan("invalid", 0, invalid=invalid)
+        return Plan("create", 1)
+    raw = dict(body.get("spec") or {})
+    changes = tuple(training_fields_changed(dict(recorded_spec), raw)) if recorded_spec is not None else ()
+    if run_finished(status, run, job):
+        if not changes:
+            return Plan("observe", run, job)
+        if invalid:
+            return Plan("invalid", run, job, invalid=invalid, changed_fields=changes)
+        return Plan("start-next", run + 1, None, changed_fields=changes)
+    if job is None:
+        if invalid:
+            return Plan("invalid", run, None, invalid=invalid)
+        return Plan("create", run)
+    if changes and job_suspended(job) and not invalid:
+        # A suspended run (by the user or a Kueue queue) holds no pod: the changed spec
+        # replaces it. The next run resumes from the checkpoints under spec.output.uri.
+        return Plan("start-next", run + 1, None, changed_fields=changes, retire=job["metadata"]["name"])
+    rejected = None
+    if changes:
+        listed = ", ".join(changes[:8]) + (", ..." if len(changes) > 8 else "")
+        rejected = (
+            f"{listed} changed while run {run} is active: training fields are immutable during a run. "
+            f"Run {run} continues with the spec it started with; the changed spec starts run {run + 1} "
+            f"when it finishes (revert the change to avoid that)."
+        )
+        if invalid:
+            rejected += f" The changed spec is also invalid: {invalid}"
+    return Plan("observe", run, job, spec_rejected=rejected, changed_fields=changes)

@@ -1,0 +1,828 @@
+"""Pure status translation: what the cluster shows -> the QLoRAJob's status.
+
+Input: the QLoRAJob body (its current status is the baseline for transitions), an
+:class:`Observed` snapshot of the current run (batch/v1 Job, its Pods, the Job's
+Events), ``now`` and the operator settings. Output: a :class:`StatusResult` with the
+status fields the operator owns, the merge patch that brings the object there (empty
+when nothing changed), the Events to post for the transitions, and the side effects
+the caller must carry out (stop the run, delete pods). Nothing here calls the API or
+reads the clock.
+
+Conditions are the state machine; ``phase`` is a summary derived from them:
+
+========== ===================================================================
+Running    True while the run is active: from the creation of its Job until it
+           completes, fails or is suspended. The reason says what the run waits
+           for (Pending, Unschedulable, QuotaExceeded, ImagePullBackOff,
+           SecretNotFound, Starting, Retrying), TrainerRunning, or Finishing
+           (the trainer exited 0, the Job is not marked Complete yet).
+Complete   True once the Job succeeded; artifacts come from the trainer's
+           termination message.
+Failed     True with the cause: InvalidSpec, Unschedulable, QuotaExceeded,
+           ImagePullFailed, SecretNotFound, the trainer's exit reason (OOMKilled,
+           CudaOutOfMemory, InvalidData, InvalidConfig, NonFiniteLoss,
+           StorageError), DeadlineExceeded, BackoffLimitExceeded (the message
+           carries the last attempt's reason).
+Suspended  True while the Job is suspended (runPolicy.suspend, or a Kueue queue).
+Stalled    True while the trainer runs but has not reported progress for longer
+           than the stalled timeout.
+SpecRejected  Present (True) only while a spec change is refused because a run is
+           active; the change starts the next run once the active run finishes.
+========== ===================================================================
+
+Complete and Failed are sticky for a run: once recorded they do not change (the Job
+may be garbage-collected by its TTL, pods may vanish) until a new run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from qlora_operator.api import ConditionType, Phase
+from qlora_operator.settings import OperatorSettings
+
+# --- reasons ------------------------------------------------------------------
+
+INVALID_SPEC = "InvalidSpec"
+UNSCHEDULABLE = "Unschedulable"
+QUOTA_EXCEEDED = "QuotaExceeded"
+IMAGE_PULL_BACKOFF = "ImagePullBackOff"
+IMAGE_PULL_FAILED = "ImagePullFailed"
+SECRET_NOT_FOUND = "SecretNotFound"
+CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+OOM_KILLED = "OOMKilled"
+CUDA_OOM = "CudaOutOfMemory"
+INVALID_DATA = "InvalidData"
+INVALID_CONFIG = "InvalidConfig"
+NON_FINITE_LOSS = "NonFiniteLoss"
+STORAGE_ERROR = "StorageError"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+DISRUPTED = "Disrupted"
+SUCCEEDED = "Succeeded"
+TRAINER_RUNNING = "TrainerRunning"
+PENDING = "Pending"
+STARTING = "Starting"
+RETRYING = "Retrying"
+FINISHING = "Finishing"
+TERMINATED = "Terminated"
+SPEC_REJECTED = "SpecRejected"
+NO_PROGRESS = "NoProgress"
+
+#: qlora-train exit codes (DESIGN.md section 4) -> attempt reasons.
+EXIT_REASONS = {
+    0: SUCCEEDED,
+    2: INVALID_CONFIG,
+    3: INVALID_DATA,
+    4: STORAGE_ERROR,
+    5: CUDA_OOM,
+    6: NON_FINITE_LOSS,
+    137: OOM_KILLED,
+}
+IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+#: Running reasons that are worth a Warning event (the run cannot make progress).
+WARNING_REASONS = frozenset({UNSCHEDULABLE, QUOTA_EXCEEDED, IMAGE_PULL_BACKOFF, SECRET_NOT_FOUND, CONTAINER_CONFIG_ERROR})
+
+SPEC_REJECTED_TYPE = "SpecRejected"
+CONDITION_ORDER = (
+    ConditionType.running.value,
+    ConditionType.complete.value,
+    ConditionType.failed.value,
+    ConditionType.suspended.value,
+    ConditionType.stalled.value,
+    SPEC_REJECTED_TYPE,
+)
+#: Status fields the operator owns (``progress`` is the trainer's).
+OWNED_FIELDS = (
+    "observedGeneration",
+    "run",
+    "jobName",
+    "phase",
+    "conditions",
+    "attempts",
+    "artifacts",
+    "startTime",
+    "completionTime",
+    "message",
+)
+MAX_ATTEMPTS = 100
+MAX_MESSAGE = 2000
+_SECRET_NOT_FOUND = re.compile(r'secret "?([^"\s]+)"? not found', re.IGNORECASE)
+
+
+# --- time -----------------------------------------------------------------------
+
+
+def utcnow() -> datetime:
+    """The current time (only callers outside this module use it)."""
+    return datetime.now(timezone.utc)
+
+
+def fmt_time(value: datetime) -> str:
+    """RFC 3339 with seconds precision, as Kubernetes writes it."""
+    return value.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Parse an RFC 3339 timestamp; None when absent or unreadable."""
+    if not value or not isinstance(value, str):
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
+def _elapsed(now: datetime, since: Any) -> float:
+    start = parse_time(since) if not isinstance(since, datetime) else since
+    if start is None:
+        return 0.0
+    return max(0.0, (now - start).total_seconds())
+
+
+def _truncate(text: Any, limit: int = MAX_MESSAGE) -> str:
+    text = "" if text is None else str(text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- inputs and outputs -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the cluster shows for the current run (gathered by the caller)."""
+
+    run: int | None
+    job_name: str | None
+    job: Mapping[str, Any] | None = None
+    pods: Sequence[Mapping[str, Any]] = ()
+    job_events: Sequence[Mapping[str, Any]] = ()
+    invalid_spec: str | None = None
+    spec_rejected: str | None = None
+    suspend_requested: bool = False
+    queued: bool = False
+    backoff_limit: int = 3
+    active_deadline_seconds: int | None = None
+    image: str = ""
+    secret_name: str | None = None
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """A Kubernetes Event to post on the QLoRAJob."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class StatusResult:
+    """Status the operator wants, the patch to get there, and what else to do."""
+
+    status: dict[str, Any]
+    patch: dict[str, Any]
+    events: list[EventSpec] = field(default_factory=list)
+    delete_pods: list[str] = field(default_factory=list)
+    stop_reason: str | None = None  # the operator declared the run failed: stop its Job
+    terminal: bool = False
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+
+# --- Job and Pod inspection -----------------------------------------------------------
+
+
+def _conditions(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    if not obj:
+        return {}
+    return {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type")}
+
+
+def job_result(job: Mapping[str, Any] | None) -> tuple[str | None, str, str]:
+    """(``"succeeded"`` | ``"failed"`` | None, reason, message) of a batch/v1 Job.
+
+    ``FailureTarget`` and ``SuccessCriteriaMet`` (set before the terminal condition
+    while pods wind down) count as the outcome already.
+    """
+    conds = _conditions(job)
+    for kind, types in (("succeeded", ("Complete", "SuccessCriteriaMet")), ("failed", ("Failed", "FailureTarget"))):
+        for typ in types:
+            cond = conds.get(typ)
+            if cond and cond.get("status") == "True":
+                return kind, cond.get("reason") or "", cond.get("message") or ""
+    return None, "", ""
+
+
+def job_suspended(job: Mapping[str, Any] | None) -> bool:
+    """True when the Job is suspended (spec)."""
+    return bool(job and (job.get("spec") or {}).get("suspend"))
+
+
+def _container_status(pod: Mapping[str, Any], name: str = "trainer") -> Mapping[str, Any]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for cs in statuses:
+        if cs.get("name") == name:
+            return cs
+    return statuses[0] if statuses else {}
+
+
+def pod_finished(pod: Mapping[str, Any]) -> bool:
+    """True when the pod reached Succeeded or Failed."""
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def pod_terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The trainer container's terminated state, if any."""
+    cs = _container_status(pod)
+    term = (cs.get("state") or {}).get("terminated")
+    if term is None and pod_finished(pod):
+        term = (cs.get("lastState") or {}).get("terminated")
+    return term
+
+
+def pod_waiting(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The trainer container's waiting state, if any."""
+    return (_container_status(pod).get("state") or {}).get("waiting")
+
+
+def pod_running_since(pod: Mapping[str, Any]) -> str | None:
+    """When the trainer container started running, if it runs."""
+    running = (_container_status(pod).get("state") or {}).get("running")
+    if running is None:
+        return None
+    return running.get("startedAt") or (pod.get("status") or {}).get("startTime") or ""
+
+
+def pod_unschedulable(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The PodScheduled=False/Unschedulable condition, if the scheduler cannot place the pod."""
+    cond = _conditions(pod).get("PodScheduled")
+    if cond and cond.get("status") == "False" and cond.get("reason") == UNSCHEDULABLE:
+        return cond
+    return None
+
+
+def parse_termination_message(text: Any) -> dict[str, Any] | None:
+    """The trainer's JSON termination message, or None when absent or not JSON."""
+    if not text or not isinstance(text, str):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def classify_exit(exit_code: int | None, container_reason: str | None, message: Mapping[str, Any] | None) -> str:
+    """Attempt reason from the exit code (DESIGN.md section 4), the kubelet's reason, the trainer's."""
+    if container_reason == OOM_KILLED or exit_code in (137, -9):
+        return OOM_KILLED
+    if exit_code in EXIT_REASONS:
+        return EXIT_REASONS[exit_code]
+    if exit_code in (143, -15):  # SIGTERM: the pod was deleted (suspension, eviction, namespace deletion)
+        return TERMINATED
+    if message and isinstance(message.get("reason"), str) and message["reason"]:
+        return message["reason"]
+    if container_reason and container_reason not in ("Error", "Completed"):
+        return container_reason
+    return f"ExitCode{exit_code}" if exit_code is not None else "Error"
+
+
+def attempt_from_pod(pod: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """One ``status.attempts[]`` entry from a trainer pod."""
+    meta = pod.get("metadata") or {}
+    pstatus = pod.get("status") or {}
+    attempt: dict[str, Any] = {"index": index, "podName": meta.get("name", "")}
+    term = pod_terminated(pod)
+    disruption = _conditions(pod).get("DisruptionTarget")
+    start = pstatus.get("startTime")
+    if term is not None:
+        tmsg = parse_termination_message(term.get("message"))
+        exit_code = term.get("exitCode")
+        attempt["startTime"] = term.get("startedAt") or start
+        attempt["finishTime"] = term.get("finishedAt")
+        attempt["exitCode"] = exit_code
+        attempt["reason"] = classify_exit(exit_code, term.get("reason"), tmsg)
+        if disruption and disruption.get("status") == "True" and exit_code != 0:
+            attempt["reason"] = DISRUPTED
+            attempt["message"] = _truncate(f"{disruption.get('reason')}: {disruption.get('message', '')}")
+        elif tmsg is not None:
+            if tmsg.get("message"):
+                attempt["message"] = _truncate(tmsg["message"])
+            if isinstance(tmsg.get("resumedFromStep"), int):
+                attempt["resumedFromStep"] = tmsg["resumedFromStep"]
+        elif term.get("message"):
+            # FallbackToLogsOnError: the tail of the log; keep its end, where the error is.
+            text = str(term["message"]).strip()
+            attempt["message"] = text[-MAX_MESSAGE:]
+    elif pstatus.get("phase") == "Failed":
+        attempt["startTime"] = start
+        attempt["finishTime"] = None
+        if disruption and disruption.get("status") == "True":
+            attempt["reason"] = DISRUPTED
+            attempt["message"] = _truncate(f"{disruption.get('reason')}: {disruption.get('message', '')}")
+        else:
+            attempt["reason"] = pstatus.get("reason") or "PodFailed"
+            attempt["message"] = _truncate(pstatus.get("message"))
+    else:
+        attempt["startTime"] = pod_running_since(pod) or start
+        waiting = pod_waiting(pod)
+        if waiting and waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+            attempt["reason"] = _waiting_reason(waiting)
+            attempt["message"] = _truncate(waiting.get("message"))
+        elif pod_unschedulable(pod):
+            attempt["reason"] = UNSCHEDULABLE
+            attempt["message"] = _truncate(pod_unschedulable(pod).get("message"))
+    return {k: v for k, v in attempt.items() if v is not None and v != ""}
+
+
+def _waiting_reason(waiting: Mapping[str, Any]) -> str:
+    reason = waiting.get("reason") or ""
+    if reason == CONTAINER_CONFIG_ERROR and _SECRET_NOT_FOUND.search(waiting.get("message") or ""):
+        return SECRET_NOT_FOUND
+    return reason
+
+
+def _attempt_finished(attempt: Mapping[str, Any]) -> bool:
+    return "exitCode" in attempt or bool(attempt.get("finishTime")) or attempt.get("reason") in (DISRUPTED, "PodFailed", "Evicted", DEADLINE_EXCEEDED)
+
+
+def _attempt_failed(attempt: Mapping[str, Any]) -> bool:
+    return _attempt_finished(attempt) and attempt.get("exitCode") != 0
+
+
+def _pod_sort_key(pod: Mapping[str, Any]) -> tuple[str, str]:
+    meta = pod.get("metadata") or {}
+    return (meta.get("creationTimestamp") or "", meta.get("name") or "")
+
+
+def merge_attempts(previous: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Attempts of the run: the recorded ones (pods may be gone) updated from the pods, oldest first."""
+    by_pod: dict[str, dict[str, Any]] = {a["podName"]: dict(a) for a in previous if a.get("podName")}
+    next_index = max((a.get("index", -1) for a in by_pod.values()), default=-1) + 1
+    for pod in sorted(pods, key=_pod_sort_key):
+        name = (pod.get("metadata") or {}).get("name")
+        if not name:
+            continue
+        old = by_pod.get(name)
+        if old is not None and _attempt_finished(old):
+            continue  # a finished attempt is history: it does not change
+        index = old["index"] if old is not None else next_index
+        if old is None:
+            next_index += 1
+        new = attempt_from_pod(pod, index)
+        if old is not None:
+            for key in ("resumedFromStep", "startTime"):
+                if key not in new and key in old:
+                    new[key] = old[key]
+        by_pod[name] = new
+    attempts = sorted(by_pod.values(), key=lambda a: a.get("index", 0))
+    return attempts[-MAX_ATTEMPTS:]
+
+
+def artifacts_from_pods(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Artifact URIs from the termination message of a pod that exited 0 (never from a failed one)."""
+    for pod in sorted(pods, key=_pod_sort_key, reverse=True):
+        term = pod_terminated(pod)
+        if term is None or term.get("exitCode") != 0:
+            continue
+        tmsg = parse_termination_message(term.get("message")) or {}
+        arts = tmsg.get("artifacts")
+        if isinstance(arts, dict):
+            keep = {k: v for k, v in arts.items() if k in ("adapterUri", "mergedUri", "manifestUri", "lastCheckpointUri") and isinstance(v, str) and v}
+            if keep:
+                return keep
+    return None
+
+
+def quota_event(events: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The newest FailedCreate event saying a ResourceQuota was exceeded, if any."""
+    found = [
+        e
+        for e in events
+        if e.get("reason") == "FailedCreate" and "exceeded quota" in (e.get("message") or "")
+    ]
+    if not found:
+        return None
+    return max(found, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+
+
+def _event_first_seen(events: Sequence[Mapping[str, Any]]) -> str | None:
+    stamps = [
+        e.get("firstTimestamp") or e.get("eventTime") or (e.get("metadata") or {}).get("creationTimestamp")
+        for e in events
+        if e.get("reason") == "FailedCreate" and "exceeded quota" in (e.get("message") or "")
+    ]
+    stamps = [s for s in stamps if s]
+    return min(stamps) if stamps else None
+
+
+def _quota_message(event: Mapping[str, Any]) -> str:
+    text = event.get("message") or ""
+    idx = text.find("exceeded quota")
+    return _truncate(text[idx:] if idx >= 0 else text)
+
+
+# --- the decision ---------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    running: tuple[str, str, str]
+    complete: tuple[str, str, str] = ("False", "NotCompleted", "")
+    failed: tuple[str, str, str] = ("False", "NoFailure", "")
+    suspended: tuple[str, str, str] = ("False", "NotSuspended", "")
+    stalled: tuple[str, str, str] = ("False", "NotRunning", "")
+    phase: str = Phase.pending.value
+    message: str = ""
+    stop_reason: str | None = None
+    delete_pods: list[str] = field(default_factory=list)
+
+
+def _describe(attempt: Mapping[str, Any]) -> str:
+    text = f"attempt {attempt.get('index')} (pod {attempt.get('podName')})"
+    if "exitCode" in attempt:
+        text += f" exited with code {attempt['exitCode']}"
+    text += f" ({attempt.get('reason', 'Error')})"
+    if attempt.get("message"):
+        text += f": {attempt['message']}"
+    return text
+
+
+def _failure(obs: Observed, job_reason: str, job_message: str, attempts: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    failed = [a for a in attempts if _attempt_failed(a) and a.get("reason") != DISRUPTED]
+    last = failed[-1] if failed else None
+    if job_reason == DEADLINE_EXCEEDED:
+        msg = f"runPolicy.activeDeadlineSeconds ({obs.active_deadline_seconds}s) exceeded"
+        if last is not None:
+            msg += f"; last {_describe(last)}"
+        return DEADLINE_EXCEEDED, msg
+    if job_reason == "PodFailurePolicy" and last is not None:
+        return last.get("reason", "Failed"), f"{_describe(last)}; this exit code is not retried"
+    if job_reason == BACKOFF_LIMIT_EXCEEDED and last is not None:
+        if obs.backoff_limit == 0:
+            return last.get("reason", "Failed"), f"{_describe(last)}; runPolicy.backoffLimit is 0 (no retries)"
+        return BACKOFF_LIMIT_EXCEEDED, (
+            f"{last.get('reason', 'Error')}: {len(failed)} attempts failed "
+            f"(runPolicy.backoffLimit {obs.backoff_limit}); last {_describe(last)}"
+        )
+    if last is not None and not job_reason:
+        return last.get("reason", "Failed"), _describe(last)
+    return job_reason or "JobFailed", _truncate(job_message) or "the Job failed"
+
+
+def _decide(
+    obs: Observed, attempts: list[dict[str, Any]], artifacts: dict[str, Any] | None,
+    progress: Mapping[str, Any] | None, now: datetime, settings: OperatorSettings, namespace: str,
+) -> _State:
+    if obs.invalid_spec:
+        msg = _truncate(obs.invalid_spec)
+        return _State(
+            running=("False", INVALID_SPEC, "the spec is invalid: no run is started"),
+            failed=("True", INVALID_SPEC, msg),
+            complete=("False", INVALID_SPEC, ""),
+            phase=Phase.failed.value,
+            message=msg,
+        )
+    job = obs.job
+    if job is None:
+        msg = f"creating Job {obs.job_name}" if obs.job_name else "waiting for the operator"
+        return _State(running=("False", PENDING, msg), phase=Phase.pending.value, message=msg)
+
+    outcome, job_reason, job_message = job_result(job)
+    if outcome == "succeeded":
+        if artifacts and artifacts.get("adapterUri"):
+            msg = f"training finished; adapter at {artifacts['adapterUri']}"
+            if artifacts.get("mergedUri"):
+                msg += f", merged model at {artifacts['mergedUri']}"
+        else:
+            msg = "training finished, but the trainer reported no artifacts (no termination message)"
+        return _State(
+            running=("False", "Completed", msg), complete=("True", SUCCEEDED, msg),
+            phase=Phase.succeeded.value, message=msg,
+        )
+    if outcome == "failed":
+        reason, msg = _failure(obs, job_reason, job_message, attempts)
+        return _State(
+            running=("False", reason, msg), failed=("True", reason, msg), complete=("False", reason, ""),
+            phase=Phase.failed.value, message=msg,
+        )
+
+    if job_suspended(job):
+        if obs.suspend_requested:
+            reason, msg, phase = "SuspendedByUser", "runPolicy.suspend is true: pods are stopped, checkpoints kept", Phase.suspended.value
+        elif obs.queued:
+            reason, msg, phase = "Queued", "waiting for Kueue to admit the Job (scheduling.queueName)", Phase.queued.value
+        else:
+            reason, msg, phase = "Suspended", f"Job {obs.job_name} is suspended", Phase.suspended.value
+        return _State(running=("False", reason, msg), suspended=("True", reason, msg), phase=phase, message=msg)
+
+    pods = list(obs.pods)
+    active = [
+        p for p in sorted(pods, key=_pod_sort_key)
+        if not pod_finished(p) and not (p.get("metadata") or {}).get("deletionTimestamp")
+    ]
+    index_of = {a["podName"]: a["index"] for a in attempts}
+    if active:
+        pod = active[-1]
+        name = pod["metadata"]["name"]
+        idx = index_of.get(name, 0)
+        created = (pod.get("metadata") or {}).get("creationTimestamp")
+        started = pod_running_since(pod)
+        if started is not None:
+            node = (pod.get("spec") or {}).get("nodeName") or "?"
+            msg = f"attempt {idx}: pod {name} is running on node {node}"
+            stage = (progress or {}).get("stage")
+            phase = {"Merging": Phase.merging.value, "Uploading": Phase.uploading.value}.get(stage or "", Phase.running.value)
+            state = _State(running=("True", TRAINER_RUNNING, msg), phase=phase, message=msg)
+            state.stalled = _stalled(progress, started, now, settings)
+            if state.stalled[0] == "True":
+                state.message = state.stalled[2]
+            return state
+        unsched = pod_unschedulable(pod)
+        if unsched is not None:
+            since = unsched.get("lastTransitionTime") or created
+            waited = _elapsed(now, since)
+            sched_msg = _truncate(unsched.get("message") or "no node fits")
+            if waited >= settings.unschedulable_timeout_seconds:
+                msg = (
+                    f"pod {name} could not be scheduled for {int(waited)}s (unschedulable timeout "
+                    f"{int(settings.unschedulable_timeout_seconds)}s): {sched_msg}"
+                )
+                return _terminal(UNSCHEDULABLE, msg, delete=[name])
+            msg = f"pod {name} cannot be scheduled: {sched_msg}"
+            return _State(running=("True", UNSCHEDULABLE, msg), phase=Phase.pending.value, message=msg)
+        waiting = pod_waiting(pod) or {}
+        wreason = waiting.get("reason") or ""
+        wmsg = _truncate(waiting.get("message") or wreason)
+        since = (pod.get("status") or {}).get("startTime") or created
+        if wreason in IMAGE_PULL_REASONS:
+            waited = _elapsed(now, since)
+            if waited >= settings.image_pull_grace_seconds:
+                msg = f"image {obs.image} could not be pulled for {int(waited)}s: {wmsg}; pod {name} deleted"
+                return _terminal(IMAGE_PULL_FAILED, msg, delete=[name])
+            msg = (
+                f"pulling image {obs.image} failed ({wreason}): {wmsg}; the job fails if it cannot be "
+                f"pulled within {int(settings.image_pull_grace_seconds)}s"
+            )
+            return _State(running=("True", IMAGE_PULL_BACKOFF, msg), phase=Phase.starting.value, message=msg)
+        if wreason == CONTAINER_CONFIG_ERROR:
+            waited = _elapsed(now, since)
+            missing = _SECRET_NOT_FOUND.search(waiting.get("message") or "")
+            if missing:
+                reason = SECRET_NOT_FOUND
+                base = (
+                    f"Secret {missing.group(1)!r} not found in namespace {namespace} "
+                    f"(spec.storage.credentialsSecretRef.name): create it with keys AWS_ACCESS_KEY_ID and "
+                    f"AWS_SECRET_ACCESS_KEY"
+                )
+            else:
+                reason = CONTAINER_CONFIG_ERROR
+                base = f"pod {name} cannot start: {wmsg}"
+            if waited >= settings.container_config_grace_seconds:
+                return _terminal(reason, f"{base}; gave up after {int(waited)}s", delete=[name])
+            msg = f"{base}; the job fails if this lasts {int(settings.container_config_grace_seconds)}s"
+            return _State(running=("True", reason, msg), phase=Phase.starting.value, message=msg)
+        msg = f"attempt {idx}: pod {name} is starting" + (f" ({wreason})" if wreason else "")
+        scheduled = bool((pod.get("spec") or {}).get("nodeName"))
+        return _State(
+            running=("True", STARTING, msg),
+            phase=Phase.starting.value if scheduled else Phase.pending.value,
+            message=msg,
+        )
+
+    done = [p for p in pods if (pod_terminated(p) or {}).get("exitCode") == 0]
+    if done:  # the trainer succeeded; the Job controller has not marked the Job Complete yet
+        name = done[-1]["metadata"]["name"]
+        msg = f"attempt {index_of.get(name, 0)}: pod {name} succeeded; waiting for Job {obs.job_name} to complete"
+        stage = (progress or {}).get("stage")
+        phase = {"Merging": Phase.merging.value, "Uploading": Phase.uploading.value}.get(stage or "", Phase.running.value)
+        return _State(running=("True", FINISHING, msg), phase=phase, message=msg)
+    quota = quota_event(obs.job_events)
+    last_pod_created = max((_pod_sort_key(p)[0] for p in pods), default="")
+    if quota is not None and (quota.get("lastTimestamp") or quota.get("eventTime") or "") >= last_pod_created:
+        waited = _elapsed(now, _event_first_seen(obs.job_events))
+        qmsg = _quota_message(quota)
+        if waited >= settings.unschedulable_timeout_seconds:
+            msg = (
+                f"the trainer pod could not be created for {int(waited)}s (timeout "
+                f"{int(settings.unschedulable_timeout_seconds)}s): {qmsg}"
+            )
+            return _terminal(QUOTA_EXCEEDED, msg)
+        msg = f"the trainer pod cannot be created: {qmsg}"
+        return _State(running=("True", QUOTA_EXCEEDED, msg), phase=Phase.pending.value, message=msg)
+    failed = [a for a in attempts if _attempt_failed(a)]
+    if failed:
+        msg = f"{_describe(failed[-1])}; waiting for the next attempt"
+        return _State(running=("True", RETRYING, msg), phase=Phase.pending.value, message=msg)
+    msg = f"Job {obs.job_name} created; waiting for its pod"
+    return _State(running=("True", PENDING, msg), phase=Phase.pending.value, message=msg)
+
+
+def _terminal(reason: str, msg: str, delete: list[str] | None = None) -> _State:
+    return _State(
+        running=("False", reason, msg), failed=("True", reason, msg), complete=("False", reason, ""),
+        phase=Phase.failed.value, message=msg, stop_reason=reason, delete_pods=list(delete or []),
+    )
+
+
+def _stalled(progress: Mapping[str, Any] | None, started: str, now: datetime, settings: OperatorSettings) -> tuple[str, str, str]:
+    progress = progress or {}
+    ref = parse_time(started)
+    reported = parse_time(progress.get("updatedAt"))
+    if reported is not None and (ref is None or reported > ref):
+        ref = reported
+    else:
+        reported = None  # a report from an earlier attempt does not count
+    if ref is None:
+        return ("False", "ProgressReported", "")
+    quiet = (now - ref).total_seconds()
+    if quiet <= settings.stalled_timeout_seconds:
+        return ("False", "ProgressReported", "")
+    if reported is None:
+        msg = f"the trainer has reported no progress in {int(quiet)}s since it started (stalled timeout {int(settings.stalled_timeout_seconds)}s)"
+    else:
+        msg = (
+            f"no progress report for {int(quiet)}s (stalled timeout {int(settings.stalled_timeout_seconds)}s); "
+            f"last report at {progress.get('updatedAt')}, step {progress.get('step')}"
+        )
+    return ("True", NO_PROGRESS, msg)
+
+
+def _condition(old: Mapping[str, Any] | None, typ: str, value: tuple[str, str, str], now: str, generation: int | None) -> dict[str, Any]:
+    status, reason, message = value
+    keep = old is not None and old.get("status") == status and old.get("lastTransitionTime")
+    cond = {
+        "type": typ,
+        "status": status,
+        "reason": reason,
+        "message": _truncate(message),
+        "lastTransitionTime": old["lastTransitionTime"] if keep else now,
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def _is_true(conds: Mapping[str, Mapping[str, Any]], typ: str) -> bool:
+    cond = conds.get(typ)
+    return bool(cond and cond.get("status") == "True")
+
+
+def compute_status(
+    body: Mapping[str, Any], obs: Observed, now: datetime, settings: OperatorSettings
+) -> StatusResult:
+    """The status the QLoRAJob should have, the patch, the events and the side effects."""
+    meta = body.get("metadata") or {}
+    old = dict(body.get("status") or {})
+    generation = meta.get("generation")
+    namespace = meta.get("namespace", "")
+    now_s = fmt_time(now)
+    old_conds = {c.get("type"): c for c in old.get("conditions") or [] if c.get("type")}
+    same_run = obs.run is not None and old.get("run") == obs.run
+    progress = old.get("progress") if same_run else None
+
+    attempts = merge_attempts(old.get("attempts") or [] if same_run else [], obs.pods)
+    artifacts = artifacts_from_pods(obs.pods) or (old.get("artifacts") if same_run else None)
+
+    sticky = (
+        same_run
+        and not obs.invalid_spec
+        and (_is_true(old_conds, "Complete") or _is_true(old_conds, "Failed"))
+        and old_conds.get("Failed", {}).get("reason") != INVALID_SPEC
+    )
+    if sticky:
+        conditions = [dict(old_conds[t]) for t in CONDITION_ORDER if t in old_conds and t != SPEC_REJECTED_TYPE]
+        state_phase = old.get("phase") or (Phase.succeeded.value if _is_true(old_conds, "Complete") else Phase.failed.value)
+        message = old.get("message") or ""
+        stop_reason = None
+        delete: list[str] = []
+    else:
+        state = _decide(obs, attempts, artifacts, progress, now, settings, namespace)
+        values = {
+            ConditionType.running.value: state.running,
+            ConditionType.complete.value: state.complete,
+            ConditionType.failed.value: state.failed,
+            ConditionType.suspended.value: state.suspended,
+            ConditionType.stalled.value: state.stalled,
+        }
+        if obs.spec_rejected and state.complete[0] != "True" and state.failed[0] != "True":
+            values[SPEC_REJECTED_TYPE] = ("True", "TrainingFieldsImmutable", obs.spec_rejected)
+        conditions = [
+            _condition(old_conds.get(t), t, values[t], now_s, generation) for t in CONDITION_ORDER if t in values
+        ]
+        state_phase = state.phase
+        message = state.message
+        stop_reason = state.stop_reason
+        delete = state.delete_pods
+
+    conds = {c["type"]: c for c in conditions}
+    terminal = _is_true(conds, "Complete") or _is_true(conds, "Failed")
+    job_status = (obs.job or {}).get("status") or {}
+    start_time = job_status.get("startTime") or (old.get("startTime") if same_run else None)
+    completion = None
+    if terminal:
+        completion = (old.get("completionTime") if same_run else None) or job_status.get("completionTime") or now_s
+    if not _is_true(conds, "Complete"):
+        artifacts = None  # artifacts are listed only for a run that completed
+    if sticky and _is_true(conds, "Failed") and obs.job is not None:
+        # Failed by the operator (e.g. ImagePullFailed) while the Job is still active: stop it (again).
+        if job_result(obs.job)[0] is None and not job_suspended(obs.job):
+            stop_reason = conds["Failed"].get("reason") or "Failed"
+            delete = [
+                p["metadata"]["name"] for p in obs.pods
+                if not pod_finished(p) and not (p.get("metadata") or {}).get("deletionTimestamp")
+            ]
+
+    desired: dict[str, Any] = {
+        "observedGeneration": generation,
+        "run": obs.run,
+        "jobName": obs.job_name,
+        "phase": state_phase,
+        "conditions": conditions,
+        "attempts": attempts,
+        "artifacts": artifacts,
+        "startTime": start_time,
+        "completionTime": completion,
+        "message": _truncate(message) or None,
+    }
+    patch = {k: v for k, v in desired.items() if old.get(k) != v and not (v is None and k not in old)}
+    if not same_run and old.get("progress") is not None:
+        patch["progress"] = None  # a new run: the previous run's progress is history
+    events = transition_events(old_conds, conds, old.get("attempts") or [] if same_run else [], attempts, terminal)
+    return StatusResult(
+        status=desired, patch=patch, events=events, delete_pods=delete, stop_reason=stop_reason, terminal=terminal
+    )
+
+
+def transition_events(
+    old_conds: Mapping[str, Mapping[str, Any]],
+    new_conds: Mapping[str, Mapping[str, Any]],
+    old_attempts: Sequence[Mapping[str, Any]],
+    new_attempts: Sequence[Mapping[str, Any]],
+    terminal: bool,
+) -> list[EventSpec]:
+    """One Event per transition: a failed attempt, a changed Running reason, a condition flip."""
+    events: list[EventSpec] = []
+    finished_before = {a.get("podName") for a in old_attempts if _attempt_finished(a)}
+    for attempt in new_attempts:
+        if attempt.get("podName") in finished_before or not _attempt_failed(attempt):
+            continue
+        tail = "" if terminal else "; the run will retry"
+        events.append(EventSpec("Warning", attempt.get("reason") or "AttemptFailed", _truncate(_describe(attempt) + tail)))
+
+    def changed(typ: str) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None, bool]:
+        old, new = old_conds.get(typ), new_conds.get(typ)
+        if new is None:
+            return old, new, old is not None
+        if old is None:
+            return old, new, True
+        return old, new, old.get("status") != new.get("status") or old.get("reason") != new.get("reason")
+
+    old, new, flip = changed("Running")
+    if flip and new is not None and new.get("status") == "True":
+        reason = new.get("reason") or "Running"
+        kind = "Warning" if reason in WARNING_REASONS else "Normal"
+        events.append(EventSpec(kind, "Running" if reason == TRAINER_RUNNING else reason, new.get("message") or ""))
+    old, new, flip = changed("Complete")
+    if flip and new is not None and new.get("status") == "True":
+        events.append(EventSpec("Normal", "Completed", new.get("message") or ""))
+    old, new, flip = changed("Failed")
+    if flip and new is not None and new.get("status") == "True":
+        events.append(EventSpec("Warning", new.get("reason") or "Failed", new.get("message") or ""))
+    old, new, flip = changed("Suspended")
+    if flip and new is not None:
+        if new.get("status") == "True":
+            events.append(EventSpec("Normal", new.get("reason") or "Suspended", new.get("message") or ""))
+        elif old is not None and old.get("status") == "True":
+            events.append(EventSpec("Normal", "Resumed", "the run is no longer suspended"))
+    old, new, flip = changed("Stalled")
+    if flip and new is not None:
+        if new.get("status") == "True":
+            events.append(EventSpec("Warning", "Stalled", new.get("message") or ""))
+        elif old is not None and old.get("status") == "True":
+            events.append(EventSpec("Normal", "ProgressResumed", "the trainer reports progress again"))
+    old, new = old_conds.get(SPEC_REJECTED_TYPE), new_conds.get(SPEC_REJECTED_TYPE)
+    if new is not None and (old is None or old.get("message") != new.get("message")):
+        events.append(EventSpec("Warning", SPEC_REJECTED, new.get("message") or ""))
+    return events
+
+
+def status_terminal(status: Mapping[str, Any] | None, run: int | None = None) -> bool:
+    """True when ``status`` records a finished run (``run`` given: that run)."""
+    status = status or {}
+    if run is not None and status.get("run") != run:
+        return False
+    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    return _is_true(conds, "Complete") or _is_true(conds, "Failed")

@@ -1,0 +1,735 @@
+"""The operator on the real local cluster (control plane, scheduler, node agent, MinIO).
+
+Each test runs its own operator process (``python -m qlora_operator run --namespace NS``,
+the cluster's admin kubeconfig) scoped to the test's namespace, with settings from
+``QLORA_OPERATOR_*``: short timeouts, and for most tests a cheap stand-in trainer
+(``python -c FAKE_TRAINER``) that follows the trainer's contract (config file, exit
+codes, JSON termination message, progress patches with the pod's own ServiceAccount
+token) and whose behaviour is picked by the dataset file name (``ok``, ``exit-3``,
+``kill9``, ``storage-once``, ``sleep-N``). ``test_real_trainer_end_to_end`` runs the
+real ``qlora-train`` on the embedded model and corpus.
+
+All waits are bounded (``helpers.wait_for``); nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+from kubernetes.client.exceptions import ApiException
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP_PATH = "/apis/qlora.dev/v1alpha1"
+
+# The stand-in trainer. Its argv[1] is the config path (the node agent rewrites the mount path).
+FAKE_TRAINER = r'''
+import json, os, signal, ssl, sys, time, urllib.request
+cfg = json.load(open(sys.argv[1]))
+behaviour = cfg["dataset"]["uri"].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+out = cfg["output"]["uri"].rstrip("/")
+done = {"adapterUri": out + "/adapter/", "manifestUri": out + "/adapter/manifest.json"}
+REASONS = {2: "InvalidConfig", 3: "InvalidData", 4: "StorageError", 5: "CudaOutOfMemory", 6: "NonFiniteLoss"}
+
+def finish(code, reason, message, artifacts=None, resumed=None):
+    path = os.environ.get("QLORA_TERMINATION_MESSAGE_PATH")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"exitCode": code, "reason": reason, "message": message, "artifacts": artifacts or {},
+                       "resumedFromStep": resumed, "metrics": {}}, f)
+    sys.exit(code)
+
+def report(step, total):
+    tokdir = os.environ["QLORA_SA_TOKEN_DIR"]
+    ctx = ssl.create_default_context(cafile=os.path.join(tokdir, "ca.crt"))
+    url = "https://%s:%s/apis/qlora.dev/v1alpha1/namespaces/%s/qlorajobs/%s/status" % (
+        os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"],
+        os.environ["QLORA_JOB_NAMESPACE"], os.environ["QLORA_JOB_NAME"])
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    body = {"status": {"progress": {"step": step, "totalSteps": total, "progress": "%d/%d" % (step, total),
+                                    "loss": 2.0 / (step + 1), "stage": "Training", "updatedAt": now}}}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PATCH", headers={
+        "Content-Type": "application/merge-patch+json",
+        "Authorization": "Bearer " + open(os.path.join(tokdir, "token")).read().strip()})
+    urllib.request.urlopen(req, context=ctx, timeout=10).read()
+
+if behaviour.startswith("sleep-"):
+    total = int(behaviour.split("-")[1])
+    for step in range(total):
+        report(step, total)
+        time.sleep(1)
+    report(total, total)
+    finish(0, "Succeeded", "slept", done)
+if behaviour.startswith("exit-"):
+    code = int(behaviour.split("-")[1])
+    finish(code, REASONS.get(code, "Error"), "fake trainer failure %d: %s line 7: not a JSON object" % (code, cfg["dataset"]["uri"]))
+if behaviour == "kill9":
+    os.kill(os.getpid(), signal.SIGKILL)
+if behaviour == "storage-once":
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=cfg["storage"]["endpoint"], region_name=cfg["storage"]["region"])
+    bucket, _, prefix = out[len("s3://"):].partition("/")
+    key = prefix + "/first-attempt-marker"
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except Exception:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"1")
+        finish(4, "StorageError", "S3 PUT %s/%s failed: simulated outage" % (bucket, prefix))
+    finish(0, "Succeeded", "retried", done, resumed=10)
+finish(0, "Succeeded", "done", done)
+'''
+FAKE_COMMAND = json.dumps(["python", "-c", FAKE_TRAINER, "/etc/qlora/config.json"])
+
+
+# ----------------------------------------------------------------------------- the operator process
+class Operator:
+    """One ``qlora-operator run`` process for a namespace; logs to a file."""
+
+    def __init__(self, cluster, namespace: str, log_path: Path, env: dict | None = None, **settings):
+        self.cluster = cluster
+        self.namespace = namespace
+        self.log_path = log_path
+        self.extra_env = env or {}
+        self.settings = {"trainer_command": FAKE_COMMAND, "resync_seconds": 2, "metrics_port": 0, **settings}
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> Operator:
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.cluster.kubeconfig)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), env.get("PYTHONPATH", "")])
+        for key, value in self.settings.items():
+            env[f"QLORA_OPERATOR_{key.upper()}"] = str(value)
+        for key, value in self.extra_env.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        self.starts += 1
+        log = open(self.log_path, "a")
+        log.write(f"--- start {self.starts}\n")
+        log.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qlora_operator", "run", "--namespace", self.namespace, "--standalone"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+        )
+        log.close()
+        marker = f"--- start {self.starts}"
+        wait_for(lambda: self.log().split(marker)[-1].count("qlora-operator started") or self._dead(), 60,
+                 "the operator to start")
+        assert self.proc.poll() is None, f"operator exited: {self.log()[-3000:]}"
+        return self
+
+    def _dead(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+        return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL, no clean-up (a crash)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def assert_healthy(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, f"operator died:\n{self.log()[-4000:]}"
+        assert "Traceback" not in self.log(), self.log()[-6000:]
+
+
+@pytest.fixture(scope="session")
+def crd(cluster):
+    """The QLoRAJob CRD installed from crds/ and established."""
+    crds = os.environ.get("QLORA_TEST_CRDS", str(REPO / "crds"))  # another CRD file/dir, while iterating on it
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", crds)
+    cluster.kubectl("wait", "--for=condition=Established", "crd/qlorajobs.qlora.dev", "--timeout=60s")
+    return "qlorajobs.qlora.dev"
+
+
+@pytest.fixture(scope="session")
+def buckets(cluster):
+    """MinIO buckets the tests use."""
+    s3 = cluster.s3_client()
+    for bucket in ("models", "data", "artifacts"):
+        try:
+            s3.create_bucket(Bucket=bucket)
+        except Exception as err:  # noqa: BLE001 - already there (another test module)
+            if "BucketAlreadyOwnedByYou" not in str(err) and "BucketAlreadyExists" not in str(err):
+                raise
+    return s3
+
+
+@pytest.fixture
+def s3_secret(cluster, namespace):
+    """The Secret the trainer pods read S3 credentials from (the operator never reads it)."""
+    cluster.kubectl(
+        "-n", namespace, "create", "secret", "generic", "s3-creds",
+        f"--from-literal=AWS_ACCESS_KEY_ID={cluster.s3_access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.s3_secret_key}",
+    )
+    return "s3-creds"
+
+
+@pytest.fixture
+def start_operator(cluster, crd, namespace, tmp_path):
+    """start_operator(**settings) -> a running :class:`Operator` for the test namespace (stopped afterwards)."""
+    started: list[Operator] = []
+
+    def start(ns: str | None = None, env: dict | None = None, **settings) -> Operator:
+        op = Operator(cluster, ns or namespace, tmp_path / f"operator-{len(started)}.log", env=env, **settings)
+        started.append(op)
+        return op.start()
+
+    yield start
+    for op in started:
+        op.stop()
+        sys.stderr.write(f"\n--- operator log ({op.namespace}), tail ---\n{op.log()[-2500:]}\n")
+
+
+# ----------------------------------------------------------------------------- helpers
+def manifest(cluster, namespace: str, name: str, behaviour: str = "ok", **spec) -> dict:
+    body = {
+        "apiVersion": "qlora.dev/v1alpha1",
+        "kind": "QLoRAJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": "s3://models/fake/"},
+            "dataset": {"uri": f"s3://data/fake/{behaviour}.jsonl"},
+            "output": {"uri": f"s3://artifacts/{namespace}/{name}/"},
+            "storage": {"endpoint": cluster.s3_endpoint, "credentialsSecretRef": {"name": "s3-creds"}},
+            "resources": {"gpus": 1, "cpu": "1", "memory": "1Gi"},
+            "image": "ghcr.io/qlora-operator/qlora-trainer:test",
+        },
+    }
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(body["spec"].get(key), dict):
+            body["spec"][key] = {**body["spec"][key], **value}
+        else:
+            body["spec"][key] = value
+    return body
+
+
+def apply(cluster, *objs: dict) -> None:
+    doc = {"apiVersion": "v1", "kind": "List", "items": list(objs)}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+
+
+def get_qj(api, namespace: str, name: str) -> dict:
+    return api.get(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs/{name}")
+
+
+def condition(body: dict, typ: str) -> dict:
+    for cond in (body.get("status") or {}).get("conditions") or []:
+        if cond["type"] == typ:
+            return cond
+    return {}
+
+
+def is_true(body: dict, typ: str) -> bool:
+    return condition(body, typ).get("status") == "True"
+
+
+def wait_condition(api, namespace: str, name: str, typ: str, timeout: float, reason: str | None = None) -> dict:
+    def check():
+        body = get_qj(api, namespace, name)
+        cond = condition(body, typ)
+        if cond.get("status") == "True" and (reason is None or cond.get("reason") == reason):
+            return body
+        return None
+
+    return wait_for(check, timeout, f"{namespace}/{name} condition {typ}={reason or 'True'}", interval=0.5)
+
+
+def wait_terminal(api, namespace: str, name: str, timeout: float) -> dict:
+    return wait_for(
+        lambda: (lambda b: b if is_true(b, "Complete") or is_true(b, "Failed") else None)(get_qj(api, namespace, name)),
+        timeout, f"{namespace}/{name} to finish", interval=0.5,
+    )
+
+
+def events(api, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    items = api.get(f"/api/v1/namespaces/{namespace}/events",
+                    fieldSelector=f"involvedObject.name={name},involvedObject.kind=QLoRAJob")["items"]
+    items.sort(key=lambda e: (e.get("lastTimestamp") or "", e["metadata"]["name"]))
+    return [(e["type"], e["reason"], e.get("message") or "") for e in items]
+
+
+def wait_event(api, namespace: str, name: str, type_: str, reason: str, timeout: float = 20) -> str:
+    def check():
+        for t, r, m in events(api, namespace, name):
+            if t == type_ and r == reason:
+                return m or " "
+        return None
+
+    return wait_for(check, timeout, f"{type_} event {reason} on {namespace}/{name}", interval=0.5)
+
+
+def jobs(api, namespace: str, qj: str | None = None) -> list[dict]:
+    selector = f"qlora.dev/job={qj}" if qj else "qlora.dev/job"
+    return api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs", labelSelector=selector)["items"]
+
+
+def pods(api, namespace: str, qj: str) -> list[dict]:
+    return api.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector=f"qlora.dev/job={qj}")["items"]
+
+
+# ----------------------------------------------------------------------------- happy path (stand-in trainer)
+def test_children_status_progress_and_events(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    op = start_operator()
+    apply(cluster, manifest(cluster, namespace, "tiny", "sleep-4"))
+    body = wait_condition(api, namespace, "tiny", "Running", 60, reason="TrainerRunning")
+    assert body["status"]["jobName"] == "tiny-train" and body["status"]["run"] == 1
+    # the trainer's own ServiceAccount may patch the progress (Role with resourceNames)
+    body = wait_for(lambda: (lambda b: b if (b["status"].get("progress") or {}).get("step", 0) >= 1 else None)(
+        get_qj(api, namespace, "tiny")), 30, "a progress report")
+    assert body["status"]["phase"] == "Running"
+    body = wait_condition(api, namespace, "tiny", "Complete", 60)
+    status = body["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["observedGeneration"] == body["metadata"]["generation"]
+    assert status["artifacts"]["adapterUri"] == f"s3://artifacts/{namespace}/tiny/adapter/"
+    assert [a["reason"] for a in status["attempts"]] == ["Succeeded"]
+    assert status["startTime"] and status["completionTime"]
+    assert status["progress"]["step"] == 4
+    kinds = {
+        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps/tiny-config",
+        "ServiceAccount": f"/api/v1/namespaces/{namespace}/serviceaccounts/tiny-trainer",
+        "Role": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles/tiny-trainer",
+        "RoleBinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings/tiny-trainer",
+        "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs/tiny-train",
+    }
+    for kind, path in kinds.items():
+        child = api.get(path)
+        ref = child["metadata"]["ownerReferences"][0]
+        assert (ref["kind"], ref["uid"], ref["controller"]) == ("QLoRAJob", body["metadata"]["uid"], True), kind
+    assert not body["metadata"].get("finalizers")
+    reasons = [(t, r) for t, r, _ in events(api, namespace, "tiny")]
+    for expected in [("Normal", "JobCreated"), ("Normal", "Running"), ("Normal", "Completed")]:
+        assert expected in reasons, reasons
+    # the trainer ServiceAccount can do nothing else
+    sa = f"system:serviceaccount:{namespace}:tiny-trainer"
+    can = lambda *a: cluster.kubectl("auth", "can-i", *a, "-n", namespace, f"--as={sa}", check=False).stdout.strip()  # noqa: E731
+    assert can("patch", "qlorajobs.qlora.dev/tiny", "--subresource=status") == "yes"
+    assert can("patch", "qlorajobs.qlora.dev/other", "--subresource=status") == "no"
+    assert can("get", "secrets") == "no"
+    out = cluster.kubectl("get", "qj", "-n", namespace).stdout
+    assert "Succeeded" in out and "4/4" in out
+    op.assert_healthy()
+
+
+# ----------------------------------------------------------------------------- failure reasons
+def test_unschedulable_then_failed(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator(unschedulable_timeout_seconds=12)
+    apply(cluster, manifest(cluster, namespace, "big", resources={"gpus": 3}))  # nodes have 2 GPUs each
+    body = wait_condition(api, namespace, "big", "Running", 60, reason="Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in condition(body, "Running")["message"]
+    assert body["status"]["phase"] == "Pending"
+    assert "Insufficient nvidia.com/gpu" in wait_event(api, namespace, "big", "Warning", "Unschedulable")
+    body = wait_condition(api, namespace, "big", "Failed", 60, reason="Unschedulable")
+    assert "could not be scheduled" in condition(body, "Failed")["message"]
+    assert body["status"]["phase"] == "Failed"
+    wait_for(lambda: not pods(api, namespace, "big"), 30, "the pending pod to be gone")
+    assert jobs(api, namespace, "big")[0]["spec"]["suspend"] is True
+
+
+def test_quota_exceeded(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    api.create(f"/api/v1/namespaces/{namespace}/resourcequotas", {
+        "metadata": {"name": "no-gpus"}, "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}})
+    start_operator(unschedulable_timeout_seconds=15)
+    apply(cluster, manifest(cluster, namespace, "quota"))
+    body = wait_condition(api, namespace, "quota", "Running", 60, reason="QuotaExceeded")
+    assert "exceeded quota: no-gpus" in condition(body, "Running")["message"]
+    assert "exceeded quota" in wait_event(api, namespace, "quota", "Warning", "QuotaExceeded")
+    body = wait_condition(api, namespace, "quota", "Failed", 60, reason="QuotaExceeded")
+    assert "requests.nvidia.com/gpu" in condition(body, "Failed")["message"]
+
+
+def test_missing_secret(cluster, namespace, buckets, start_operator):
+    api = cluster.api()
+    start_operator(container_config_grace_seconds=10)
+    spec = manifest(cluster, namespace, "nosecret")
+    spec["spec"]["storage"]["credentialsSecretRef"] = {"name": "missing-creds"}
+    apply(cluster, spec)
+    body = wait_condition(api, namespace, "nosecret", "Running", 60, reason="SecretNotFound")
+    message = condition(body, "Running")["message"]
+    assert "'missing-creds' not found" in message and "spec.storage.credentialsSecretRef.name" in message
+    assert "missing-creds" in wait_event(api, namespace, "nosecret", "Warning", "SecretNotFound")
+    body = wait_condition(api, namespace, "nosecret", "Failed", 60, reason="SecretNotFound")
+    wait_for(lambda: not pods(api, namespace, "nosecret"), 30, "the waiting pod to be deleted")
+
+
+def test_image_pull_failed_deletes_the_pod(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator(image_pull_grace_seconds=8)
+    image = "registry.example.com/does-not-exist/trainer:1"
+    apply(cluster, manifest(cluster, namespace, "noimage", image=image))
+    body = wait_condition(api, namespace, "noimage", "Running", 60, reason="ImagePullBackOff")
+    assert image in condition(body, "Running")["message"]
+    body = wait_condition(api, namespace, "noimage", "Failed", 60, reason="ImagePullFailed")
+    assert image in condition(body, "Failed")["message"]
+    assert image in wait_event(api, namespace, "noimage", "Warning", "ImagePullFailed")
+    wait_for(lambda: not pods(api, namespace, "noimage"), 30, "the pod holding a GPU to be deleted")
+
+
+def test_invalid_data_fails_at_once(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator()
+    apply(cluster, manifest(cluster, namespace, "baddata", "exit-3", runPolicy={"backoffLimit": 3}))
+    body = wait_condition(api, namespace, "baddata", "Failed", 90, reason="InvalidData")
+    assert "exited with code 3" in condition(body, "Failed")["message"]
+    assert "line 7" in condition(body, "Failed")["message"]
+    assert len(body["status"]["attempts"]) == 1  # podFailurePolicy: no retry on 3
+    assert body["status"]["attempts"][0]["exitCode"] == 3
+    assert "exited with code 3" in wait_event(api, namespace, "baddata", "Warning", "InvalidData")
+
+
+def test_oom_killed(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator()
+    apply(cluster, manifest(cluster, namespace, "oom", "kill9", runPolicy={"backoffLimit": 0}))
+    body = wait_condition(api, namespace, "oom", "Failed", 90, reason="OOMKilled")
+    attempt = body["status"]["attempts"][0]
+    assert (attempt["exitCode"], attempt["reason"]) == (137, "OOMKilled")
+    assert "exited with code 137" in condition(body, "Failed")["message"]
+    wait_event(api, namespace, "oom", "Warning", "OOMKilled")
+
+
+def test_backoff_limit_exceeded_carries_the_reason(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator()
+    apply(cluster, manifest(cluster, namespace, "oom2", "kill9", runPolicy={"backoffLimit": 1}))
+    body = wait_condition(api, namespace, "oom2", "Failed", 120, reason="BackoffLimitExceeded")
+    assert condition(body, "Failed")["message"].startswith("OOMKilled: 2 attempts failed")
+    assert [a["reason"] for a in body["status"]["attempts"]] == ["OOMKilled", "OOMKilled"]
+
+
+def test_storage_error_then_retry_succeeds(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator()
+    apply(cluster, manifest(cluster, namespace, "flaky", "storage-once", runPolicy={"backoffLimit": 2}))
+    assert "simulated outage" in wait_event(api, namespace, "flaky", "Warning", "StorageError", timeout=90)
+    body = wait_condition(api, namespace, "flaky", "Complete", 120)
+    attempts = body["status"]["attempts"]
+    assert [(a["index"], a["reason"]) for a in attempts] == [(0, "StorageError"), (1, "Succeeded")]
+    assert attempts[1]["resumedFromStep"] == 10
+    assert body["status"]["artifacts"]["adapterUri"].endswith("/flaky/adapter/")
+
+
+def test_invalid_spec_only_the_operator_sees(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    op = start_operator(max_gpus_per_job=1)
+    apply(cluster, manifest(cluster, namespace, "toobig", resources={"gpus": 2}))
+    body = wait_condition(api, namespace, "toobig", "Failed", 60, reason="InvalidSpec")
+    assert "spec.resources.gpus" in condition(body, "Failed")["message"]
+    assert "at most 1" in wait_event(api, namespace, "toobig", "Warning", "InvalidSpec")
+    assert jobs(api, namespace, "toobig") == []
+    op.assert_healthy()
+
+
+#: The operator's permissions (namespaced mode); the Helm chart grants the same (issue 7).
+OPERATOR_RULES = [
+    {"apiGroups": ["qlora.dev"], "resources": ["qlorajobs"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["qlora.dev"], "resources": ["qlorajobs/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["qlora.dev"], "resources": ["qlorajobs/finalizers"], "verbs": ["update"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
+    {"apiGroups": [""], "resources": ["configmaps", "serviceaccounts"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create", "patch"]},
+]
+
+
+def test_operator_works_with_least_privilege(cluster, namespace, buckets, s3_secret, start_operator, tmp_path):
+    """The operator as a ServiceAccount with only OPERATOR_RULES, credentials as an in-cluster pod gets them."""
+    api = cluster.api()
+    api.create(f"/api/v1/namespaces/{namespace}/serviceaccounts", {"metadata": {"name": "qlora-operator"}})
+    api.create(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles",
+               {"metadata": {"name": "qlora-operator"}, "rules": OPERATOR_RULES})
+    api.create(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings", {
+        "metadata": {"name": "qlora-operator"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "qlora-operator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "qlora-operator", "namespace": namespace}]})
+    token_dir = tmp_path / "sa"
+    token_dir.mkdir()
+    token = cluster.kubectl("-n", namespace, "create", "token", "qlora-operator", "--duration=1h").stdout.strip()
+    (token_dir / "token").write_text(token)
+    (token_dir / "ca.crt").write_bytes(Path(cluster.ca_cert).read_bytes())
+    host, port = cluster.server.split("://", 1)[1].rsplit(":", 1)
+    op = start_operator(env={"KUBECONFIG": None, "QLORA_SA_TOKEN_DIR": str(token_dir),
+                             "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port})
+    apply(cluster, manifest(cluster, namespace, "lean", "sleep-2"))
+    body = wait_condition(api, namespace, "lean", "Complete", 90)
+    assert body["status"]["progress"]["step"] == 2
+    assert ("Normal", "Completed") in [(t, r) for t, r, _ in events(api, namespace, "lean")]
+    who = f"--as=system:serviceaccount:{namespace}:qlora-operator"
+    assert cluster.kubectl("auth", "can-i", "get", "secrets", "-n", namespace, who, check=False).stdout.strip() == "no"
+    op.assert_healthy()
+    assert "Forbidden" not in op.log()
+
+
+# ----------------------------------------------------------------------------- robustness
+def test_operator_killed_after_creating_the_job(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    op = start_operator()
+    apply(cluster, manifest(cluster, namespace, "crash", "sleep-6"))
+    wait_for(lambda: jobs(api, namespace, "crash"), 60, "the Job to be created", interval=0.05)
+    op.kill()
+    op.start()
+    body = wait_condition(api, namespace, "crash", "Complete", 120)
+    assert [j["metadata"]["name"] for j in jobs(api, namespace, "crash")] == ["crash-train"]
+    assert len(body["status"]["attempts"]) == 1
+    assert body["status"]["phase"] == "Succeeded" and body["status"]["run"] == 1
+    # The restarted operator adopted the Job (409 -> fetch and compare) instead of creating another.
+    # (The first one may have been killed before it posted its JobCreated event: at most one.)
+    assert len([r for _, r, _ in events(api, namespace, "crash") if r == "JobCreated"]) <= 1
+    second_run = op.log().split("--- start 2")[-1]
+    assert "created Job crash-train" not in second_run
+
+
+def test_fifty_jobs_at_once(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    port = _free_port()
+    start_operator(metrics_port=port)
+    names = [f"many-{i:02d}" for i in range(50)]
+    started = time.monotonic()
+    apply(cluster, *[manifest(cluster, namespace, n) for n in names])
+
+    def all_done():
+        items = api.get(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs")["items"]
+        done = [b for b in items if is_true(b, "Complete") or is_true(b, "Failed")]
+        return items if len(done) == 50 else None
+
+    items = wait_for(all_done, 600, "50 jobs to finish", interval=2)
+    elapsed = time.monotonic() - started
+    created = jobs(api, namespace)
+    assert len(created) == 50
+    assert sorted(j["metadata"]["name"] for j in created) == sorted(f"{n}-train" for n in names)
+    owners = [j["metadata"]["ownerReferences"][0]["name"] for j in created]
+    assert len(set(owners)) == 50
+    assert all(b["status"]["phase"] == "Succeeded" for b in items), [
+        (b["metadata"]["name"], b["status"].get("phase")) for b in items if b["status"].get("phase") != "Succeeded"
+    ]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'qlora_jobs{phase="Succeeded"} 50.0' in metrics
+    assert "qlora_operator_reconcile_duration_seconds_count" in metrics
+    sys.stderr.write(f"\n50 jobs finished in {elapsed:.0f}s\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_spec_change_on_a_finished_job_starts_one_new_run(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator()
+    apply(cluster, manifest(cluster, namespace, "gitops"))
+    first = wait_condition(api, namespace, "gitops", "Complete", 60)
+    assert first["status"]["run"] == 1
+    api.patch(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs/gitops", {"spec": {"dataset": {"uri": "s3://data/fake/ok-v2.jsonl"}}})
+
+    def second_run_done():
+        body = get_qj(api, namespace, "gitops")
+        return body if body["status"].get("run") == 2 and is_true(body, "Complete") else None
+
+    body = wait_for(second_run_done, 90, "run 2 to complete", interval=0.5)
+    assert body["status"]["jobName"] == "gitops-train-r2"
+    assert body["status"]["observedGeneration"] == 2
+    assert len(body["status"]["attempts"]) == 1
+    assert "spec.dataset.uri" in wait_event(api, namespace, "gitops", "Normal", "RunStarted")
+    names = sorted(j["metadata"]["name"] for j in jobs(api, namespace, "gitops"))
+    assert names == ["gitops-train", "gitops-train-r2"]
+    config = api.get(f"/api/v1/namespaces/{namespace}/configmaps/gitops-config-r2")
+    assert "ok-v2.jsonl" in config["data"]["config.json"]
+
+
+def test_training_fields_locked_while_running_and_suspend_resume(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator()
+    apply(cluster, manifest(cluster, namespace, "live", "sleep-40"))
+    wait_condition(api, namespace, "live", "Running", 60, reason="TrainerRunning")
+    path = f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs/live"
+    with pytest.raises(ApiException) as err:  # the CRD's rule refuses it while Running=True
+        api.patch(path, {"spec": {"dataset": {"uri": "s3://data/fake/other.jsonl"}}})
+    assert err.value.status == 422 and "while a run is active" in str(err.value.body)
+    api.patch(path, {"spec": {"runPolicy": {"suspend": True}}})
+    body = wait_condition(api, namespace, "live", "Suspended", 60, reason="SuspendedByUser")
+    assert body["status"]["phase"] == "Suspended"
+    wait_for(lambda: not [p for p in pods(api, namespace, "live") if p["status"].get("phase") in ("Pending", "Running")],
+             60, "the pod to stop")
+    assert jobs(api, namespace, "live")[0]["spec"]["suspend"] is True
+    api.patch(path, {"spec": {"runPolicy": {"suspend": False}}})
+    wait_event(api, namespace, "live", "Normal", "Resumed", timeout=60)
+    wait_condition(api, namespace, "live", "Running", 60, reason="TrainerRunning")
+    assert [j["metadata"]["name"] for j in jobs(api, namespace, "live")] == ["live-train"]
+
+
+def test_deleting_a_job_removes_its_children_but_not_artifacts(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator()
+    apply(cluster, manifest(cluster, namespace, "gone", "sleep-300"))
+    body = wait_condition(api, namespace, "gone", "Running", 60, reason="TrainerRunning")
+    assert not body["metadata"].get("finalizers")
+    key = f"{namespace}/gone/adapter/_SUCCESS"
+    buckets.put_object(Bucket="artifacts", Key=key, Body=b"")
+    cluster.kubectl("-n", namespace, "delete", "qj", "gone", "--wait=true", "--timeout=30s")
+
+    def children_gone():
+        left = []
+        for path in ("configmaps", "serviceaccounts", "pods"):
+            left += [i["metadata"]["name"] for i in api.get(f"/api/v1/namespaces/{namespace}/{path}",
+                                                               labelSelector="qlora.dev/job=gone")["items"]]
+        for path in ("roles", "rolebindings"):
+            left += [i["metadata"]["name"] for i in api.get(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/{path}",
+                                                               labelSelector="qlora.dev/job=gone")["items"]]
+        left += [j["metadata"]["name"] for j in jobs(api, namespace, "gone")]
+        return not left or None
+
+    wait_for(children_gone, 90, "the children to be garbage-collected", interval=1)
+    buckets.head_object(Bucket="artifacts", Key=key)  # artifacts are never deleted
+
+
+def test_spec_change_while_suspended_replaces_the_run(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    start_operator()
+    apply(cluster, manifest(cluster, namespace, "paused", "sleep-60"))
+    wait_condition(api, namespace, "paused", "Running", 60, reason="TrainerRunning")
+    path = f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs/paused"
+    api.patch(path, {"spec": {"runPolicy": {"suspend": True}}})
+    wait_condition(api, namespace, "paused", "Suspended", 60)
+    # Running=False now: the CRD lets training fields change; the suspended run is replaced by run 2.
+    api.patch(path, {"spec": {"dataset": {"uri": "s3://data/fake/sleep-2.jsonl"}}})
+    body = wait_for(lambda: (lambda b: b if b["status"].get("run") == 2 and is_true(b, "Suspended") else None)(
+        get_qj(api, namespace, "paused")), 60, "run 2, suspended")
+    assert body["status"]["jobName"] == "paused-train-r2"
+    wait_for(lambda: [j["metadata"]["name"] for j in jobs(api, namespace, "paused")] == ["paused-train-r2"], 60,
+             "the suspended Job of run 1 to be deleted")
+    api.patch(path, {"spec": {"runPolicy": {"suspend": False}}})
+    body = wait_condition(api, namespace, "paused", "Complete", 90)
+    assert body["status"]["run"] == 2 and body["status"]["progress"]["step"] == 2
+
+
+def test_namespace_deletion_with_running_jobs(cluster, crd, buckets, tmp_path, start_operator):
+    api = cluster.api()
+    ns = f"t-del-{uuid.uuid4().hex[:8]}"
+    api.create("/api/v1/namespaces", {"metadata": {"name": ns}})
+    wait_for(lambda: any(sa["metadata"]["name"] == "default" for sa in
+                         api.get(f"/api/v1/namespaces/{ns}/serviceaccounts")["items"]), 30, "the default ServiceAccount")
+    cluster.kubectl("-n", ns, "create", "secret", "generic", "s3-creds",
+                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.s3_access_key}",
+                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.s3_secret_key}")
+    op = start_operator(ns=ns)
+    apply(cluster, manifest(cluster, ns, "run-a", "sleep-300"), manifest(cluster, ns, "run-b", "sleep-300"))
+    for name in ("run-a", "run-b"):
+        wait_condition(api, ns, name, "Running", 90, reason="TrainerRunning")
+    started = time.monotonic()
+    api.delete(f"/api/v1/namespaces/{ns}")
+
+    def gone():
+        try:
+            api.get(f"/api/v1/namespaces/{ns}")
+        except ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for(gone, 120, f"namespace {ns} to be deleted", interval=1)
+    sys.stderr.write(f"\nnamespace with 2 running jobs deleted in {time.monotonic() - started:.0f}s\n")
+    op.assert_healthy()
+
+
+# ----------------------------------------------------------------------------- the real trainer
+@pytest.mark.slow
+def test_real_trainer_end_to_end(cluster, namespace, buckets, s3_secret, start_operator, tmp_path):
+    """qlora-train on the embedded SmolLM2 model and a slice of the chatterbot corpus."""
+    import embedded  # hack/embedded.py
+
+    api = cluster.api()
+    model_dir = embedded.ensure_model(quiet=True)
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file():
+            buckets.upload_file(str(path), "models", f"smollm2/{path.relative_to(model_dir)}")
+    corpus = tmp_path / "corpus"
+    embedded.build_corpus(corpus)
+    rows = (corpus / "train.jsonl").read_text().splitlines()[:48]
+    buckets.put_object(Bucket="data", Key=f"{namespace}/train.jsonl", Body="\n".join(rows).encode() + b"\n")
+    eval_rows = (corpus / "eval.jsonl").read_text().splitlines()[:8]
+    buckets.put_object(Bucket="data", Key=f"{namespace}/eval.jsonl", Body="\n".join(eval_rows).encode() + b"\n")
+
+    start_operator(trainer_command=json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"]),
+                   stalled_timeout_seconds=600)
+    body = manifest(cluster, namespace, "smol")
+    body["spec"].update({
+        "model": {"uri": "s3://models/smollm2/"},
+        "dataset": {"uri": f"s3://data/{namespace}/train.jsonl", "evalUri": f"s3://data/{namespace}/eval.jsonl", "format": "chat"},
+        "lora": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
+        "training": {"maxSteps": 6, "microBatchSize": 2, "gradientAccumulationSteps": 1, "maxSeqLength": 128,
+                     "checkpointEverySteps": 3, "evalEverySteps": 3, "optimizer": "adamw_torch", "learningRate": 1e-3},
+        "resources": {"gpus": 1, "cpu": "2", "memory": "4Gi"},
+    })
+    # What `kubectl get qj -w` shows, every update (a watch, not polling): Pending -> Running -> Succeeded.
+    watch = subprocess.Popen(
+        [str(cluster.kubectl_path), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace, "get", "qj", "-w",
+         "--no-headers", "-o", "custom-columns=NAME:.metadata.name,PHASE:.status.phase,PROGRESS:.status.progress.progress,LOSS:.status.progress.loss"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        apply(cluster, body)
+
+        def running_with_progress():
+            b = get_qj(api, namespace, "smol")
+            progress = (b.get("status") or {}).get("progress") or {}
+            if is_true(b, "Failed"):
+                raise AssertionError(f"failed: {condition(b, 'Failed')}")
+            return b if progress.get("step", 0) >= 1 and progress.get("loss") is not None else None
+
+        b = wait_for(running_with_progress, 600, "training progress with a loss", interval=0.5)
+        assert b["status"]["phase"] == "Running"
+        out = cluster.kubectl("get", "qj", "-n", namespace, "smol").stdout
+        assert "Running" in out and "/6" in out, out
+        b = wait_terminal(api, namespace, "smol", 900)
+    finally:
+        watch.terminate()
+        lines = watch.communicate(timeout=10)[0].splitlines()
+    assert is_true(b, "Complete"), (condition(b, "Failed"), b["status"].get("attempts"))
+    phases = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[1] != "<none>" and (not phases or phases[-1] != parts[1]):
+            phases.append(parts[1])
+    assert phases[0] == "Pending" and phases[-1] == "Succeeded", phases
+    assert "Running" in phases and phases.index("Running") < phases.index("Succeeded"), phases
+    with_loss = [line for line in lines if "Running" in line and "/6" in line and line.split()[-1] != "<none>"]
+    assert with_loss, lines
+    sys.stderr.write("\nkubectl get qj -w:\n" + "\n".join(lines) + "\n")
+    adapter = b["status"]["artifacts"]["adapterUri"]
+    assert adapter == f"s3://artifacts/{namespace}/smol/adapter/"
+    keys = {o["Key"] for o in buckets.list_objects_v2(Bucket="artifacts", Prefix=f"{namespace}/smol/adapter/").get("Contents", [])}
+    assert f"{namespace}/smol/adapter/_SUCCESS" in keys
+    assert any(k.endswith("adapter_model.safetensors") for k in keys), keys
+    assert b["status"]["progress"]["step"] == 6

@@ -1,0 +1,382 @@
+"""Table-driven tests of the pure builders (qlora_operator.render) and the operator settings."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from qlora_operator import plan, render
+from qlora_operator.settings import OperatorSettings, SettingsError
+from qlora_trainer.config import parse_config
+
+UID = "0b5c7f3e-1111-2222-3333-444455556666"
+BASE_SPEC = {
+    "model": {"uri": "s3://models/smollm2/"},
+    "dataset": {"uri": "s3://data/chat.jsonl"},
+    "output": {"uri": "s3://artifacts/team-a/bot/"},
+    "storage": {"endpoint": "http://minio.storage:9000", "credentialsSecretRef": {"name": "s3-creds"}},
+}
+
+
+def body(name: str = "bot", spec: dict | None = None, **spec_updates) -> dict:
+    data = copy.deepcopy(spec if spec is not None else BASE_SPEC)
+    for key, value in spec_updates.items():
+        data[key] = value
+    return {
+        "apiVersion": "qlora.dev/v1alpha1",
+        "kind": "QLoRAJob",
+        "metadata": {"name": name, "namespace": "team-a", "uid": UID, "generation": 3},
+        "spec": data,
+    }
+
+
+def parsed(b: dict):
+    spec, invalid = plan.validate(b["spec"], OperatorSettings())
+    assert invalid is None, invalid
+    return spec
+
+
+def job_for(b: dict, settings: OperatorSettings | None = None, run: int = 1) -> dict:
+    return render.render_job(b, parsed(b), settings or OperatorSettings(), run)
+
+
+def container(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(job: dict) -> dict:
+    return {e["name"]: e for e in container(job)["env"]}
+
+
+# --- names -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fn", "args", "expected"),
+    [
+        (render.job_name, ("bot", 1), "bot-train"),
+        (render.job_name, ("bot", 2), "bot-train-r2"),
+        (render.config_map_name, ("bot", 1), "bot-config"),
+        (render.config_map_name, ("bot", 7), "bot-config-r7"),
+        (render.trainer_name, ("bot",), "bot-trainer"),
+        (render.label_value, ("bot",), "bot"),
+    ],
+)
+def test_names(fn, args, expected):
+    assert fn(*args) == expected
+
+
+@pytest.mark.parametrize("length", [52, 60, 63, 120, 253])
+def test_long_names_are_shortened_deterministically(length):
+    name = ("a" * (length - 1)) + "z"
+    for run in (1, 2, 123):
+        child = render.job_name(name, run)
+        assert len(child) <= 63
+        assert child == render.job_name(name, run)
+        assert child.endswith("train" if run == 1 else f"train-r{run}")
+    assert len(render.label_value(name)) <= 63
+    assert render.job_name(name, 1) != render.job_name(name[:-1] + "y", 1)
+
+
+# --- the Job -----------------------------------------------------------------------------
+
+
+def test_job_basics():
+    job = job_for(body())
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    assert job["metadata"]["name"] == "bot-train"
+    assert job["metadata"]["namespace"] == "team-a"
+    assert pod["restartPolicy"] == "Never"
+    assert spec["completions"] == 1 and spec["parallelism"] == 1
+    assert spec["backoffLimit"] == 3
+    assert spec["suspend"] is False
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert "activeDeadlineSeconds" not in spec and "ttlSecondsAfterFinished" not in spec
+    assert container(job)["command"] == ["qlora-train", "--config", "/etc/qlora/config.json"]
+    assert container(job)["image"] == OperatorSettings().trainer_image
+    assert container(job)["terminationMessagePath"] == "/dev/termination-log"
+    assert pod["serviceAccountName"] == "bot-trainer"
+    assert pod["automountServiceAccountToken"] is True
+
+
+def test_pod_failure_policy():
+    rules = job_for(body())["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 6]},
+    }
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert len(rules) == 2  # everything else counts against backoffLimit
+
+
+@pytest.mark.parametrize(
+    ("run_policy", "expected"),
+    [
+        ({}, {"backoffLimit": 3, "suspend": False}),
+        ({"backoffLimit": 0}, {"backoffLimit": 0}),
+        ({"activeDeadlineSeconds": 3600}, {"activeDeadlineSeconds": 3600}),
+        ({"ttlSecondsAfterFinished": 600}, {"ttlSecondsAfterFinished": 600}),
+        ({"suspend": True}, {"suspend": True}),
+    ],
+)
+def test_run_policy(run_policy, expected):
+    job = job_for(body(runPolicy=run_policy))
+    for key, value in expected.items():
+        assert job["spec"][key] == value
+    if run_policy.get("suspend"):
+        assert job["metadata"]["annotations"][render.ANN_USER_SUSPENDED] == "true"
+
+
+@pytest.mark.parametrize(
+    ("resources", "settings", "gpu_name", "quantities"),
+    [
+        ({}, {}, "nvidia.com/gpu", {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "1"}),
+        ({"gpus": 4, "cpu": "16", "memory": "128Gi"}, {}, "nvidia.com/gpu", {"cpu": "16", "memory": "128Gi", "nvidia.com/gpu": "4"}),
+        ({"gpus": 2}, {"gpu_resource_name": "amd.com/gpu"}, "amd.com/gpu", {"amd.com/gpu": "2"}),
+        ({"gpuResourceName": "nvidia.com/mig-1g.10gb"}, {"gpu_resource_name": "amd.com/gpu"}, "nvidia.com/mig-1g.10gb", {"nvidia.com/mig-1g.10gb": "1"}),
+    ],
+)
+def test_resources(resources, settings, gpu_name, quantities):
+    job = job_for(body(resources=resources), OperatorSettings(**settings))
+    res = container(job)["resources"]
+    for key, value in quantities.items():
+        assert res["requests"][key] == value
+        assert res["limits"][key] == value
+    assert res["requests"] == res["limits"]
+    assert gpu_name in res["limits"]
+
+
+def test_env_contract():
+    env = env_of(job_for(body(), run=2))
+    assert env["QLORA_JOB_NAME"]["value"] == "bot"
+    assert env["QLORA_JOB_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["QLORA_RUN"]["value"] == "2"
+    assert env["QLORA_TERMINATION_MESSAGE_PATH"]["value"] == "/dev/termination-log"
+    assert env["QLORA_CACHE_DIR"]["value"] == "/cache"
+    assert env["HF_HOME"]["value"].startswith("/cache")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
+        assert "value" not in env[key]
+
+
+def test_no_secret_reference_without_credentials_ref():
+    spec = copy.deepcopy(BASE_SPEC)
+    del spec["storage"]["credentialsSecretRef"]
+    env = env_of(job_for(body(spec=spec)))
+    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+
+
+@pytest.mark.parametrize(
+    ("scheduling", "pod_fields", "job_labels"),
+    [
+        ({}, {}, {}),
+        ({"nodeSelector": {"gpu": "h200"}}, {"nodeSelector": {"gpu": "h200"}}, {}),
+        (
+            {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+            {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+            {},
+        ),
+        ({"priorityClassName": "training"}, {"priorityClassName": "training"}, {}),
+        ({"queueName": "team-a"}, {}, {render.KUEUE_QUEUE_LABEL: "team-a"}),
+    ],
+)
+def test_scheduling(scheduling, pod_fields, job_labels):
+    job = job_for(body(scheduling=scheduling))
+    pod = job["spec"]["template"]["spec"]
+    for key in ("nodeSelector", "tolerations", "priorityClassName"):
+        assert pod.get(key) == pod_fields.get(key)
+    for key, value in job_labels.items():
+        assert job["metadata"]["labels"][key] == value
+    if not job_labels:
+        assert render.KUEUE_QUEUE_LABEL not in job["metadata"]["labels"]
+    # Kueue admits a queued Job by un-suspending it.
+    assert job["spec"]["suspend"] is bool(scheduling.get("queueName"))
+
+
+def test_image_from_spec_or_settings():
+    assert container(job_for(body(image="registry.example/t:1")))["image"] == "registry.example/t:1"
+    assert container(job_for(body(), OperatorSettings(trainer_image="x/y:2")))["image"] == "x/y:2"
+
+
+def test_trainer_command_from_settings():
+    job = job_for(body(), OperatorSettings(trainer_command='["python", "-c", "print(1)"]'))
+    assert container(job)["command"] == ["python", "-c", "print(1)"]
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """The Pod Security 'restricted' checks that apply to what we render."""
+    out = []
+    psc = pod.get("securityContext") or {}
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        sc = c.get("securityContext") or {}
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{c['name']}: allowPrivilegeEscalation must be false")
+        if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+            out.append(f"{c['name']}: capabilities must drop ALL")
+        if set(sc.get("capabilities", {}).get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{c['name']}: capabilities add")
+        if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
+            out.append(f"{c['name']}: runAsNonRoot")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{c['name']}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{c['name']}: seccompProfile")
+        if sc.get("privileged"):
+            out.append(f"{c['name']}: privileged")
+    for v in pod.get("volumes", []):
+        allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+        if not (set(v) - {"name"}) <= allowed:
+            out.append(f"volume {v['name']}: type")
+    if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+        out.append("host namespaces")
+    return out
+
+
+def test_security_context_passes_restricted():
+    pod = job_for(body())["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    sc = container(job_for(body()))["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsUser"] == 1000
+    mounts = {m["mountPath"]: m["name"] for m in container(job_for(body()))["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in ("/cache", "/tmp"):
+        assert "emptyDir" in volumes[mounts[path]]
+    assert volumes[mounts["/etc/qlora"]]["configMap"]["name"] == "bot-config"
+
+
+def test_run_n_uses_its_own_config_map():
+    pod = job_for(body(), run=3)["spec"]["template"]["spec"]
+    config = next(v for v in pod["volumes"] if v["name"] == "config")
+    assert config["configMap"]["name"] == "bot-config-r3"
+
+
+# --- the other children -----------------------------------------------------------------
+
+
+def test_children_order_owner_references_and_labels():
+    b = body()
+    children = render.render_children(b, parsed(b), OperatorSettings(), 1)
+    assert [c["kind"] for c in children] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    for child in children:
+        meta = child["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "qlora.dev/v1alpha1",
+                "kind": "QLoRAJob",
+                "name": "bot",
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["labels"][render.LABEL_JOB] == "bot"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "qlora-operator"
+        assert meta["annotations"][render.ANN_JOB] == "bot"
+    pod_labels = children[-1]["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels[render.LABEL_JOB] == "bot" and pod_labels[render.LABEL_RUN] == "1"
+
+
+def test_config_map_holds_the_trainer_config():
+    b = body()
+    cm = render.render_config_map(b, parsed(b))
+    assert cm["metadata"]["name"] == "bot-config"
+    config = json.loads(cm["data"]["config.json"])
+    assert "credentialsSecretRef" not in json.dumps(config)
+    for runtime_field in ("resources", "image", "scheduling", "runPolicy"):
+        assert runtime_field not in config
+    loaded = parse_config(config)  # the trainer accepts exactly what we render
+    assert loaded.dataset.uri == "s3://data/chat.jsonl"
+    assert loaded.storage.endpoint == "http://minio.storage:9000"
+
+
+def test_run_records_its_spec():
+    b = body()
+    for obj in (render.render_config_map(b, parsed(b)), job_for(b)):
+        recorded = render.recorded_spec(obj)
+        assert recorded is not None
+        assert recorded["dataset"]["uri"] == "s3://data/chat.jsonl"
+        assert obj["metadata"]["annotations"][render.ANN_GENERATION] == "3"
+    changed = body(dataset={"uri": "s3://data/other.jsonl"})
+    assert job_for(b)["metadata"]["annotations"][render.ANN_SPEC_HASH] != job_for(changed)["metadata"]["annotations"][render.ANN_SPEC_HASH]
+
+
+def test_role_is_limited_to_this_job():
+    role = render.render_role(body())
+    assert role["metadata"]["name"] == "bot-trainer"
+    assert role["rules"] == [
+        {"apiGroups": ["qlora.dev"], "resources": ["qlorajobs/status"], "resourceNames": ["bot"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["qlora.dev"], "resources": ["qlorajobs"], "resourceNames": ["bot"], "verbs": ["get"]},
+    ]
+    text = json.dumps(role)
+    assert "secrets" not in text and "*" not in text
+
+
+def test_role_binding_and_service_account():
+    rb = render.render_role_binding(body())
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bot-trainer"}
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "bot-trainer", "namespace": "team-a"}]
+    sa = render.render_service_account(body())
+    assert sa["metadata"]["name"] == "bot-trainer" and sa["automountServiceAccountToken"] is True
+
+
+def test_rendering_is_deterministic():
+    b = body()
+    one = render.render_children(b, parsed(b), OperatorSettings(), 2)
+    two = render.render_children(copy.deepcopy(b), parsed(b), OperatorSettings(), 2)
+    assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        ({"metadata": {"labels": {render.LABEL_RUN: "4"}}}, 4),
+        ({"metadata": {"labels": {render.LABEL_RUN: "x"}}}, None),
+        ({"metadata": {}}, None),
+    ],
+)
+def test_run_of(obj, expected):
+    assert render.run_of(obj) == expected
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "field", "expected"),
+    [
+        ({}, {}, "trainer_command", ("qlora-train", "--config", "/etc/qlora/config.json")),
+        ({"QLORA_OPERATOR_TRAINER_COMMAND": '["python", "-c", "x"]'}, {}, "trainer_command", ("python", "-c", "x")),
+        ({"QLORA_OPERATOR_TRAINER_COMMAND": "python -c 'import sys; sys.exit(3)'"}, {}, "trainer_command", ("python", "-c", "import sys; sys.exit(3)")),
+        ({"QLORA_OPERATOR_MAX_GPUS_PER_JOB": "2"}, {}, "max_gpus_per_job", 2),
+        ({"QLORA_OPERATOR_MAX_GPUS_PER_JOB": "2"}, {"max_gpus_per_job": 5}, "max_gpus_per_job", 5),
+        ({"QLORA_OPERATOR_NAMESPACES": "a, b"}, {}, "namespaces", ("a", "b")),
+        ({"QLORA_OPERATOR_NAMESPACES": "a"}, {"namespaces": ["c"]}, "namespaces", ("c",)),
+        ({}, {"stalled_timeout_seconds": None}, "stalled_timeout_seconds", 900.0),
+        ({"QLORA_OPERATOR_STALLED_TIMEOUT_SECONDS": "30"}, {}, "stalled_timeout_seconds", 30.0),
+    ],
+)
+def test_settings_env_then_flags(env, overrides, field, expected):
+    assert getattr(OperatorSettings.load(env, **overrides), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "clusterwide"),
+    [({}, {}, True), ({"QLORA_OPERATOR_NAMESPACES": "a"}, {}, False), ({"QLORA_OPERATOR_NAMESPACES": "a"}, {"all_namespaces": True}, True)],
+)
+def test_settings_scope(env, overrides, clusterwide):
+    assert OperatorSettings.load(env, **overrides).clusterwide is clusterwide
+
+
+def test_settings_errors_name_the_variable_and_flag():
+    with pytest.raises(SettingsError) as err:
+        OperatorSettings.load({"QLORA_OPERATOR_MAX_GPUS_PER_JOB": "zero"})
+    assert "QLORA_OPERATOR_MAX_GPUS_PER_JOB" in str(err.value) and "--max-gpus-per-job" in str(err.value)
+    with pytest.raises(SettingsError):
+        OperatorSettings.load({}, log_format="xml")

@@ -1,0 +1,733 @@
+"""Table-driven tests of the pure status translation (qlora_operator.status) and run planning (qlora_operator.plan)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from qlora_operator import plan, render
+from qlora_operator.settings import OperatorSettings
+from qlora_operator.status import (
+    Observed,
+    classify_exit,
+    compute_status,
+    fmt_time,
+    merge_attempts,
+    parse_termination_message,
+)
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+SETTINGS = OperatorSettings(
+    stalled_timeout_seconds=300,
+    image_pull_grace_seconds=120,
+    container_config_grace_seconds=60,
+    unschedulable_timeout_seconds=600,
+)
+SPEC = {
+    "model": {"uri": "s3://models/m/"},
+    "dataset": {"uri": "s3://data/a.jsonl"},
+    "output": {"uri": "s3://out/a/"},
+    "storage": {"credentialsSecretRef": {"name": "s3-creds"}},
+}
+
+
+def ts(seconds: float = 0) -> str:
+    return fmt_time(T0 + timedelta(seconds=seconds))
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def qj(status: dict | None = None, generation: int = 1, spec: dict | None = None) -> dict:
+    out = {
+        "apiVersion": "qlora.dev/v1alpha1",
+        "kind": "QLoRAJob",
+        "metadata": {"name": "bot", "namespace": "ns", "uid": "uid-1", "generation": generation},
+        "spec": copy.deepcopy(spec or SPEC),
+    }
+    if status is not None:
+        out["status"] = status
+    return out
+
+
+def job(*conditions: tuple[str, str, str], suspend: bool = False, run: int = 1, spec: dict | None = None, **status) -> dict:
+    body = qj(spec=spec)
+    parsed, _ = plan.validate(body["spec"], SETTINGS)
+    out = render.render_job(body, parsed, SETTINGS, run)
+    out["metadata"]["uid"] = f"job-uid-{run}"
+    out["spec"]["suspend"] = suspend
+    out["status"] = {"startTime": ts(0), **status}
+    if conditions:
+        out["status"]["conditions"] = [
+            {"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": ts(100)} for t, r, m in conditions
+        ]
+    return out
+
+
+def pod(
+    name: str = "bot-train-aaaaa",
+    created: float = 1,
+    *,
+    phase: str = "Pending",
+    node: str | None = "node-1",
+    running: float | None = None,
+    terminated: dict | None = None,
+    waiting: tuple[str, str] | None = None,
+    unschedulable: tuple[str, float] | None = None,
+    disruption: str | None = None,
+    deleting: bool = False,
+) -> dict:
+    meta = {"name": name, "namespace": "ns", "creationTimestamp": ts(created), "labels": {render.LABEL_JOB: "bot", render.LABEL_RUN: "1"}}
+    if deleting:
+        meta["deletionTimestamp"] = ts(created + 1)
+    status: dict = {"phase": phase, "conditions": []}
+    spec: dict = {}
+    if node:
+        spec["nodeName"] = node
+        status["startTime"] = ts(created + 1)
+    state: dict = {}
+    if running is not None:
+        state["running"] = {"startedAt": ts(running)}
+        status["phase"] = "Running"
+    if terminated is not None:
+        term = {"startedAt": ts(created + 2), "finishedAt": ts(created + 50), **terminated}
+        if isinstance(term.get("message"), dict):
+            term["message"] = json.dumps(term["message"])
+        state["terminated"] = term
+        status["phase"] = "Succeeded" if term.get("exitCode") == 0 else "Failed"
+    if waiting is not None:
+        state["waiting"] = {"reason": waiting[0], "message": waiting[1]}
+    if unschedulable is not None:
+        status["conditions"].append(
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable[0],
+             "lastTransitionTime": ts(unschedulable[1])}
+        )
+    if disruption:
+        status["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": disruption, "message": "preempted"})
+    if state:
+        status["containerStatuses"] = [{"name": "trainer", "state": state, "lastState": {}}]
+    return {"metadata": meta, "spec": spec, "status": status}
+
+
+def observe(job_obj=None, pods=(), events=(), run=1, **kw) -> Observed:
+    defaults = dict(backoff_limit=3, image="ghcr.io/x/trainer:1", secret_name="s3-creds")
+    defaults.update(kw)
+    return Observed(run=run, job_name=render.job_name("bot", run) if run else None, job=job_obj, pods=list(pods), job_events=list(events), **defaults)
+
+
+def conds(status: dict) -> dict:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def apply(body: dict, patch: dict) -> dict:
+    out = copy.deepcopy(body)
+    status = out.setdefault("status", {})
+    for key, value in patch.items():
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = value
+    return out
+
+
+TERM_OK = {
+    "exitCode": 0,
+    "reason": "Completed",
+    "message": {
+        "exitCode": 0,
+        "reason": "Succeeded",
+        "message": "done",
+        "artifacts": {"adapterUri": "s3://out/a/adapter/", "manifestUri": "s3://out/a/adapter/manifest.json",
+                      "mergedUri": None, "lastCheckpointUri": "s3://out/a/checkpoints/step-20/"},
+        "resumedFromStep": 10,
+        "metrics": {"trainLoss": 1.2},
+    },
+}
+
+QUOTA_EVENT = {
+    "reason": "FailedCreate",
+    "type": "Warning",
+    "message": 'Error creating: pods "bot-train-x" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=0, limited: requests.nvidia.com/gpu=0',
+    "firstTimestamp": ts(2),
+    "lastTimestamp": ts(20),
+}
+
+
+# --- the state table ------------------------------------------------------------------------------
+
+CASES = [
+    # id, observed, now (s), phase, {type: (status, reason)}, message fragment, events [(type, reason)], side effects
+    ("no-job-yet", dict(job_obj=None), 0, "Pending", {"Running": ("False", "Pending")}, "creating Job bot-train", [], {}),
+    ("job-no-pod", dict(job_obj=job()), 1, "Pending", {"Running": ("True", "Pending")}, "waiting for its pod", [("Normal", "Pending")], {}),
+    (
+        "unschedulable",
+        dict(job_obj=job(), pods=[pod(node=None, unschedulable=("0/2 nodes are available: 2 Insufficient nvidia.com/gpu.", 2))]),
+        30, "Pending", {"Running": ("True", "Unschedulable"), "Failed": ("False", "NoFailure")},
+        "2 Insufficient nvidia.com/gpu", [("Warning", "Unschedulable")], {},
+    ),
+    (
+        "unschedulable-timeout",
+        dict(job_obj=job(), pods=[pod(node=None, unschedulable=("0/2 nodes are available: 2 Insufficient nvidia.com/gpu.", 2))]),
+        700, "Failed", {"Running": ("False", "Unschedulable"), "Failed": ("True", "Unschedulable")},
+        "could not be scheduled for 698s", [("Warning", "Unschedulable")], {"stop": "Unschedulable", "delete": ["bot-train-aaaaa"]},
+    ),
+    (
+        "image-pull-backoff",
+        dict(job_obj=job(), pods=[pod(waiting=("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/trainer:1"'))]),
+        30, "Starting", {"Running": ("True", "ImagePullBackOff")}, "ghcr.io/x/trainer:1", [("Warning", "ImagePullBackOff")], {},
+    ),
+    (
+        "image-pull-failed",
+        dict(job_obj=job(), pods=[pod(waiting=("ErrImagePull", "not found"))]),
+        200, "Failed", {"Failed": ("True", "ImagePullFailed")}, "image ghcr.io/x/trainer:1 could not be pulled",
+        [("Warning", "ImagePullFailed")], {"stop": "ImagePullFailed", "delete": ["bot-train-aaaaa"]},
+    ),
+    (
+        "secret-missing",
+        dict(job_obj=job(), pods=[pod(waiting=("CreateContainerConfigError", 'secret "s3-creds" not found'))]),
+        20, "Starting", {"Running": ("True", "SecretNotFound")}, "Secret 's3-creds' not found", [("Warning", "SecretNotFound")], {},
+    ),
+    (
+        "secret-missing-timeout",
+        dict(job_obj=job(), pods=[pod(waiting=("CreateContainerConfigError", 'secret "s3-creds" not found'))]),
+        100, "Failed", {"Failed": ("True", "SecretNotFound")}, "spec.storage.credentialsSecretRef.name",
+        [("Warning", "SecretNotFound")], {"stop": "SecretNotFound", "delete": ["bot-train-aaaaa"]},
+    ),
+    (
+        "quota",
+        dict(job_obj=job(), events=[QUOTA_EVENT]),
+        30, "Pending", {"Running": ("True", "QuotaExceeded")}, "exceeded quota: gpu-quota", [("Warning", "QuotaExceeded")], {},
+    ),
+    (
+        "quota-timeout",
+        dict(job_obj=job(), events=[QUOTA_EVENT]),
+        700, "Failed", {"Failed": ("True", "QuotaExceeded")}, "exceeded quota: gpu-quota", [("Warning", "QuotaExceeded")],
+        {"stop": "QuotaExceeded"},
+    ),
+    (
+        "starting",
+        dict(job_obj=job(), pods=[pod(waiting=("ContainerCreating", ""))]),
+        5, "Starting", {"Running": ("True", "Starting")}, "is starting", [("Normal", "Starting")], {},
+    ),
+    (
+        "running",
+        dict(job_obj=job(), pods=[pod(running=5)]),
+        10, "Running", {"Running": ("True", "TrainerRunning"), "Stalled": ("False", "ProgressReported")},
+        "running on node node-1", [("Normal", "Running")], {},
+    ),
+    (
+        "stalled-no-report",
+        dict(job_obj=job(), pods=[pod(running=5)]),
+        400, "Running", {"Running": ("True", "TrainerRunning"), "Stalled": ("True", "NoProgress")},
+        "no progress in 395s", [("Normal", "Running"), ("Warning", "Stalled")], {},
+    ),
+    (
+        "complete",
+        dict(job_obj=job(("Complete", "CompletionsReached", "")), pods=[pod(terminated=TERM_OK)]),
+        200, "Succeeded", {"Complete": ("True", "Succeeded"), "Running": ("False", "Completed"), "Failed": ("False", "NoFailure")},
+        "adapter at s3://out/a/adapter/", [("Normal", "Completed")], {},
+    ),
+    (
+        "complete-without-message",
+        dict(job_obj=job(("Complete", "CompletionsReached", "")), pods=[pod(terminated={"exitCode": 0, "reason": "Completed"})]),
+        200, "Succeeded", {"Complete": ("True", "Succeeded")}, "reported no artifacts", [("Normal", "Completed")], {},
+    ),
+    (
+        "trainer-done-job-not-yet-complete",
+        dict(job_obj=job(), pods=[pod(terminated=TERM_OK)]),
+        60, "Running", {"Running": ("True", "Finishing"), "Complete": ("False", "NotCompleted")},
+        "succeeded; waiting for Job bot-train", [("Normal", "Finishing")], {},
+    ),
+    (
+        "suspended-by-user",
+        dict(job_obj=job(suspend=True), suspend_requested=True),
+        5, "Suspended", {"Suspended": ("True", "SuspendedByUser"), "Running": ("False", "SuspendedByUser")},
+        "checkpoints kept", [("Normal", "SuspendedByUser")], {},
+    ),
+    (
+        "queued-in-kueue",
+        dict(job_obj=job(suspend=True), queued=True),
+        5, "Queued", {"Suspended": ("True", "Queued")}, "Kueue", [("Normal", "Queued")], {},
+    ),
+    (
+        "invalid-spec",
+        dict(job_obj=None, run=None, invalid_spec="spec.resources.gpus: 9 GPUs requested"),
+        0, "Failed", {"Failed": ("True", "InvalidSpec"), "Running": ("False", "InvalidSpec")},
+        "spec.resources.gpus", [("Warning", "InvalidSpec")], {},
+    ),
+    (
+        "deadline",
+        dict(job_obj=job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")),
+             pods=[pod(terminated={"exitCode": 143, "reason": "Error"})], active_deadline_seconds=60),
+        200, "Failed", {"Failed": ("True", "DeadlineExceeded")}, "runPolicy.activeDeadlineSeconds (60s) exceeded",
+        [("Warning", "Terminated"), ("Warning", "DeadlineExceeded")], {},
+    ),
+    (
+        "disrupted-pod-then-retry",
+        dict(job_obj=job(), pods=[pod(terminated={"exitCode": 143, "reason": "Error"}, disruption="PreemptionByScheduler")]),
+        200, "Pending", {"Running": ("True", "Retrying")}, "Disrupted", [("Warning", "Disrupted"), ("Normal", "Retrying")], {},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "obs", "now", "phase", "expected", "fragment", "events", "effects"), CASES, ids=[c[0] for c in CASES]
+)
+def test_status_table(case, obs, now, phase, expected, fragment, events, effects):
+    result = compute_status(qj(), observe(**obs), at(now), SETTINGS)
+    status = result.status
+    assert status["phase"] == phase
+    got = conds(status)
+    assert set(got) >= {"Running", "Complete", "Failed", "Suspended", "Stalled"}
+    for typ, (st, reason) in expected.items():
+        assert (got[typ]["status"], got[typ]["reason"]) == (st, reason), (typ, got[typ])
+    text = " ".join(c["message"] for c in status["conditions"]) + " " + (status.get("message") or "")
+    assert fragment in text
+    assert [(e.type, e.reason) for e in result.events] == events
+    assert result.stop_reason == effects.get("stop")
+    assert result.delete_pods == effects.get("delete", [])
+    assert result.terminal is (phase in ("Succeeded", "Failed"))
+    for cond in status["conditions"]:
+        assert cond["observedGeneration"] == 1
+        assert cond["reason"].isidentifier() or cond["reason"].replace(",", "").isalnum()
+
+
+# --- trainer exit codes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "container_reason", "reason"),
+    [
+        (0, "Completed", "Succeeded"),
+        (2, "Error", "InvalidConfig"),
+        (3, "Error", "InvalidData"),
+        (4, "Error", "StorageError"),
+        (5, "Error", "CudaOutOfMemory"),
+        (6, "Error", "NonFiniteLoss"),
+        (137, "OOMKilled", "OOMKilled"),
+        (137, "Error", "OOMKilled"),
+        (1, "Error", "ExitCode1"),
+        (143, "Error", "Terminated"),
+        (128, "StartError", "StartError"),
+    ],
+)
+def test_exit_codes(exit_code, container_reason, reason):
+    assert classify_exit(exit_code, container_reason, None) == reason
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "job_reason", "backoff", "reason", "fragments"),
+    [
+        (3, "PodFailurePolicy", 3, "InvalidData", ["exited with code 3", "bad row at line 7", "not retried"]),
+        (2, "PodFailurePolicy", 3, "InvalidConfig", ["exited with code 2"]),
+        (6, "PodFailurePolicy", 3, "NonFiniteLoss", ["exited with code 6"]),
+        (137, "BackoffLimitExceeded", 0, "OOMKilled", ["exited with code 137", "backoffLimit is 0"]),
+        (5, "BackoffLimitExceeded", 0, "CudaOutOfMemory", ["exited with code 5"]),
+        (4, "BackoffLimitExceeded", 0, "StorageError", ["exited with code 4"]),
+    ],
+)
+def test_single_attempt_failures(exit_code, job_reason, backoff, reason, fragments):
+    term = {"exitCode": exit_code, "reason": "OOMKilled" if exit_code == 137 else "Error",
+            "message": {"exitCode": exit_code, "reason": "x", "message": "bad row at line 7"}}
+    result = compute_status(
+        qj(), observe(job(("Failed", job_reason, "")), [pod(terminated=term)], backoff_limit=backoff), at(300), SETTINGS
+    )
+    failed = conds(result.status)["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", reason)
+    for fragment in fragments:
+        assert fragment in failed["message"]
+    assert result.status["attempts"][0]["exitCode"] == exit_code
+    assert result.status["attempts"][0]["reason"] == reason
+    assert ("Warning", reason) in [(e.type, e.reason) for e in result.events]
+    assert result.status["artifacts"] is None
+    assert result.status["completionTime"] == ts(300)
+
+
+def test_backoff_limit_exceeded_carries_the_last_reason():
+    pods = [
+        pod("bot-train-a", 1, terminated={"exitCode": 4, "reason": "Error"}),
+        pod("bot-train-b", 60, terminated={"exitCode": 137, "reason": "OOMKilled"}),
+        pod("bot-train-c", 120, terminated={"exitCode": 137, "reason": "OOMKilled", "message": "killed"}),
+    ]
+    result = compute_status(qj(), observe(job(("Failed", "BackoffLimitExceeded", "")), pods, backoff_limit=2), at(400), SETTINGS)
+    failed = conds(result.status)["Failed"]
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert failed["message"].startswith("OOMKilled: 3 attempts failed (runPolicy.backoffLimit 2)")
+    assert "bot-train-c" in failed["message"]
+    assert [a["reason"] for a in result.status["attempts"]] == ["StorageError", "OOMKilled", "OOMKilled"]
+    assert [a["index"] for a in result.status["attempts"]] == [0, 1, 2]
+
+
+def test_retry_after_storage_error_then_success():
+    first = pod("bot-train-a", 1, terminated={"exitCode": 4, "reason": "Error", "message": {"exitCode": 4, "reason": "StorageError", "message": "S3 unreachable"}})
+    body = qj()
+    r1 = compute_status(body, observe(job(), [first]), at(60), SETTINGS)
+    assert conds(r1.status)["Running"]["reason"] == "Retrying"
+    assert [(e.type, e.reason) for e in r1.events] == [("Warning", "StorageError"), ("Normal", "Retrying")]
+    assert "S3 unreachable" in r1.events[0].message and "will retry" in r1.events[0].message
+    body = apply(body, r1.patch)
+    second = pod("bot-train-b", 70, terminated=TERM_OK)
+    r2 = compute_status(body, observe(job(("Complete", "CompletionsReached", "")), [first, second]), at(200), SETTINGS)
+    assert conds(r2.status)["Complete"]["status"] == "True"
+    assert [a["reason"] for a in r2.status["attempts"]] == ["StorageError", "Succeeded"]
+    assert r2.status["attempts"][1]["resumedFromStep"] == 10
+    assert r2.status["artifacts"] == {
+        "adapterUri": "s3://out/a/adapter/", "manifestUri": "s3://out/a/adapter/manifest.json",
+        "lastCheckpointUri": "s3://out/a/checkpoints/step-20/",
+    }
+    assert [(e.type, e.reason) for e in r2.events] == [("Normal", "Completed")]  # the StorageError event is not repeated
+
+
+# --- transitions, idempotence, stickiness -------------------------------------------------------------
+
+
+def test_recompute_is_idempotent_and_keeps_transition_times():
+    body = qj()
+    obs = observe(job(), [pod(running=5)])
+    r1 = compute_status(body, obs, at(10), SETTINGS)
+    body = apply(body, r1.patch)
+    r2 = compute_status(body, obs, at(50), SETTINGS)
+    assert r2.patch == {} and r2.events == []
+    # the reason changes (stage), status does not: lastTransitionTime stays
+    body["status"]["progress"] = {"stage": "Merging", "updatedAt": ts(45), "step": 20}
+    r3 = compute_status(body, obs, at(60), SETTINGS)
+    assert r3.patch["phase"] == "Merging"
+    assert conds(r3.status)["Running"]["lastTransitionTime"] == ts(10)
+
+
+def test_transition_time_changes_when_status_flips():
+    body = qj()
+    body = apply(body, compute_status(body, observe(job(), [pod(running=5)]), at(10), SETTINGS).patch)
+    done = compute_status(body, observe(job(("Complete", "CompletionsReached", "")), [pod(terminated=TERM_OK)]), at(99), SETTINGS)
+    c = conds(done.status)
+    assert c["Running"]["status"] == "False" and c["Running"]["lastTransitionTime"] == ts(99)
+    assert c["Complete"]["lastTransitionTime"] == ts(99)
+    assert c["Failed"]["lastTransitionTime"] == ts(10)  # False before, False now
+
+
+def test_stalled_uses_the_last_progress_report():
+    body = qj(status={"run": 1, "progress": {"step": 7, "updatedAt": ts(100), "stage": "Training"}})
+    fresh = compute_status(body, observe(job(), [pod(running=5)]), at(350), SETTINGS)
+    assert conds(fresh.status)["Stalled"]["status"] == "False"
+    stale = compute_status(body, observe(job(), [pod(running=5)]), at(500), SETTINGS)
+    stalled = conds(stale.status)["Stalled"]
+    assert (stalled["status"], stalled["reason"]) == ("True", "NoProgress")
+    assert "step 7" in stalled["message"] and "400s" in stalled["message"]
+    # a report from an earlier attempt does not count for a pod that started later
+    new_pod = compute_status(body, observe(job(), [pod(running=450)]), at(500), SETTINGS)
+    assert conds(new_pod.status)["Stalled"]["status"] == "False"
+
+
+def test_terminal_status_is_sticky_when_the_job_is_gone():
+    body = qj()
+    done = compute_status(body, observe(job(("Complete", "CompletionsReached", "")), [pod(terminated=TERM_OK)]), at(100), SETTINGS)
+    body = apply(body, done.patch)
+    # ttlSecondsAfterFinished removed the Job and its pods
+    later = compute_status(body, observe(None, []), at(5000), SETTINGS)
+    assert later.patch == {} and later.events == []
+    assert later.status["artifacts"]["adapterUri"] == "s3://out/a/adapter/"
+    assert later.terminal
+
+
+def test_failed_by_operator_stops_an_active_job_again():
+    body = qj()
+    failed = compute_status(body, observe(job(), [pod(waiting=("ErrImagePull", "nope"))]), at(500), SETTINGS)
+    body = apply(body, failed.patch)
+    again = compute_status(body, observe(job(), [pod(waiting=("ErrImagePull", "nope"))]), at(520), SETTINGS)
+    assert again.stop_reason == "ImagePullFailed" and again.delete_pods == ["bot-train-aaaaa"]
+    assert again.patch == {} and again.events == []
+    stopped = compute_status(body, observe(job(suspend=True), []), at(530), SETTINGS)
+    assert stopped.stop_reason is None and conds(stopped.status)["Failed"]["reason"] == "ImagePullFailed"
+
+
+def test_attempts_survive_deleted_pods():
+    body = qj()
+    first = pod("bot-train-a", 1, terminated={"exitCode": 137, "reason": "OOMKilled"})
+    body = apply(body, compute_status(body, observe(job(), [first]), at(60), SETTINGS).patch)
+    second = pod("bot-train-b", 70, running=75)
+    r = compute_status(body, observe(job(), [second]), at(80), SETTINGS)  # the first pod was garbage-collected
+    assert [(a["podName"], a["index"]) for a in r.status["attempts"]] == [("bot-train-a", 0), ("bot-train-b", 1)]
+    assert r.status["attempts"][0]["reason"] == "OOMKilled"
+
+
+def test_merge_attempts_keeps_finished_history():
+    old = [{"index": 0, "podName": "p", "exitCode": 4, "reason": "StorageError", "finishTime": ts(5)}]
+    changed = pod("p", 1, terminated={"exitCode": 0, "reason": "Completed"})
+    assert merge_attempts(old, [changed]) == old
+
+
+def test_new_run_resets_the_status():
+    done = {
+        "run": 1, "jobName": "bot-train", "phase": "Succeeded", "observedGeneration": 1,
+        "conditions": [
+            {"type": "Running", "status": "False", "reason": "Completed", "message": "", "lastTransitionTime": ts(50)},
+            {"type": "Complete", "status": "True", "reason": "Succeeded", "message": "x", "lastTransitionTime": ts(50)},
+        ],
+        "attempts": [{"index": 0, "podName": "bot-train-a", "exitCode": 0, "reason": "Succeeded"}],
+        "artifacts": {"adapterUri": "s3://out/a/adapter/"},
+        "progress": {"step": 20, "totalSteps": 20},
+        "startTime": ts(0), "completionTime": ts(50),
+    }
+    body = qj(status=done, generation=2)
+    r = compute_status(body, observe(None, [], run=2), at(100), SETTINGS)
+    assert r.patch["run"] == 2 and r.patch["jobName"] == "bot-train-r2"
+    assert r.patch["attempts"] == []
+    for key in ("artifacts", "progress", "startTime", "completionTime"):
+        assert key in r.patch and r.patch[key] is None
+    c = conds(r.status)
+    assert c["Complete"]["status"] == "False" and c["Complete"]["lastTransitionTime"] == ts(100)
+    assert c["Running"]["observedGeneration"] == 2
+    assert r.status["phase"] == "Pending"
+
+
+def test_spec_rejected_condition_and_event():
+    body = qj()
+    message = "spec.dataset.uri changed while run 1 is active"
+    r = compute_status(body, observe(job(), [pod(running=5)], spec_rejected=message), at(10), SETTINGS)
+    rejected = conds(r.status)["SpecRejected"]
+    assert (rejected["status"], rejected["reason"]) == ("True", "TrainingFieldsImmutable")
+    assert ("Warning", "SpecRejected") in [(e.type, e.reason) for e in r.events]
+    body = apply(body, r.patch)
+    cleared = compute_status(body, observe(job(), [pod(running=5)]), at(20), SETTINGS)
+    assert "SpecRejected" not in conds(cleared.status)
+    assert cleared.events == []
+
+
+def test_resumed_and_suspended_events():
+    body = qj()
+    body = apply(body, compute_status(body, observe(job(suspend=True), [], suspend_requested=True), at(10), SETTINGS).patch)
+    r = compute_status(body, observe(job(), [pod(running=20)]), at(30), SETTINGS)
+    assert ("Normal", "Resumed") in [(e.type, e.reason) for e in r.events]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"exitCode": 3, "reason": "InvalidData"}', {"exitCode": 3, "reason": "InvalidData"}),
+        ("Traceback (most recent call last): ...", None),
+        ("", None),
+        ("[1, 2]", None),
+    ],
+)
+def test_parse_termination_message(text, expected):
+    assert parse_termination_message(text) == expected
+
+
+def test_artifacts_never_from_a_failed_attempt():
+    term = dict(TERM_OK, exitCode=4)
+    r = compute_status(qj(), observe(job(), [pod(terminated=term)]), at(100), SETTINGS)
+    assert r.status["artifacts"] is None
+
+
+def test_log_tail_message_on_failure():
+    term = {"exitCode": 1, "reason": "Error", "message": "line\n" * 3 + "RuntimeError: boom"}
+    r = compute_status(qj(), observe(job(("Failed", "BackoffLimitExceeded", "")), [pod(terminated=term)], backoff_limit=0), at(100), SETTINGS)
+    assert r.status["attempts"][0]["message"].endswith("RuntimeError: boom")
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+def recorded(spec: dict) -> dict:
+    parsed, _ = plan.validate(spec, SETTINGS)
+    return render.canonical_spec(parsed)
+
+
+def changed_spec(**updates) -> dict:
+    spec = copy.deepcopy(SPEC)
+    for key, value in updates.items():
+        spec[key] = value
+    return spec
+
+
+def complete_status(run: int = 1) -> dict:
+    return {"run": run, "conditions": [{"type": "Complete", "status": "True", "reason": "Succeeded", "lastTransitionTime": ts(0)}]}
+
+
+PLAN_CASES = [
+    # id, status, spec, jobs, recorded spec, action, run, rejected?
+    ("fresh", None, SPEC, [], None, "create", 1, False),
+    ("active-unchanged", {"run": 1}, SPEC, [job()], SPEC, "observe", 1, False),
+    ("active-dataset-changed", {"run": 1}, changed_spec(dataset={"uri": "s3://data/b.jsonl"}), [job()], SPEC, "observe", 1, True),
+    ("active-suspend-changed", {"run": 1}, changed_spec(runPolicy={"suspend": True}), [job()], SPEC, "observe", 1, False),
+    ("suspended-dataset-changed", {"run": 1}, changed_spec(dataset={"uri": "s3://data/b.jsonl"}), [job(suspend=True)], SPEC, "start-next", 2, False),
+    ("active-scheduling-changed", {"run": 1}, changed_spec(scheduling={"nodeSelector": {"a": "b"}}), [job()], SPEC, "observe", 1, False),
+    ("complete-unchanged", complete_status(), SPEC, [job(("Complete", "CompletionsReached", ""))], SPEC, "observe", 1, False),
+    ("complete-dataset-changed", complete_status(), changed_spec(dataset={"uri": "s3://data/b.jsonl"}), [job(("Complete", "CompletionsReached", ""))], SPEC, "start-next", 2, False),
+    ("failed-job-lr-changed", {"run": 1}, changed_spec(training={"learningRate": 0.001}), [job(("Failed", "BackoffLimitExceeded", ""))], SPEC, "start-next", 2, False),
+    ("ttl-deleted-unchanged", complete_status(), SPEC, [], SPEC, "observe", 1, False),
+    ("ttl-deleted-changed", complete_status(), changed_spec(lora={"r": 8}), [], SPEC, "start-next", 2, False),
+    ("crash-before-job-of-run-2", {"run": 2}, SPEC, [job(("Complete", "CompletionsReached", ""))], None, "create", 2, False),
+    ("job-of-run-2-not-yet-in-status", complete_status(), changed_spec(dataset={"uri": "s3://data/b.jsonl"}), [job(("Complete", "CompletionsReached", "")), job(run=2, spec=changed_spec(dataset={"uri": "s3://data/b.jsonl"}))], changed_spec(dataset={"uri": "s3://data/b.jsonl"}), "observe", 2, False),
+]
+
+
+@pytest.mark.parametrize(("case", "status", "spec", "jobs", "rec", "action", "run", "rejected"), PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_plan_table(case, status, spec, jobs, rec, action, run, rejected):
+    body = qj(status=status, spec=spec)
+    parsed, invalid = plan.validate(body["spec"], SETTINGS)
+    result = plan.decide(body, parsed, invalid, jobs, recorded(rec) if rec else None)
+    assert (result.action, result.run) == (action, run)
+    assert result.retire == ("bot-train" if case.startswith("suspended") else None)
+    assert bool(result.spec_rejected) is rejected
+    if rejected:
+        assert "spec.dataset.uri" in result.spec_rejected and "run 2" in result.spec_rejected
+
+
+def test_plan_invalid_spec_only_the_operator_sees():
+    spec = changed_spec(resources={"gpus": 9})
+    parsed, invalid = plan.validate(spec, OperatorSettings(max_gpus_per_job=8))
+    assert parsed is None
+    assert invalid.startswith("spec.resources.gpus: 9 GPUs requested") and "at most 8" in invalid
+    result = plan.decide(qj(spec=spec), parsed, invalid, [], None)
+    assert result.action == "invalid" and result.run == 0
+
+
+def test_plan_invalid_change_on_a_finished_job():
+    spec = changed_spec(resources={"gpus": 9})
+    parsed, invalid = plan.validate(spec, SETTINGS)
+    result = plan.decide(qj(status=complete_status(), spec=spec), parsed, invalid, [job(("Complete", "CompletionsReached", ""))], recorded(SPEC))
+    assert result.action == "invalid" and "spec.resources.gpus" in result.invalid
+
+
+def test_owned_filter():
+    j = job()
+    assert plan.owned(j, "uid-1")
+    assert not plan.owned(j, "uid-2")
+
+
+# --- the reconcile glue, against an in-memory API ---------------------------------------------------
+
+
+class FakeKube:
+    """Just enough of qlora_operator.kube.Kube, in memory (create twice -> the existing object)."""
+
+    def __init__(self, body: dict):
+        self.body = copy.deepcopy(body)
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.calls: list[str] = []
+        self.events: list[tuple[str, str]] = []
+
+    def get_qlorajob(self, namespace, name):
+        return copy.deepcopy(self.body)
+
+    def patch_qlorajob_status(self, namespace, name, patch):
+        self.calls.append("patch-status")
+        status = self.body.setdefault("status", {})
+        for key, value in patch.items():
+            if value is None:
+                status.pop(key, None)
+            else:
+                status[key] = copy.deepcopy(value)
+        return copy.deepcopy(self.body)
+
+    def list_jobs(self, namespace, name):
+        return [copy.deepcopy(o) for (k, _), o in self.objects.items() if k == "Job"]
+
+    def get_config_map(self, namespace, name):
+        return copy.deepcopy(self.objects.get(("ConfigMap", name)))
+
+    def create_or_adopt(self, obj, owner_uid):
+        key = (obj["kind"], obj["metadata"]["name"])
+        if key in self.objects:
+            return copy.deepcopy(self.objects[key]), "exists"
+        self.calls.append(f"create-{obj['kind']}")
+        stored = copy.deepcopy(obj)
+        stored["metadata"]["uid"] = f"uid-{len(self.objects)}"
+        self.objects[key] = stored
+        return copy.deepcopy(stored), "created"
+
+    def list_pods(self, namespace, name, run):
+        return []
+
+    def list_job_events(self, namespace, job):
+        return []
+
+    def patch_job(self, namespace, name, patch):
+        self.calls.append("patch-job")
+        job = self.objects[("Job", name)]
+        job["spec"].update(patch.get("spec", {}))
+        ann = job["metadata"].setdefault("annotations", {})
+        for key, value in ((patch.get("metadata") or {}).get("annotations") or {}).items():
+            if value is None:
+                ann.pop(key, None)
+            else:
+                ann[key] = value
+        return copy.deepcopy(job)
+
+    def delete(self, api_version, kind, namespace, name):
+        self.calls.append(f"delete-{kind}")
+        return self.objects.pop((kind, name), None) is not None
+
+    def delete_pod(self, namespace, name):
+        self.calls.append("delete-pod")
+        return True
+
+    def create_event(self, body, type_, reason, message):
+        self.events.append((type_, reason))
+
+
+def test_reconcile_is_idempotent():
+    from qlora_operator.reconcile import reconcile
+
+    api = FakeKube(qj())
+    out = reconcile(api, SETTINGS, "ns", "bot", ensure=True, now=lambda: at(0))
+    assert out.phase == "Pending" and not out.terminal
+    kinds = sorted(k for k, _ in api.objects)
+    assert kinds == ["ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount"]
+    assert api.body["status"]["run"] == 1 and api.body["status"]["jobName"] == "bot-train"
+    assert ("Normal", "JobCreated") in api.events
+    api.calls.clear()
+    api.events.clear()
+    for i in range(3):  # again and again: nothing new is created, nothing changes
+        reconcile(api, SETTINGS, "ns", "bot", ensure=True, now=lambda: at(1 + i))
+    assert api.calls == [] and api.events == []
+
+
+def test_reconcile_spec_change_after_completion_starts_exactly_one_run():
+    from qlora_operator.reconcile import reconcile
+
+    api = FakeKube(qj())
+    reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(0))
+    api.objects[("Job", "bot-train")]["status"] = {"conditions": [{"type": "Complete", "status": "True", "reason": "CompletionsReached"}]}
+    reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(10))
+    assert api.body["status"]["phase"] == "Succeeded"
+    api.body["spec"]["dataset"]["uri"] = "s3://data/b.jsonl"
+    api.body["metadata"]["generation"] = 2
+    for i in range(3):
+        reconcile(api, SETTINGS, "ns", "bot", ensure=True, now=lambda: at(20 + i))
+    assert sorted(name for kind, name in api.objects if kind == "Job") == ["bot-train", "bot-train-r2"]
+    assert api.body["status"]["run"] == 2 and api.body["status"]["observedGeneration"] == 2
+    assert [e for e in api.events if e[1] == "RunStarted"] == [("Normal", "RunStarted")]
+    assert "s3://data/b.jsonl" in api.objects[("ConfigMap", "bot-config-r2")]["data"]["config.json"]
+
+
+def test_reconcile_invalid_spec():
+    from qlora_operator.reconcile import reconcile
+
+    api = FakeKube(qj(spec=changed_spec(resources={"gpus": 9})))
+    out = reconcile(api, OperatorSettings(max_gpus_per_job=8), "ns", "bot", now=lambda: at(0))
+    assert out.invalid and "spec.resources.gpus" in out.invalid
+    assert api.objects == {}
+    assert conds(api.body["status"])["Failed"]["reason"] == "InvalidSpec"
+    assert api.events == [("Warning", "InvalidSpec")]
+
+
+def test_reconcile_suspend_and_resume_patch_the_job():
+    from qlora_operator.reconcile import reconcile
+
+    api = FakeKube(qj())
+    reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(0))
+    api.body["spec"]["runPolicy"] = {"suspend": True}
+    reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(1))
+    assert api.objects[("Job", "bot-train")]["spec"]["suspend"] is True
+    assert api.objects[("Job", "bot-train")]["metadata"]["annotations"][render.ANN_USER_SUSPENDED] == "true"
+    assert api.body["status"]["phase"] == "Suspended"
+    api.body["spec"]["runPolicy"] = {"suspend": False}
+    reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(2))
+    assert api.objects[("Job", "bot-train")]["spec"]["suspend"] is False
+    assert render.ANN_USER_SUSPENDED not in api.objects[("Job", "bot-train")]["metadata"]["annotations"]
