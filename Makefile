@@ -31,5 +31,7 @@ test: venv binaries
 	$(PY) -m pytest
 
 demo: venv binaries
-	$(PY) -m localcluster up
-	.local-cluster/bin/kubectl --kubeconfig .local-cluster/kubeconfig get nodes -o wide
+	$(PY) hack/demo.py
+
+crds: venv
+	$(PY) -m qlora_operator.crd
