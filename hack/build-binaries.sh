@@ -75,18 +75,25 @@ if ! have minio "$MINIO_VERSION"; then
 fi
 
 name=helm
+# helm's default Kubernetes version for `helm template`/`lint` comes from ldflags too
+# (its own Makefile sets them); without them it assumes v1.20. The cache key carries it.
+kube_minor="$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
+HELM_KEY="$HELM_VERSION-kube1.$kube_minor"
 build_helm() {
-  GOBIN="$out" go install -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  local flags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  flags="$flags -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    flags="$flags -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$kube_minor"
+  done
+  GOBIN="$out" go install -trimpath -ldflags "$flags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
-if ! have helm "$HELM_VERSION"; then
-  log "building helm $HELM_VERSION"
-  install_into helm "$HELM_VERSION" build_helm
+if ! have helm "$HELM_KEY"; then
+  log "building helm $HELM_VERSION (default Kubernetes 1.$kube_minor)"
+  install_into helm "$HELM_KEY" build_helm
 fi
 
 for pair in kube-apiserver:$KUBERNETES_VERSION kube-controller-manager:$KUBERNETES_VERSION \
             kube-scheduler:$KUBERNETES_VERSION kubectl:$KUBERNETES_VERSION etcd:$ETCD_VERSION \
-            minio:$MINIO_VERSION helm:$HELM_VERSION; do
+            minio:$MINIO_VERSION helm:$HELM_KEY; do
   echo "${pair%%:*}=$bin/${pair%%:*}-${pair#*:}/${pair%%:*}"
 done

@@ -76,6 +76,15 @@ def run(argv: list[str], *, input: str | None = None, env: dict[str, str] | None
     return proc.stdout
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def s3_env(state_dir: Path) -> dict[str, str]:
     """The ``KEY=VALUE`` pairs of ``<state_dir>/s3.env``."""
     out = {}
@@ -208,9 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    data: {json.dumps(counts)} -> {DATA_PREFIX}{{train,eval}}.jsonl")
 
     with step("Install the Helm chart (CRD, RBAC, operator) into namespace " + OPERATOR_NAMESPACE):
+        # `helm upgrade` never updates a chart's CRDs: apply them first, so a rerun after
+        # an API change gets the new schema.
+        run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds")])
+        # The node agent runs the operator as a local process: give its endpoints free ports.
+        metrics_port, health_port = free_port(), free_port()
         run([*helm, "upgrade", "--install", RELEASE, str(REPO / "helm" / "qlora-operator"),
              "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "3m",
-             "--set", "timeouts.stalledSeconds=600"])
+             "--set", f"metrics.port={metrics_port}", "--set", f"health.port={health_port}"])
         print(run([*kubectl, "get", "deploy,pods", "-n", OPERATOR_NAMESPACE]), end="")
 
     with step(f"Create namespace {NAMESPACE} (Pod Security: restricted) and the S3 credentials Secret"):

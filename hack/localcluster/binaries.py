@@ -49,11 +49,22 @@ def cache_dir() -> Path:
     return Path(base) / "qlora-operator" / "bin"
 
 
+def cache_key(name: str, versions: dict[str, str]) -> str:
+    """The cache directory suffix of ``name``: its version (as ``build-binaries.sh`` names it).
+
+    helm's key also carries the Kubernetes minor version its ldflags default to.
+    """
+    key = versions[VERSION_KEYS[name]]
+    if name == "helm":
+        key += f"-kube1.{versions['KUBERNETES_VERSION'].split('.')[1]}"
+    return key
+
+
 def expected_paths() -> dict[str, Path]:
     """Where each binary lives in the cache for the pinned versions (may not exist)."""
     versions = read_versions()
     root = cache_dir()
-    return {name: root / f"{name}-{versions[key]}" / name for name, key in VERSION_KEYS.items()}
+    return {name: root / f"{name}-{cache_key(name, versions)}" / name for name in VERSION_KEYS}
 
 
 def parse_build_output(stdout: str) -> dict[str, Path]:

@@ -1,8 +1,8 @@
 """Generate the QLoRAJob CustomResourceDefinition from the pydantic models.
 
-    python -m qlora_operator.crd            # (re)write crds/qlorajobs.qlora.dev.yaml
-    python -m qlora_operator.crd --check    # exit 1 when the committed file is stale
-    python -m qlora_operator.crd -o -       # print to stdout (e.g. for the Helm chart)
+    python -m qlora_operator.crd            # (re)write crds/ and the Helm chart's copy
+    python -m qlora_operator.crd --check    # exit 1 when a committed copy is stale
+    python -m qlora_operator.crd -o -       # print to stdout
 
 pydantic's JSON schema is turned into a *structural* OpenAPI v3 schema, as the API
 server requires: ``$ref`` inlined, ``Optional`` unions collapsed (an unset field is
@@ -55,6 +55,9 @@ CRD_RELPATH = Path("crds") / f"{api.PLURAL}.{api.GROUP}.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The committed CRD file.
 CRD_PATH = REPO_ROOT / CRD_RELPATH
+#: The Helm chart's copy (a real file: Helm warns about symlinks and some GitOps
+#: sources drop them).
+CHART_CRD_PATH = REPO_ROOT / "helm" / "qlora-operator" / CRD_RELPATH
 #: The command that regenerates it (quoted in error messages).
 REGENERATE = "python -m qlora_operator.crd"
 
@@ -506,25 +509,31 @@ def crd_yaml() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_operator.crd", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when the file differs from the models")
-    parser.add_argument("-o", "--output", default=str(CRD_PATH), help="file to write ('-': stdout)")
+    parser.add_argument(
+        "-o", "--output", default=None, help="file to write ('-': stdout); default: crds/ and the chart's copy"
+    )
     args = parser.parse_args(argv)
     text = crd_yaml()
     if args.output == "-":
         sys.stdout.write(text)
         return 0
-    path = Path(args.output)
-    if args.check:
-        current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current != text:
-            what = "is missing" if current is None else "differs from the models"
-            print(f"{path} {what}: regenerate it with `{REGENERATE}`", file=sys.stderr)
-            return 1
-        print(f"{path} is up to date")
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    print(f"wrote {path}")
-    return 0
+    paths = [Path(args.output)] if args.output else [CRD_PATH, CHART_CRD_PATH]
+    stale = 0
+    for path in paths:
+        shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+        if args.check:
+            current = path.read_text(encoding="utf-8") if path.exists() else None
+            if current != text:
+                what = "is missing" if current is None else "differs from the models"
+                print(f"{shown} {what}: regenerate it with `{REGENERATE}`", file=sys.stderr)
+                stale += 1
+            else:
+                print(f"{shown} is up to date")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {shown}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
