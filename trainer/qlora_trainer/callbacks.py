@@ -1,0 +1,229 @@
+"""transformers ``TrainerCallback`` s of the run; each does one thing.
+
+* :class:`ProgressCallback`: one JSON log line per logged step (step, totalSteps,
+  epoch, loss, lr, gradNorm, tokensPerSecond over real non-padding tokens,
+  etaSeconds) and the same fields to the status reporter (throttled there).
+* :class:`CheckpointSyncCallback`: after the Trainer wrote ``checkpoint-N`` locally
+  (adapter, optimizer, scheduler, RNG, trainer state), adds ``qlora_state.json`` and
+  uploads it to ``<output>/checkpoints/step-N/`` with ``_SUCCESS`` last, then keeps
+  the newest ``keepCheckpoints`` in storage.
+* :class:`NonFiniteGuard`: raises :class:`~qlora_trainer.errors.NonFiniteLossError`
+  (exit 6) after ``nonFinitePatience`` consecutive logged steps whose loss or
+  gradient norm is NaN/inf.
+* :class:`PreemptionCallback`: on SIGTERM, saves (and so syncs) a checkpoint at the
+  end of the current step and stops; the run then exits 143 and the next attempt
+  resumes.
+* :class:`FaultInjection`: test hooks driven by environment variables (never set in
+  production): ``QLORA_TEST_OOM_AT_MICRO_BATCH=N`` raises ``torch.OutOfMemoryError``
+  at the start of a step while the micro-batch is larger than N;
+  ``QLORA_TEST_NAN_FROM_STEP=N`` writes NaN into the adapter after step N so the loss
+  really becomes non-finite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .errors import NonFiniteLossError
+from .report import ProgressReporter, log_event
+from .storage import Storage, join_uri
+
+log = logging.getLogger(__name__)
+
+#: Run metadata stored inside each checkpoint (eval loss before training, batch shape in use).
+RUN_STATE_FILE = "qlora_state.json"
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+class ProgressCallback(TrainerCallback):
+    """Structured log lines and status progress for every logged training step."""
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter = reporter
+        self._t0: float | None = None
+        self._step0 = 0
+        self._last: tuple[float, int] | None = None  # (time, tokens seen) at the previous log
+        self.tokens_at_start = 0
+        self.last_eval: tuple[int, float] | None = None  # (step, eval loss) of the latest in-training eval
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._t0 = time.monotonic()
+        self._step0 = state.global_step
+        self.tokens_at_start = int(state.num_input_tokens_seen or 0)
+        self._last = (self._t0, self.tokens_at_start)
+        self.reporter.stage("Training", step=state.global_step, totalSteps=state.max_steps)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "loss" not in logs or self._t0 is None:
+            return  # eval or summary logs are reported by the caller
+        now = time.monotonic()
+        tokens = state.num_input_tokens_seen or 0
+        tps = None
+        if self._last is not None and now > self._last[0]:
+            tps = (tokens - self._last[1]) / (now - self._last[0])
+        self._last = (now, tokens)
+        done = state.global_step - self._step0
+        eta = None
+        if done > 0 and state.max_steps:
+            eta = (now - self._t0) / done * max(0, state.max_steps - state.global_step)
+        fields = {
+            "step": state.global_step,
+            "totalSteps": state.max_steps,
+            "epoch": round(state.epoch or 0.0, 4),
+            "loss": _num(logs.get("loss")),
+            "learningRate": _num(logs.get("learning_rate")),
+            "gradNorm": _num(logs.get("grad_norm")),
+            "tokensPerSecond": round(tps, 1) if tps is not None else None,
+            "etaSeconds": round(eta) if eta is not None else None,
+        }
+        log_event("train_step", **fields)
+        fields.pop("gradNorm")
+        self.reporter.update(**fields)
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        loss = _num((metrics or {}).get("eval_loss"))
+        if loss is not None and self._t0 is not None:
+            self.last_eval = (state.global_step, loss)
+            log_event("eval", step=state.global_step, evalLoss=loss)
+            self.reporter.update(evalLoss=loss)
+
+
+class CheckpointSyncCallback(TrainerCallback):
+    """Uploads each local checkpoint to ``<checkpoints_uri>/step-N/`` (marker last) and prunes old ones.
+
+    Args:
+        storage: where checkpoints go.
+        checkpoints_uri: ``<output>/checkpoints``.
+        keep: newest complete checkpoints kept in storage.
+        run_state: dict written into each checkpoint as ``qlora_state.json`` (mutable:
+            the caller updates it, e.g. with the batch shape after an OOM back-off).
+    """
+
+    def __init__(self, storage: Storage, checkpoints_uri: str, keep: int, run_state: dict[str, Any]) -> None:
+        self.storage = storage
+        self.checkpoints_uri = checkpoints_uri
+        self.keep = keep
+        self.run_state = run_state
+        self.last_uri: str | None = None
+        self.last_local: Path | None = None
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        local = Path(args.output_dir) / f"checkpoint-{step}"
+        if not local.is_dir():
+            log.warning("checkpoint directory %s missing after save; not synced", local)
+            return
+        (local / RUN_STATE_FILE).write_text(json.dumps({**self.run_state, "step": step}, indent=1))
+        uri = join_uri(self.checkpoints_uri, f"step-{step}")
+        t0 = time.monotonic()
+        files = self.storage.upload_dir(local, uri, marker={"step": step})
+        deleted = self.storage.prune_checkpoints(self.checkpoints_uri, self.keep)
+        self.last_uri, self.last_local = uri, local
+        log_event(
+            "checkpoint", step=step, uri=uri, files=len(files), seconds=round(time.monotonic() - t0, 2), pruned=deleted
+        )
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops the run (exit 6) after ``patience`` consecutive logged steps with a NaN/inf loss or grad norm."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.streak = 0
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        values = {k: logs.get(k) for k in ("loss", "grad_norm") if isinstance(logs.get(k), int | float)}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        self.streak = self.streak + 1 if bad else 0
+        if bad:
+            log_event(
+                "non_finite",
+                step=state.global_step,
+                streak=self.streak,
+                patience=self.patience,
+                **{k: str(v) for k, v in bad.items()},
+            )
+        if self.streak >= self.patience:
+            what = " and ".join(f"{k.replace('grad_norm', 'gradient norm')} {v}" for k, v in bad.items())
+            raise NonFiniteLossError(
+                f"non-finite training values for {self.streak} consecutive logged steps (step {state.global_step}: "
+                f"{what}); no adapter was written. Lower training.learningRate, keep training.maxGradNorm small, "
+                "check the data for broken rows, or use training.precision bf16/fp32 instead of fp16"
+            )
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM -> checkpoint at the end of the current step, then stop (the caller exits 143)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        """Install the SIGTERM handler (main thread only)."""
+
+        def handler(signum: int, frame: Any) -> None:
+            self.requested = True
+            log_event("sigterm", message="checkpointing at the end of this step, then stopping")
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            log.debug("SIGTERM handler not installed (not the main thread)")
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class FaultInjection(TrainerCallback):
+    """Test hooks (see the module docstring); inert unless their environment variables are set."""
+
+    def __init__(self) -> None:
+        oom = os.environ.get("QLORA_TEST_OOM_AT_MICRO_BATCH")
+        nan = os.environ.get("QLORA_TEST_NAN_FROM_STEP")
+        self.oom_above = int(oom) if oom else None
+        self.nan_from = int(nan) if nan else None
+
+    @property
+    def active(self) -> bool:
+        return self.oom_above is not None or self.nan_from is not None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.oom_above is not None and args.per_device_train_batch_size > self.oom_above:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (test hook QLORA_TEST_OOM_AT_MICRO_BATCH={self.oom_above}, "
+                f"micro-batch {args.per_device_train_batch_size})"
+            )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.nan_from is not None and state.global_step >= self.nan_from and model is not None:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if param.requires_grad and "lora_B" in name:
+                        param.fill_(float("nan"))

@@ -1,0 +1,86 @@
+"""Failures the trainer reports, each with its exit code and termination reason.
+
+Exit codes are the contract of DESIGN.md section 4, read by the operator and by the
+Job's ``podFailurePolicy``:
+
+====  ==================  =====================================================
+code  reason              meaning
+====  ==================  =====================================================
+0     Succeeded           adapter (and merged model) written, markers last
+2     InvalidConfig       the config cannot be used (``config.ConfigError``)
+3     InvalidData         a dataset file is malformed or has no usable rows
+4     StorageError        an S3 or file operation failed (retryable)
+5     CudaOutOfMemory     CUDA out of memory at micro-batch 1, after back-offs
+6     NonFiniteLoss       loss or gradient norm non-finite N logged steps in a row
+143   Preempted           SIGTERM: a checkpoint was written, the next attempt resumes
+====  ==================  =====================================================
+
+This module imports nothing heavy, so ``cli`` can map errors to codes before torch
+is loaded.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INVALID_CONFIG = 2
+EXIT_INVALID_DATA = 3
+EXIT_STORAGE = 4
+EXIT_CUDA_OOM = 5
+EXIT_NON_FINITE = 6
+EXIT_PREEMPTED = 143
+
+
+class TrainerError(Exception):
+    """Base of the trainer's own failures; ``exit_code`` and ``reason`` name the outcome."""
+
+    exit_code: int = 1
+    reason: str = "Error"
+
+
+class DataError(TrainerError):
+    """A dataset that cannot be used: the message names the file and, where one applies, the line.
+
+    Example: ``data.jsonl: line 17: not valid JSON: Expecting ',' delimiter (column 12)``.
+    """
+
+    exit_code = EXIT_INVALID_DATA
+    reason = "InvalidData"
+
+
+class StorageError(TrainerError):
+    """A storage operation failed for good (after retries, or at once for 403/404/NoSuchBucket).
+
+    Attributes:
+        operation: what was attempted, e.g. ``"download"``, ``"upload"``, ``"list"``.
+        uri: the ``s3://`` or ``file://`` URI it was attempted on.
+    """
+
+    exit_code = EXIT_STORAGE
+    reason = "StorageError"
+
+    def __init__(self, operation: str, uri: str, detail: str) -> None:
+        self.operation = operation
+        self.uri = uri
+        self.detail = detail
+        super().__init__(f"{operation} {uri}: {detail}")
+
+
+class OutOfMemoryError(TrainerError):
+    """CUDA ran out of memory even at micro-batch 1; the message lists the sizes tried."""
+
+    exit_code = EXIT_CUDA_OOM
+    reason = "CudaOutOfMemory"
+
+
+class NonFiniteLossError(TrainerError):
+    """Loss or gradient norm was NaN/inf for ``nonFinitePatience`` consecutive logged steps."""
+
+    exit_code = EXIT_NON_FINITE
+    reason = "NonFiniteLoss"
+
+
+class Preempted(TrainerError):
+    """SIGTERM arrived; a checkpoint was saved (when possible) and the run stops for a retry."""
+
+    exit_code = EXIT_PREEMPTED
+    reason = "Preempted"
