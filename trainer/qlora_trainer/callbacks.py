@@ -44,6 +44,18 @@ log = logging.getLogger(__name__)
 RUN_STATE_FILE = "qlora_state.json"
 
 
+def gpu_memory_gib() -> dict[str, float]:
+    """Peak CUDA memory of this process so far, in GiB (``torch.cuda.max_memory_*``); ``{}`` on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "peakAllocatedGiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peakReservedGiB": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+    }
+
+
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
@@ -90,7 +102,7 @@ class ProgressCallback(TrainerCallback):
             "tokensPerSecond": round(tps, 1) if tps is not None else None,
             "etaSeconds": round(eta) if eta is not None else None,
         }
-        log_event("train_step", **fields)
+        log_event("train_step", **fields, **gpu_memory_gib())
         fields.pop("gradNorm")
         self.reporter.update(**fields)
 

@@ -277,21 +277,22 @@ class Storage:
     # ------------------------------------------------------------------ retries
     def _retry(self, operation: str, uri: str, fn: Callable[[], T]) -> T:
         """Run ``fn``; retry transient failures with backoff; map failures to :class:`StorageError`."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+            from botocore.exceptions import BotoCoreError, ClientError
 
-            transfer_errors: tuple[type[BaseException], ...] = (S3UploadFailedError, S3TransferFailedError)
-        except ImportError:  # pragma: no cover - boto3 always has them
-            transfer_errors = ()
+            s3_errors: tuple[type[BaseException], ...] = (
+                ClientError, BotoCoreError, S3UploadFailedError, S3TransferFailedError,
+            )
+        except ImportError:  # file:// only: an image without boto3 never raises its errors
+            s3_errors = ()
         delay = self.base_delay
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
             except StorageError:
                 raise
-            except (ClientError, BotoCoreError, ConnectionError, TimeoutError, *transfer_errors) as err:
+            except (ConnectionError, TimeoutError, *s3_errors) as err:
                 detail = f"{type(err).__name__}: {err}"
                 if _is_permanent(err):
                     raise StorageError(operation, uri, detail) from err

@@ -35,6 +35,7 @@ from .callbacks import (
     RUN_STATE_FILE,
     CheckpointSyncCallback,
     FaultInjection,
+    gpu_memory_gib,
     NonFiniteGuard,
     PreemptionCallback,
     ProgressCallback,
@@ -260,6 +261,7 @@ def train(
         "microBatchSize": micro_batch,
         "gradientAccumulationSteps": accumulation,
         "trainableParams": trainable,
+        **gpu_memory_gib(),
     }
     return TrainOutcome(
         model=trainer.model,
