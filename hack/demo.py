@@ -43,6 +43,7 @@ RELEASE = "qlora-operator"
 JOB = "demo"
 MODEL_URI = "s3://models/smollm2-135m-instruct/"
 DATA_PREFIX = "s3://datasets/chatterbot/"
+OUTPUT_URI = "s3://artifacts/demo/"
 
 
 class DemoError(RuntimeError):
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         s3 = s3_client(env)
         n = upload_dir(s3, model_dir, MODEL_URI)
         upload_dir(s3, data_dir, DATA_PREFIX)
+        bucket, _ = split_uri(OUTPUT_URI)
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=bucket)
         print(f"    model: {n} files -> {MODEL_URI}")
         print(f"    data: {json.dumps(counts)} -> {DATA_PREFIX}{{train,eval}}.jsonl")
 

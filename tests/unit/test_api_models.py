@@ -100,7 +100,8 @@ def test_examples_cover_what_the_issue_asks():
     demo = parse_spec(yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())["spec"])
     assert demo.model.uri == "s3://models/smollm2-135m-instruct/"
     assert demo.dataset.format == "chat" and demo.dataset.eval_uri == "s3://datasets/chatterbot/eval.jsonl"
-    assert demo.output.uri == "s3://artifacts/demo/" and demo.training.max_steps == 60
+    assert demo.output.uri == "s3://artifacts/demo/" and demo.training.max_steps is not None
+    assert demo.training.max_steps <= 100, "the demo must stay short on a CPU"
 
 
 @pytest.mark.parametrize(
