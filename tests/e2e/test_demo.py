@@ -25,6 +25,7 @@ CI_STEPS = 12
 
 @pytest.mark.cluster
 @pytest.mark.slow
+@pytest.mark.timeout(2100)
 def test_demo_runs_end_to_end(tmp_path):
     state = tmp_path / "cluster"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "hack"), os.environ.get("PYTHONPATH", "")]),

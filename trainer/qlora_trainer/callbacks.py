@@ -56,6 +56,11 @@ def gpu_memory_gib() -> dict[str, float]:
     }
 
 
+def _round(value: float | None, digits: int) -> float | None:
+    """``value`` rounded for display (status and log lines), ``None`` kept."""
+    return None if value is None else round(value, digits)
+
+
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
@@ -96,8 +101,8 @@ class ProgressCallback(TrainerCallback):
             "step": state.global_step,
             "totalSteps": state.max_steps,
             "epoch": round(state.epoch or 0.0, 4),
-            "loss": _num(logs.get("loss")),
-            "learningRate": _num(logs.get("learning_rate")),
+            "loss": _round(_num(logs.get("loss")), 4),
+            "learningRate": _round(_num(logs.get("learning_rate")), 8),
             "gradNorm": _num(logs.get("grad_norm")),
             "tokensPerSecond": round(tps, 1) if tps is not None else None,
             "etaSeconds": round(eta) if eta is not None else None,
@@ -113,7 +118,7 @@ class ProgressCallback(TrainerCallback):
         if loss is not None and self._t0 is not None:
             self.last_eval = (state.global_step, loss)
             log_event("eval", step=state.global_step, evalLoss=loss)
-            self.reporter.update(evalLoss=loss)
+            self.reporter.update(evalLoss=_round(loss, 4))
 
 
 class CheckpointSyncCallback(TrainerCallback):
