@@ -37,3 +37,20 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last result: {last!r}")
         time.sleep(interval)
+
+
+#: Marker for :func:`set_path`: remove the key instead of setting it.
+DELETE = object()
+
+
+def set_path(data: dict, path: str, value: object) -> dict:
+    """Set the dotted ``path`` of ``data`` in place (``DELETE`` removes the key); returns ``data``."""
+    node = data
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return data

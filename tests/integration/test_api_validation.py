@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import wait_for
+from helpers import DELETE, set_path, wait_for
 from qlora_operator import crd
 from qlora_operator.api import MAX_NAME_LENGTH, QLoRAJobSpec, parse_spec
 from qlora_trainer.config import ConfigError
@@ -35,7 +35,6 @@ from qlora_trainer.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-DELETE = object()
 BIG = "a" * 65536  # 64 KiB
 
 BASE_SPEC: dict[str, Any] = {
@@ -56,14 +55,7 @@ def spec_with(*changes: tuple[str, Any]) -> dict[str, Any]:
     """BASE_SPEC with each dotted path set to its value (``DELETE`` removes it)."""
     data = copy.deepcopy(BASE_SPEC)
     for path, value in changes:
-        node = data
-        *parents, last = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is DELETE:
-            node.pop(last, None)
-        else:
-            node[last] = value
+        set_path(data, path, value)
     return data
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import DELETE, set_path
 
 from qlora_operator.api import (
     MUTABLE_WHILE_ACTIVE,
@@ -35,7 +36,6 @@ from qlora_trainer.config import (
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-DELETE = object()
 
 BASE: dict[str, Any] = {
     "model": {"uri": "s3://models/smollm2/"},
@@ -46,16 +46,7 @@ BASE: dict[str, Any] = {
 
 def with_(path: str, value: Any, base: dict[str, Any] = BASE) -> dict[str, Any]:
     """A copy of ``base`` with the dotted ``path`` set to ``value`` (``DELETE`` removes it)."""
-    data = copy.deepcopy(base)
-    node = data
-    *parents, last = path.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    if value is DELETE:
-        node.pop(last, None)
-    else:
-        node[last] = value
-    return data
+    return set_path(copy.deepcopy(base), path, value)
 
 
 def merged(*pairs: tuple[str, Any]) -> dict[str, Any]:
