@@ -118,23 +118,22 @@ def stop_groups(groups: Iterable[tuple[int, int | None]], grace_s: float = 10.0)
     leaders = [(pid, st) for pid, st in groups if alive(pid, st)]
     for pid, _ in leaders:
         _signal_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        for pid, _ in leaders:
-            _reap(pid)
-        if not any(alive(pid) for pid, _ in leaders):
-            break
-        time.sleep(0.05)
+    _reap_until_gone([pid for pid, _ in leaders], grace_s)
     for pid, _ in leaders:
         _signal_group(pid, signal.SIGKILL)  # also members that outlived their leader
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        for pid, _ in leaders:
-            _reap(pid)
-        if not any(alive(pid) for pid, _ in leaders):
-            break
-        time.sleep(0.05)
+    _reap_until_gone([pid for pid, _ in leaders], 5.0)
     return [pid for pid, _ in leaders if alive(pid)]
+
+
+def _reap_until_gone(pids: list[int], timeout_s: float) -> None:
+    """Reap ``pids`` until none is alive or ``timeout_s`` seconds have passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in pids:
+            _reap(pid)
+        if not any(alive(pid) for pid in pids):
+            return
+        time.sleep(0.05)
 
 
 def marked_pids(marker: str) -> list[int]:
