@@ -70,6 +70,10 @@ PENDING = "Pending"
 STARTING = "Starting"
 RETRYING = "Retrying"
 FINISHING = "Finishing"
+
+#: Display phase for the trainer's reported stage while its pod runs ("Done": the
+#: trainer is finishing its last writes and exiting).
+_STAGE_PHASE = {"Merging": Phase.merging.value, "Uploading": Phase.uploading.value, "Done": Phase.uploading.value}
 TERMINATED = "Terminated"
 SPEC_REJECTED = "SpecRejected"
 NO_PROGRESS = "NoProgress"
@@ -544,7 +548,7 @@ def _decide(
             node = (pod.get("spec") or {}).get("nodeName") or "?"
             msg = f"attempt {idx}: pod {name} is running on node {node}"
             stage = (progress or {}).get("stage")
-            phase = {"Merging": Phase.merging.value, "Uploading": Phase.uploading.value}.get(stage or "", Phase.running.value)
+            phase = _STAGE_PHASE.get(stage or "", Phase.running.value)
             state = _State(running=("True", TRAINER_RUNNING, msg), phase=phase, message=msg)
             state.stalled = _stalled(progress, started, now, settings)
             if state.stalled[0] == "True":
@@ -607,7 +611,8 @@ def _decide(
         name = done[-1]["metadata"]["name"]
         msg = f"attempt {index_of.get(name, 0)}: pod {name} succeeded; waiting for Job {obs.job_name} to complete"
         stage = (progress or {}).get("stage")
-        phase = {"Merging": Phase.merging.value, "Uploading": Phase.uploading.value}.get(stage or "", Phase.running.value)
+        # The trainer exited 0: never show Running again (it would flip back from Uploading).
+        phase = Phase.merging.value if stage == "Merging" else Phase.uploading.value
         return _State(running=("True", FINISHING, msg), phase=phase, message=msg)
     quota = quota_event(obs.job_events)
     last_pod_created = max((_pod_sort_key(p)[0] for p in pods), default="")

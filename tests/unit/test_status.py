@@ -239,7 +239,7 @@ CASES = [
     (
         "trainer-done-job-not-yet-complete",
         dict(job_obj=job(), pods=[pod(terminated=TERM_OK)]),
-        60, "Running", {"Running": ("True", "Finishing"), "Complete": ("False", "NotCompleted")},
+        60, "Uploading", {"Running": ("True", "Finishing"), "Complete": ("False", "NotCompleted")},
         "succeeded; waiting for Job bot-train", [("Normal", "Finishing")], {},
     ),
     (
@@ -397,6 +397,19 @@ def test_recompute_is_idempotent_and_keeps_transition_times():
     r3 = compute_status(body, obs, at(60), SETTINGS)
     assert r3.patch["phase"] == "Merging"
     assert conds(r3.status)["Running"]["lastTransitionTime"] == ts(10)
+
+
+def test_phase_never_goes_back_to_running_at_the_end_of_a_run():
+    """Trainer stages Uploading -> Done, pod exits 0, Job completes: phase Uploading until Succeeded."""
+    body = apply(qj(), compute_status(qj(), observe(job(), [pod(running=5)]), at(10), SETTINGS).patch)
+    phases = []
+    for t, stage, pods_now in ((20, "Uploading", [pod(running=5)]), (30, "Done", [pod(running=5)]),
+                               (40, "Done", [pod(terminated=TERM_OK)])):
+        body["status"]["progress"] = {"stage": stage, "updatedAt": ts(t), "step": 20}
+        result = compute_status(body, observe(job(), pods_now), at(t), SETTINGS)
+        body = apply(body, result.patch)
+        phases.append(result.status["phase"])
+    assert phases == ["Uploading", "Uploading", "Uploading"]
 
 
 def test_transition_time_changes_when_status_flips():
