@@ -308,9 +308,12 @@ def product_config_dict(model_dir: Path, setting: str, total_steps: int, seed: i
     Set to match the reference so the two compute the same thing: q/k/v/o r=16 alpha 32 dropout 0.05,
     micro-batch 4 x 4 accumulation, lr 2e-4, the recipe's ``max_length``, gradient checkpointing, seed,
     and the optimizer/schedule the reference gets from transformers' defaults (fused AdamW, linear decay,
-    no warm-up, gradient clipping at 1.0, no weight decay). Everything else -- packing, and the speed
-    switches as the product gains them -- is left at the product's defaults, so the bench measures what
-    the product does; ``--product-set`` / ``--product-variant`` override any field.
+    no warm-up, gradient clipping at 1.0, no weight decay), and packing off, so that every optimizer
+    step trains on the same 16 examples as the reference's and the losses compare step by step (the
+    product's padding-free batches then differ from the reference's padded ones only in not computing
+    padding). Everything else -- the speed switches (:mod:`qlora_trainer.speed`) -- is left at the
+    product's defaults, so the bench measures what the product does; ``--product-set`` /
+    ``--product-variant`` override any field (e.g. ``training.microBatchSize``).
     """
     return {
         "model": {"uri": Path(model_dir).resolve().as_uri()},
@@ -331,6 +334,7 @@ def product_config_dict(model_dir: Path, setting: str, total_steps: int, seed: i
             "weightDecay": 0.0,
             "maxSeqLength": DATA[setting]["max_length"],
             "gradientCheckpointing": True,
+            "packing": False,
             "precision": "auto",
             "seed": seed,
             "checkpointEverySteps": 10_000_000,
@@ -378,10 +382,10 @@ def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
 
     build_trainer = None
     try:
-        from qlora_trainer import train as qtrain
+        from qlora_trainer import assemble as qassemble
 
-        build_trainer = getattr(qtrain, "build_trainer", None)
-    except ImportError as err:  # e.g. a module-level boto3/kubernetes import: report it, fall back
+        build_trainer = getattr(qassemble, "build_trainer", None)
+    except ImportError as err:  # an older product without the assembly module: report it, fall back
         info["train_import_error"] = f"{type(err).__name__}: {err}"
 
     t0 = time.time()
@@ -390,7 +394,7 @@ def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
         trainer, extra = build_trainer(cfg, Path(model_dir), dataset, hw=hw, output_dir=out_dir / "run",
                                        callbacks=callbacks, eval_dataset=None)
         info.update(extra or {})
-        info["api"] = "qlora_trainer.train.build_trainer"
+        info["api"] = "qlora_trainer.assemble.build_trainer"
         info["build_s"] = round(time.time() - t0, 1)
         return trainer, info
 
@@ -479,6 +483,88 @@ def make_meter(device: str, warmup: int, max_train_s: float) -> Any:
     return Meter()
 
 
+#: Kernel-name fragments -> category, for the profile summary (first match wins).
+PROFILE_CATEGORIES = [
+    ("dequant", "4-bit dequantize (bitsandbytes)"), ("kDequantize", "4-bit dequantize (bitsandbytes)"),
+    ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"), ("varlen", "attention"),
+    ("gemm", "matmul (GEMM)"), ("gemv", "matmul (GEMM)"), ("cutlass", "matmul (GEMM)"), ("sm90_xmma", "matmul (GEMM)"),
+    ("nvjet", "matmul (GEMM)"), ("cublas", "matmul (GEMM)"),
+    ("Memcpy", "memory copies"), ("Memset", "memory copies"),
+    ("elementwise", "elementwise / casts"), ("vectorized", "elementwise / casts"), ("reduce", "reductions"),
+    ("dropout", "elementwise / casts"), ("at::native", "other ATen kernels"),
+    ("triton", "Triton (Liger) kernels"), ("_forward_kernel", "Triton (Liger) kernels"),
+    ("_backward_kernel", "Triton (Liger) kernels"),
+]
+
+
+def make_profiler(device: str, warmup: int, out_dir: Path) -> Any:
+    """A callback that profiles optimizer steps 2..``warmup - 1`` (excluded from timing) with ``torch.profiler``.
+
+    ``result``: GPU kernel time per category (:data:`PROFILE_CATEGORIES`), the top kernels, total GPU
+    busy time against the wall time of the profiled steps (the rest is the GPU waiting on the host:
+    Python, launch overhead, synchronisation), and the 25 ops with the most self GPU time.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class Profiler(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof = None
+            self.t0 = 0.0
+            self.steps = 0
+            self.result: dict[str, Any] = {}
+
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
+            if self.prof is None and state.global_step == 1 and warmup >= 3 and not self.result:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if device == "cuda":
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                    torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if self.prof is None:
+                return
+            self.steps += 1
+            # Stop at the end of step warmup-1: the trace is processed (slow) before step ``warmup`` starts,
+            # and timing starts at the end of step ``warmup``.
+            if state.global_step < warmup - 1:
+                return
+            if device == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            kernels: dict[str, float] = {}
+            for e in self.prof.events():
+                if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                    kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1e3  # us -> ms
+            cats: dict[str, float] = {}
+            for name, ms in kernels.items():
+                cat = next((c for frag, c in PROFILE_CATEGORIES if frag.lower() in name.lower()), "other kernels")
+                cats[cat] = cats.get(cat, 0.0) + ms
+            busy = sum(kernels.values())
+            self.result = {
+                "steps": self.steps, "wall_ms": round(wall * 1e3, 1), "gpu_busy_ms": round(busy, 1),
+                "gpu_busy_fraction": round(busy / (wall * 1e3), 3) if wall else None,
+                "categories_ms": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+                "top_kernels_ms": [[n[:90], round(ms, 1)] for n, ms in
+                                   sorted(kernels.items(), key=lambda kv: -kv[1])[:15]],
+            }
+            try:
+                table = events.table(sort_by="self_cuda_time_total" if device == "cuda" else "self_cpu_time_total",
+                                     row_limit=25)
+                (out_dir / "profile.txt").write_text(table)
+                self.result["ops_table"] = table
+            except Exception as err:  # noqa: BLE001 - diagnostics only
+                self.result["ops_table_error"] = repr(err)
+            self.prof = None
+
+    return Profiler()
+
+
 def install_token_counter(trainer: Any, meter: Any) -> None:
     """Count the tokens of every micro-batch the trainer trains on (wraps ``training_step``)."""
     inner = trainer.training_step
@@ -538,6 +624,9 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
                                         [meter], spec.get("overrides") or {})
     build_s = time.time() - t0
     install_token_counter(trainer, meter)
+    profiler = make_profiler(device, spec["warmup"], out_dir) if spec.get("profile") else None
+    if profiler is not None:
+        trainer.add_callback(profiler)
     load_peak = gib(torch.cuda.max_memory_allocated()) if device == "cuda" else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -563,6 +652,12 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
     tps = res.get("tokens_per_s")
     res["n_params"] = meta["n_params"]
     res["mfu"] = (4 * meta["n_params"] * tps / (spec["peak_tflops"] * 1e12)) if (tps and device == "cuda") else None
+    if profiler is not None:
+        res["profile"] = profiler.result
+    if variant != "reference":
+        from qlora_trainer import speed as qspeed
+
+        res["varlen_fallback"] = qspeed._VARLEN_ERROR
     res["model"] = describe_model(trainer.model)
     res["sft_args"] = {k: _jsonable(getattr(trainer.args, k, None)) for k in SFT_FIELDS if hasattr(trainer.args, k)}
     res["collator"] = type(trainer.data_collator).__name__
@@ -756,6 +851,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--product-variant", action="append", default=[], metavar="NAME=JSON",
                    help="define variant product-NAME as the product with these TrainingConfig overrides (JSON, "
                         "deep-merged), e.g. 'mb16={\"training\":{\"microBatchSize\":16,\"gradientAccumulationSteps\":1}}'")
+    p.add_argument("--profile", default="", metavar="VARIANTS",
+                   help="comma-separated variants (or 'all') whose warm-up steps 2..warmup-1 are profiled with "
+                        "torch.profiler (GPU time per kernel category, busy fraction); needs --warmup >= 3")
     p.add_argument("--out", type=Path, default=Path("/tmp/qlora-bench-out"),
                    help="results directory: results.md, results.json, runs/*.json, logs/*.log")
     return p.parse_args(argv)
@@ -809,6 +907,7 @@ def main(argv: list[str]) -> int:
             print(f"error: unknown variant {v!r} (reference, {', '.join(product_variants)})", file=sys.stderr)
             return 2
 
+    profiled = {v.strip() for v in args.profile.split(",") if v.strip()}
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     model_dir = (args.model_dir or Path("/tmp/qlora-bench-models") / f"{args.shape}-s{args.seed}").resolve()
@@ -875,7 +974,8 @@ def main(argv: list[str]) -> int:
             spec = {"kind": "run", "variant": variant, "data": setting, "shape": args.shape, "device": args.device,
                     "seed": args.seed, "steps": args.steps, "warmup": args.warmup, "model_dir": str(model_dir),
                     "work_dir": str(work_root / name), "peak_tflops": args.peak_tflops,
-                    "max_train_s": args.max_train_s, "overrides": product_variants.get(variant, {})}
+                    "max_train_s": args.max_train_s, "overrides": product_variants.get(variant, {}),
+                    "profile": variant in profiled or "all" in profiled}
             log(f"{name}: starting")
             r = run_child(spec, name, out, min(args.run_timeout, left))
             rows.append(r)

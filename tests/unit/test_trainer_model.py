@@ -92,15 +92,24 @@ def test_sft_config_uses_current_argument_names(tmp_path):
     assert not hasattr(args, "warmup_ratio") or getattr(args, "warmup_ratio", None) in (None, 0, 0.0)
     assert args.bf16 is False and args.fp16 is False  # TRL's default bf16=True must not leak onto CPU
     assert args.use_cpu is True
-    assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.gradient_checkpointing is True
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False, "offload": False}
+    assert args.use_liger_kernel is False  # CUDA only
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_steps) == (3, 5, 7)
     assert args.save_steps == 4 and args.save_total_limit == 3 and args.optim == "adamw_torch"
-    assert args.packing is True and args.padding_free is False
+    assert args.packing is True and args.padding_free is True
     assert args.include_num_input_tokens_seen == "all"  # packed rows have no padding to exclude
     assert args.logging_nan_inf_filter is False  # the non-finite guard sees real values
     assert args.report_to == [] or args.report_to in ("none", ["none"])
     unpacked = sft_config(config(packing=False), tmp_path, CPU, torch.float32)
-    assert unpacked.include_num_input_tokens_seen == "non_padding"
+    # Padding-free (default): one row per micro-batch, no padding; examples are pre-truncated, so no max_length.
+    assert unpacked.padding_free is True and unpacked.include_num_input_tokens_seen == "all"
+    assert unpacked.max_length is None
+    padded = sft_config(config(packing=False, paddingFree=False), tmp_path, CPU, torch.float32)
+    assert padded.padding_free is False and padded.include_num_input_tokens_seen == "non_padding"
+    assert padded.max_length == 512
+    offloaded = sft_config(config(activationOffloading=True), tmp_path, CPU, torch.float32)
+    assert offloaded.gradient_checkpointing_kwargs == {"use_reentrant": False, "offload": True}
     epochs = sft_config(
         config(epochs=2), tmp_path, CPU, torch.float32, micro_batch_size=1, gradient_accumulation_steps=8
     )

@@ -82,17 +82,24 @@ def build_manifest(
     }
 
 
-def save_adapter(model: Any, tokenizer: Any, local_dir: Path, base_uri: str) -> Path:
+def save_adapter(
+    model: Any, tokenizer: Any, local_dir: Path, base_uri: str, state_dict: dict[str, Any] | None = None
+) -> Path:
     """Write the adapter (safetensors + ``adapter_config.json``) and tokenizer into ``local_dir``.
 
     ``base_model_name_or_path`` in the adapter config is set to the base model's URI
     (not the pod-local download path), so the artifact names where its base lives.
+    ``state_dict``: the full adapter gathered from FSDP shards (``train.gather_adapter_state``);
+    ``None`` reads it from ``model``.
     """
     local_dir = Path(local_dir)
     if local_dir.exists():
         shutil.rmtree(local_dir)
     local_dir.mkdir(parents=True)
-    model.save_pretrained(str(local_dir), safe_serialization=True)
+    if state_dict is None:
+        model.save_pretrained(str(local_dir), safe_serialization=True)
+    else:
+        model.save_pretrained(str(local_dir), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(local_dir))
     config_path = local_dir / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())

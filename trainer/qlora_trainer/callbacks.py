@@ -1,18 +1,28 @@
 """transformers ``TrainerCallback`` s of the run; each does one thing.
 
+* :class:`EvalBeforeTraining`: the eval loss of the untrained adapter, measured when
+  training begins, i.e. after the Trainer has wrapped the model for DDP/FSDP. (Calling
+  ``trainer.evaluate()`` before ``trainer.train()`` marks the model as prepared by
+  accelerate 1.15 in evaluation mode, and ``train()`` then skips the DDP wrapping:
+  every rank would silently train its own replica.)
 * :class:`ProgressCallback`: one JSON log line per logged step (step, totalSteps,
   epoch, loss, lr, gradNorm, tokensPerSecond over real non-padding tokens,
   etaSeconds) and the same fields to the status reporter (throttled there).
 * :class:`CheckpointSyncCallback`: after the Trainer wrote ``checkpoint-N`` locally
   (adapter, optimizer, scheduler, RNG, trainer state), adds ``qlora_state.json`` and
   uploads it to ``<output>/checkpoints/step-N/`` with ``_SUCCESS`` last, then keeps
-  the newest ``keepCheckpoints`` in storage.
+  the newest ``keepCheckpoints`` in storage. Multi-GPU: every rank first waits until
+  all have written their files (per-rank RNG state), only global rank 0 uploads, and
+  an upload failure stops every rank with rank 0's exit code (``Dist.agree``).
 * :class:`NonFiniteGuard`: raises :class:`~qlora_trainer.errors.NonFiniteLossError`
   (exit 6) after ``nonFinitePatience`` consecutive logged steps whose loss or
   gradient norm is NaN/inf.
 * :class:`PreemptionCallback`: on SIGTERM, saves (and so syncs) a checkpoint at the
   end of the current step and stops; the run then exits 143 and the next attempt
-  resumes.
+  resumes. Multi-GPU: the flag is all-reduced at every step end, so every rank saves
+  and stops at the same step even when the signal reached them at different steps.
+* :class:`NonFiniteGuard` needs no collective: the Trainer logs the loss averaged over
+  all ranks and the global gradient norm, so every rank decides alike.
 * :class:`FaultInjection`: test hooks driven by environment variables (never set in
   production): ``QLORA_TEST_OOM_AT_MICRO_BATCH=N`` raises ``torch.OutOfMemoryError``
   at the start of a step while the micro-batch is larger than N;
@@ -34,6 +44,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .distributed import Dist
 from .errors import NonFiniteLossError
 from .report import ProgressReporter, log_event
 from .storage import Storage, join_uri
@@ -63,6 +74,36 @@ def _round(value: float | None, digits: int) -> float | None:
 
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) else None
+
+
+class EvalBeforeTraining(TrainerCallback):
+    """Measures the eval loss before the first step (see the module docstring); skipped when ``loss`` is known.
+
+    Args:
+        reporter: gets the ``Evaluating`` stage.
+        run_state: the checkpoint's run metadata; ``evalLossBefore`` is stored there.
+        examples: eval examples (for the log line).
+
+    Set :attr:`trainer` to the Trainer before training.
+    """
+
+    def __init__(self, reporter: ProgressReporter, run_state: dict[str, Any], examples: int) -> None:
+        self.reporter = reporter
+        self.run_state = run_state
+        self.examples = examples
+        self.trainer: Any = None
+        self.loss: float | None = run_state.get("evalLossBefore")
+        self.seconds = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.loss is not None or self.trainer is None:
+            return
+        t0 = time.monotonic()
+        self.reporter.stage("Evaluating")
+        self.loss = float(self.trainer.evaluate()["eval_loss"])
+        self.run_state["evalLossBefore"] = self.loss
+        self.seconds = time.monotonic() - t0
+        log_event("eval_before", evalLoss=self.loss, examples=self.examples)
 
 
 class ProgressCallback(TrainerCallback):
@@ -132,7 +173,10 @@ class CheckpointSyncCallback(TrainerCallback):
             the caller updates it, e.g. with the batch shape after an OOM back-off).
     """
 
-    def __init__(self, storage: Storage, checkpoints_uri: str, keep: int, run_state: dict[str, Any]) -> None:
+    def __init__(
+        self, storage: Storage, checkpoints_uri: str, keep: int, run_state: dict[str, Any], dist: Dist | None = None
+    ) -> None:
+        self.dist = dist or Dist.single()
         self.storage = storage
         self.checkpoints_uri = checkpoints_uri
         self.keep = keep
@@ -141,6 +185,16 @@ class CheckpointSyncCallback(TrainerCallback):
         self.last_local: Path | None = None
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.dist.barrier()  # every rank has written its part (RNG state) of checkpoint-N
+        error: BaseException | None = None
+        if self.dist.is_main:
+            try:
+                self._sync(args, state)
+            except Exception as err:  # noqa: BLE001 - every rank must hear about it (agree)
+                error = err
+        self.dist.agree(error)
+
+    def _sync(self, args: Any, state: Any) -> None:
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         if not local.is_dir():
@@ -191,7 +245,8 @@ class NonFiniteGuard(TrainerCallback):
 class PreemptionCallback(TrainerCallback):
     """SIGTERM -> checkpoint at the end of the current step, then stop (the caller exits 143)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dist: Dist | None = None) -> None:
+        self.dist = dist or Dist.single()
         self.requested = False
         self._previous: Any = None
 
@@ -213,7 +268,8 @@ class PreemptionCallback(TrainerCallback):
             self._previous = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.requested:
+        if self.dist.any_flag(self.requested):
+            self.requested = True
             control.should_save = True
             control.should_training_stop = True
 

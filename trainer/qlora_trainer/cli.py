@@ -2,13 +2,26 @@
 
 Exit codes and the termination message follow DESIGN.md section 4 (see ``errors``):
 0 success, 2 invalid config (the message on stderr, no traceback), 3 invalid data,
-4 storage, 5 CUDA out of memory after back-offs, 6 non-finite loss, 143 preempted.
+4 storage, 5 CUDA out of memory after back-offs, 6 non-finite loss, 7 the memory
+estimate says the GPUs are too small, 143 preempted.
 The last line on stdout is the result JSON that is also written as the termination
 message (``QLORA_TERMINATION_MESSAGE_PATH``, default ``/dev/termination-log``).
 
+Multi-GPU (``distributed``): with ``QLORA_NNODES`` x ``QLORA_NPROC_PER_NODE`` > 1 this
+process becomes the launcher: it checks the config, then runs one worker per GPU with
+``torch.distributed.run`` (the workers run this same module under torchrun), forwards
+SIGTERM to them and exits with the code ``distributed.final_result`` picks; it alone
+writes the termination message and the result line. Inside the workers only global
+rank 0 reports progress, uploads and writes the result.
+
+``qlora-train estimate --config FILE --model-config config.json --gpus N [--nodes M]
+[--gpu-memory GIB]`` prints the per-GPU memory estimate (``estimate``) as a table and
+exits 0 when the run fits, 7 when it does not, 2 for an unusable config.
+
 Caches (Hugging Face, datasets, torch, triton) go under ``QLORA_CACHE_DIR`` (default:
-a new temp dir), so the trainer runs with a read-only root filesystem and an
-emptyDir for that directory. The hub is switched off unless the model is ``hf://``.
+a new temp dir, shared by the workers of a multi-GPU pod), so the trainer runs with a
+read-only root filesystem and an emptyDir for that directory. The hub is switched off
+unless the model is ``hf://``.
 
 torch and transformers are imported only after the environment is set up, so a bad
 config fails fast and ``--help`` is instant.
@@ -17,6 +30,7 @@ config fails fast and ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -27,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainingConfig, load_config
-from .errors import EXIT_CUDA_OOM, EXIT_INVALID_CONFIG, EXIT_OK, TrainerError
-from .report import ProgressReporter, log_event, now_rfc3339, write_termination_message
+from .distributed import Dist, LaunchSpec, classify, is_worker, needs_launch, write_worker_result
+from .errors import EXIT_CUDA_OOM, EXIT_DOES_NOT_FIT, EXIT_INVALID_CONFIG, EXIT_OK, TrainerError
+from .report import ProgressReporter, log_event, now_rfc3339, set_rank, write_termination_message
 
 log = logging.getLogger("qlora_trainer")
 
@@ -37,8 +52,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="qlora-train",
         description="QLoRA fine-tuning: a base model and data from S3 (or file://) in, a LoRA adapter out.",
+        epilog="qlora-train estimate --help: the per-GPU memory estimate of a config, without training.",
     )
     parser.add_argument("--config", required=True, type=Path, help="trainer config, JSON or YAML (DESIGN.md section 3)")
+    return parser.parse_args(argv)
+
+
+def parse_estimate_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="qlora-train estimate",
+        description=(
+            "Per-GPU memory estimate of a trainer config for a model (its Hugging Face config.json), "
+            "at the config's micro-batch and at micro-batch 1 (what the trainer's preflight checks). "
+            "Exit 0: fits; 7: does not fit; 2: unusable config."
+        ),
+    )
+    parser.add_argument("--config", required=True, type=Path, help="trainer config, JSON or YAML")
+    parser.add_argument("--model-config", required=True, type=Path, help="the model's config.json")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     return parser.parse_args(argv)
 
 
@@ -78,37 +111,77 @@ def check_writable(storage: Any, output_uri: str) -> None:
     storage.delete(probe)
 
 
-def run(cfg: TrainingConfig, reporter: ProgressReporter, cache: Path, result: dict[str, Any]) -> None:
-    """The whole job; fills ``result`` (artifacts, metrics, resumedFromStep) as it goes."""
-    from .artifacts import build_manifest, publish, save_adapter
+def stage_inputs(cfg: TrainingConfig, storage: Any, cache: Path, dist: Dist) -> tuple[Any, Any, Any]:
+    """Base model, tokenizer and encoded data; each node's local rank 0 fetches first, the others then
+    find the files in the node's cache. A failure on any rank stops every rank (``Dist.agree``)."""
     from .inputs import fetch_model, prepare_data
-    from .model import Hardware, load_tokenizer
-    from .storage import Storage, join_uri
-    from .train import train
+    from .model import load_tokenizer
 
+    def fetch() -> tuple[Any, Any, Any]:
+        base = fetch_model(cfg.model, storage, cache / "inputs")
+        tokenizer = load_tokenizer(base.path)
+        return base, tokenizer, prepare_data(cfg, storage, tokenizer, cache / "inputs")
+
+    staged, error = None, None
+    for turn in (True, False):  # local rank 0 first, then the rest
+        if dist.is_local_main == turn:
+            try:
+                staged = fetch()
+            except Exception as err:  # noqa: BLE001 - shared with every rank by agree()
+                error = err
+        dist.agree(error)
+    assert staged is not None
+    return staged
+
+
+def run(
+    cfg: TrainingConfig, reporter: ProgressReporter, cache: Path, result: dict[str, Any], dist: Dist | None = None
+) -> None:
+    """The whole job; fills ``result`` (artifacts, metrics, resumedFromStep) as it goes.
+
+    Every rank of a multi-GPU job runs it; only global rank 0 writes to storage.
+    """
+    from .artifacts import build_manifest, publish, save_adapter
+    from .model import Hardware
+    from .storage import Storage, join_uri
+    from .train import preflight, train
+
+    dist = dist or Dist.single()
     started = now_rfc3339()
     hw = Hardware.detect()
     storage = Storage(cfg.storage)
 
     reporter.stage("Loading")
-    check_writable(storage, cfg.output.uri)
-    base = fetch_model(cfg.model, storage, cache / "inputs")
-    tokenizer = load_tokenizer(base.path)
-    data = prepare_data(cfg, storage, tokenizer, cache / "inputs")
+    error = None
+    if dist.is_main:
+        try:
+            check_writable(storage, cfg.output.uri)
+        except Exception as err:  # noqa: BLE001
+            error = err
+    dist.agree(error)
+    base, tokenizer, data = stage_inputs(cfg, storage, cache, dist)
     log_event("data", **data.summary())
+    parallelism = preflight(cfg, base.path, hw, dist)
+    if dist.active:
+        log_event("distributed", worldSize=dist.world_size, parallelism=parallelism, backend=hw.device)
 
-    trained = train(cfg, base, tokenizer, data, storage, reporter, cache, hw)
+    trained = train(cfg, base, tokenizer, data, storage, reporter, cache, hw, dist=dist, parallelism=parallelism)
     result["resumedFromStep"] = trained.resumed_from_step
     result["artifacts"]["lastCheckpointUri"] = trained.last_checkpoint_uri
+    if not dist.is_main:
+        return  # rank 0 saves and uploads; the others wait for its verdict (cli.train_main)
 
     reporter.stage("Uploading")
-    adapter_dir = save_adapter(trained.model, tokenizer, cache / "artifacts" / "adapter", base.uri)
+    adapter_dir = save_adapter(
+        trained.model, tokenizer, cache / "artifacts" / "adapter", base.uri, state_dict=trained.adapter_state
+    )
     run_info = {
         "startedAt": started,
         "finishedAt": now_rfc3339(),
         "resumedFromStep": trained.resumed_from_step,
         "oomBackoffs": trained.backoffs,
         "hardware": {"device": hw.device, "name": hw.name},
+        "distributed": {"worldSize": dist.world_size, "parallelism": parallelism},
         "job": {"name": os.environ.get("QLORA_JOB_NAME"), "namespace": os.environ.get("QLORA_JOB_NAMESPACE")},
     }
     manifest = build_manifest(
@@ -140,41 +213,178 @@ def run(cfg: TrainingConfig, reporter: ProgressReporter, cache: Path, result: di
     reporter.stage("Done", evalLoss=trained.metrics.get("evalLossAfter"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``qlora-train``; returns the process exit code."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    reporter = ProgressReporter.from_env()
+def _record_failure(result: dict[str, Any], err: BaseException) -> None:
+    """Fill ``result`` with the exit code, reason and message of ``err`` (logging it as it deserves)."""
+    if isinstance(err, ConfigError):
+        print(str(err), file=sys.stderr)
+        result.update(exitCode=EXIT_INVALID_CONFIG, reason="InvalidConfig", message=str(err))
+        return
+    if isinstance(err, TrainerError):
+        log_event("error", reason=err.reason, exitCode=err.exit_code, message=str(err))
+        result.update(exitCode=err.exit_code, reason=err.reason, message=str(err))
+        return
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        result.update(
+            exitCode=EXIT_CUDA_OOM, reason="CudaOutOfMemory", message=f"CUDA out of memory outside training: {err}"
+        )
+    else:
+        traceback.print_exc()
+        code, reason, message = classify(err)
+        result.update(exitCode=code, reason=reason, message=message)
+    log_event("error", reason=result["reason"], exitCode=result["exitCode"], message=result["message"][:2000])
+
+
+def _finish(result: dict[str, Any], t0: float) -> str:
+    result["artifacts"] = {k: v for k, v in result.get("artifacts", {}).items() if v}
+    result["durationSeconds"] = round(time.monotonic() - t0, 1)
+    return json.dumps(result)
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """One training process: a single-GPU run, or one torchrun worker of a multi-GPU run."""
+    t0 = time.monotonic()
     result: dict[str, Any] = {"exitCode": EXIT_OK, "reason": "Succeeded", "message": "", "artifacts": {}}
+    dist = Dist.single()
+    reporter = ProgressReporter(None, None)
+    try:
+        if is_worker():
+            dist = Dist.init()
+            set_rank(dist.rank)
+            if not dist.is_main:
+                os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+                logging.getLogger().setLevel(logging.WARNING)
+        if dist.is_main:
+            reporter = ProgressReporter.from_env()
+        cfg = load_config(args.config)
+        cache = prepare_environment(cfg)
+        run(cfg, reporter, cache, result, dist)
+        result["message"] = f"adapter written to {result['artifacts'].get('adapterUri')}"
+    except Exception as err:  # noqa: BLE001 - turn anything else into a reported failure
+        _record_failure(result, err)
+    if dist.is_main:
+        if result["exitCode"] != EXIT_OK:
+            reporter.flush()
+        _finish(result, t0)
+        if not write_worker_result(result):
+            print(write_termination_message(result), flush=True)
+    code = dist.final_code(int(result["exitCode"]))
+    dist.shutdown()
+    return code
+
+
+def launch_main(spec: LaunchSpec, argv: list[str], args: argparse.Namespace) -> int:
+    """The launcher of a multi-GPU pod: check the config, run the workers, report this pod's result."""
+    from .distributed import launch
+
     t0 = time.monotonic()
     try:
         cfg = load_config(args.config)
-        cache = prepare_environment(cfg)
-        run(cfg, reporter, cache, result)
-        result["message"] = f"adapter written to {result['artifacts'].get('adapterUri')}"
     except ConfigError as err:
         print(str(err), file=sys.stderr)
-        result.update(exitCode=EXIT_INVALID_CONFIG, reason="InvalidConfig", message=str(err))
-    except TrainerError as err:
-        log_event("error", reason=err.reason, exitCode=err.exit_code, message=str(err))
-        result.update(exitCode=err.exit_code, reason=err.reason, message=str(err))
-    except Exception as err:  # noqa: BLE001 - turn anything else into a reported failure
-        import torch
-
-        if isinstance(err, torch.OutOfMemoryError):
-            result.update(
-                exitCode=EXIT_CUDA_OOM, reason="CudaOutOfMemory", message=f"CUDA out of memory outside training: {err}"
-            )
-        else:
-            traceback.print_exc()
-            result.update(exitCode=1, reason="Error", message=f"{type(err).__name__}: {err}")
-    result["artifacts"] = {k: v for k, v in result["artifacts"].items() if v}
-    result["durationSeconds"] = round(time.monotonic() - t0, 1)
-    if result["exitCode"] != EXIT_OK:
-        reporter.flush()
-    text = write_termination_message(result)
-    print(text, flush=True)
+        result = {"exitCode": EXIT_INVALID_CONFIG, "reason": "InvalidConfig", "message": str(err), "artifacts": {}}
+        _finish(result, t0)
+        print(write_termination_message(result), flush=True)
+        return EXIT_INVALID_CONFIG
+    cache = prepare_environment(cfg)
+    os.environ["QLORA_CACHE_DIR"] = str(cache)  # one node-local cache for all workers of this pod
+    log_event(
+        "launch",
+        nnodes=spec.nnodes,
+        nprocPerNode=spec.nproc_per_node,
+        nodeRank=spec.node_rank,
+        masterAddr=spec.master_addr,
+        masterPort=spec.master_port,
+    )
+    result = launch(spec, argv, cache / "launcher")
+    result.setdefault("artifacts", {})
+    _finish(result, t0)
+    print(write_termination_message(result), flush=True)
     return int(result["exitCode"])
+
+
+def estimate_main(argv: list[str]) -> int:
+    """``qlora-train estimate``: print the breakdown; exit 0 (fits), 7 (does not fit) or 2."""
+    from .estimate import EstimateError, estimate, plan
+
+    args = parse_estimate_args(argv)
+    try:
+        cfg = load_config(args.config)
+        try:
+            model_config = json.loads(args.model_config.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{args.model_config}: cannot read the model's config.json: {err}") from None
+        if args.gpus < 1 or args.nodes < 1 or args.gpu_memory <= 0:
+            raise ConfigError("--gpus and --nodes must be at least 1 and --gpu-memory positive")
+        world = args.gpus * args.nodes
+        decision = plan(model_config, cfg, world_size=world, gpu_gib=args.gpu_memory)
+        configured = estimate(
+            model_config, cfg, world_size=world, gpu_gib=args.gpu_memory, parallelism=decision.parallelism
+        )
+    except (ConfigError, EstimateError) as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    _print_estimate(configured, decision)
+    return EXIT_OK if decision.fits else EXIT_DOES_NOT_FIT
+
+
+def _print_estimate(configured: Any, decision: Any) -> None:
+    at_one = decision.estimate
+    title = (
+        f"Per-GPU memory, GiB: {configured.parallelism} on {configured.world_size} GPU(s) of "
+        f"{configured.gpu_gib:g} GiB, maxSeqLength {configured.max_seq_length}"
+    )
+    rows = [(r.name, r.gib, at_one_row.gib, r.detail) for r, at_one_row in zip(configured.rows, at_one.rows)]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich comes with typer
+        print(title)
+        for name, gib, one, detail in rows:
+            print(f"  {name:32s} {gib:8.2f} {one:8.2f}  {detail}")
+        print(f"  {'total':32s} {configured.needed_gib:8.2f} {at_one.needed_gib:8.2f}")
+    else:
+        table = Table(title=title)
+        table.add_column("component")
+        table.add_column(f"micro-batch {configured.micro_batch_size}", justify="right")
+        table.add_column("micro-batch 1", justify="right")
+        table.add_column("what")
+        for name, gib, one, detail in rows:
+            table.add_row(name, f"{gib:.2f}", f"{one:.2f}", detail)
+        table.add_row("total", f"{configured.peak_gib:.2f}", f"{at_one.peak_gib:.2f}", "training peak per GPU", end_section=True)
+        if at_one.load_peak_gib:
+            table.add_row("load peak", f"{configured.load_peak_gib:.2f}", f"{at_one.load_peak_gib:.2f}", "whole 4-bit model, before sharding")
+        Console(width=140).print(table)
+    for note in at_one.notes:
+        print(f"note: {note}")
+    if decision.fits:
+        more = "" if configured.fits else (
+            f" (at micro-batch {configured.micro_batch_size}: {configured.needed_gib:.1f} GiB, more than the GPU: "
+            "the single-GPU trainer backs the micro-batch off)"
+        )
+        print(f"fits: {at_one.needed_gib:.1f} GiB at micro-batch 1 with {decision.parallelism}{more}")
+    else:
+        print(decision.message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``qlora-train``; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["estimate"]:
+        return estimate_main(argv[1:])
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec = LaunchSpec.from_env()
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        result = {"exitCode": EXIT_INVALID_CONFIG, "reason": "InvalidConfig", "message": str(err), "artifacts": {}}
+        print(write_termination_message(result), flush=True)
+        return EXIT_INVALID_CONFIG
+    if needs_launch(spec):
+        return launch_main(spec, argv, args)
+    return train_main(args)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,20 @@ class Optimizer(str, Enum):
     adamw_torch_fused = "adamw_torch_fused"
 
 
+class Parallelism(str, Enum):
+    """How a run spreads over several GPUs (one GPU: always a single process).
+
+    ``ddp``: one full 4-bit replica per GPU, gradients all-reduced (PyTorch DDP).
+    ``fsdp``: FSDP-QLoRA, the 4-bit weights sharded over all GPUs (Answer.AI / HF recipe).
+    ``auto``: ``ddp`` unless the memory estimate says a replica does not fit one GPU,
+    then ``fsdp``.
+    """
+
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 class AddressingStyle(str, Enum):
     """S3 addressing: ``path`` (MinIO, most S3-compatible stores) or ``virtual`` (AWS)."""
 
@@ -376,6 +390,37 @@ class TrainingSettings(ApiModel):
     gradient_checkpointing: bool = Field(
         default=True, description="Recompute activations in the backward pass (non-reentrant) to save memory."
     )
+    padding_free: bool = Field(
+        default=True,
+        description=(
+            "Concatenate each micro-batch into one row without padding; attention stays within each example "
+            "(FlashAttention variable-length kernel on GPUs). Same examples and loss as padded batches, no "
+            "compute spent on padding. Always on with packing. Default true."
+        ),
+    )
+    liger_kernels: bool = Field(
+        default=True,
+        description=(
+            "Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy (the logits are never "
+            "materialised) on CUDA GPUs, for the architectures Liger supports (llama, mistral, qwen2, gemma, ...); "
+            "ignored on CPU. Default true."
+        ),
+    )
+    upcast_frozen_weights: bool = Field(
+        default=False,
+        description=(
+            "Cast the frozen non-quantised weights (embeddings, norms, lm_head) to float32, as "
+            "peft.prepare_model_for_kbit_training does. Under bf16/fp16 autocast their matmuls run in the compute "
+            "dtype either way, so the copies only cost memory. Default false."
+        ),
+    )
+    activation_offloading: bool = Field(
+        default=False,
+        description=(
+            "With gradient checkpointing, keep the checkpointed layer inputs in pinned host memory instead of GPU "
+            "memory (layers x tokens x hidden x 2 bytes), at the cost of host-device copies. Default false."
+        ),
+    )
     optimizer: Optimizer = Field(default=Optimizer.paged_adamw_8bit, description="Optimizer. Default paged_adamw_8bit.")
     max_grad_norm: Annotated[float, Field(gt=0, le=1000)] = Field(
         default=0.3, description="Gradient clipping norm. Default 0.3 (QLoRA paper)."
@@ -400,6 +445,14 @@ class TrainingSettings(ApiModel):
     )
     log_every_steps: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=1, description="Optimizer steps between progress log lines. Default 1."
+    )
+    parallelism: Parallelism = Field(
+        default=Parallelism.auto,
+        description=(
+            "Multi-GPU strategy. ddp: one full 4-bit replica per GPU (fastest when the model fits one GPU); "
+            "fsdp: FSDP-QLoRA, base weights sharded over all GPUs (for models too large for one GPU); "
+            "auto: ddp unless the memory estimate says one GPU is too small, then fsdp. Default auto."
+        ),
     )
     train_on_completions_only: bool = Field(
         default=True,

@@ -3,17 +3,22 @@
 Exit codes are the contract of DESIGN.md section 4, read by the operator and by the
 Job's ``podFailurePolicy``:
 
-====  ==================  =====================================================
-code  reason              meaning
-====  ==================  =====================================================
-0     Succeeded           adapter (and merged model) written, markers last
-2     InvalidConfig       the config cannot be used (``config.ConfigError``)
-3     InvalidData         a dataset file is malformed or has no usable rows
-4     StorageError        an S3 or file operation failed (retryable)
-5     CudaOutOfMemory     CUDA out of memory at micro-batch 1, after back-offs
-6     NonFiniteLoss       loss or gradient norm non-finite N logged steps in a row
-143   Preempted           SIGTERM: a checkpoint was written, the next attempt resumes
-====  ==================  =====================================================
+====  =====================  =====================================================
+code  reason                 meaning
+====  =====================  =====================================================
+0     Succeeded              adapter (and merged model) written, markers last
+2     InvalidConfig          the config cannot be used (``config.ConfigError``)
+3     InvalidData            a dataset file is malformed or has no usable rows
+4     StorageError           an S3 or file operation failed (retryable)
+5     CudaOutOfMemory        CUDA out of memory at micro-batch 1, after back-offs
+6     NonFiniteLoss          loss or gradient norm non-finite N logged steps in a row
+7     InsufficientGPUMemory  the memory estimate says training cannot fit these GPUs
+143   Preempted              SIGTERM: a checkpoint was written, the next attempt resumes
+====  =====================  =====================================================
+
+Under a multi-GPU launch (``cli``: torchrun) every worker exits with the code of
+global rank 0 where rank 0 could decide it; see ``distributed`` for the rules when
+ranks disagree.
 
 This module imports nothing heavy, so ``cli`` can map errors to codes before torch
 is loaded.
@@ -27,6 +32,7 @@ EXIT_INVALID_DATA = 3
 EXIT_STORAGE = 4
 EXIT_CUDA_OOM = 5
 EXIT_NON_FINITE = 6
+EXIT_DOES_NOT_FIT = 7
 EXIT_PREEMPTED = 143
 
 
@@ -77,6 +83,18 @@ class NonFiniteLossError(TrainerError):
 
     exit_code = EXIT_NON_FINITE
     reason = "NonFiniteLoss"
+
+
+class DoesNotFitError(TrainerError):
+    """The preflight memory estimate (``estimate``) says training cannot fit the GPUs it was given.
+
+    Raised before the weights load; the message names the estimated and available GiB
+    per GPU and what would fit (more GPUs, ``training.parallelism: fsdp``, a shorter
+    ``training.maxSeqLength``). Not retryable with the same spec.
+    """
+
+    exit_code = EXIT_DOES_NOT_FIT
+    reason = "InsufficientGPUMemory"
 
 
 class Preempted(TrainerError):

@@ -24,6 +24,28 @@ Every name that changed across library versions is mapped here and nowhere else
   matmuls). TRL casts the adapter of a quantised model to bf16; that makes the
   fp16 gradient scaler fail (it cannot unscale bf16 gradients) and, on CPU, runs the
   LoRA matmuls in slow bf16. :func:`adapter_to_float32` undoes it before training.
+* Multi-GPU (``distributed``): under torchrun the Trainer/accelerate wrap the model
+  themselves; each local rank loads the 4-bit model onto ``cuda:LOCAL_RANK``.
+  DDP: ``ddp_find_unused_parameters=False`` (every LoRA weight gets a gradient every
+  step; the search costs a graph traversal per step), ``ddp_backend`` nccl on CUDA,
+  gloo on CPU.
+* FSDP-QLoRA (``training.parallelism: fsdp``; bitsandbytes' "FSDP-QLoRA" guide and
+  PEFT's "Use PEFT QLoRA and FSDP", checked against transformers 5.17 / accelerate
+  1.15 source): ``bnb_4bit_quant_storage`` = the compute dtype, so the packed 4-bit
+  weights are a float tensor FSDP can shard and its mixed-precision cast is a no-op
+  (accelerate excludes uint8-stored ``Params4bit`` from sharding); the base loads in
+  the compute dtype and its non-4-bit weights stay there (no float32 upcast: one dtype
+  per FSDP unit); ``fsdp=True`` with ``fsdp_config`` version 2 (FSDP2 ``fully_shard``:
+  transformers 5.17's default; FSDP1 and its ``use_orig_params``/``sync_module_states``
+  are deprecated there and go in 5.20 — FSDP2 keeps the original parameters as DTensors
+  and needs no state sync because every rank loads the same weights and seeds the same
+  LoRA init), ``TRANSFORMER_BASED_WRAP`` on the decoder layer class,
+  ``cpu_ram_efficient_loading`` off (accelerate skips it for 4-bit models: every rank
+  loads the whole 4-bit model onto its GPU, then shards it), ``FULL_STATE_DICT``
+  checkpoints (written by rank 0 alone, so its node's checkpoint directory is complete
+  for the storage sync). Gradient checkpointing stays the Trainer's non-reentrant one
+  (FSDP's ``activation_checkpointing`` does not preserve the RNG state, so LoRA dropout
+  would draw a different mask in the recomputation).
 """
 
 from __future__ import annotations
@@ -94,8 +116,11 @@ def load_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def bnb_config(q: QuantizationConfig, dtype: torch.dtype) -> Any:
-    """bitsandbytes 4-bit config: ``quantType`` nf4/fp4, ``doubleQuant``, compute ``dtype``."""
+def bnb_config(q: QuantizationConfig, dtype: torch.dtype, *, fsdp: bool = False) -> Any:
+    """bitsandbytes 4-bit config: ``quantType`` nf4/fp4, ``doubleQuant``, compute ``dtype``.
+
+    The packed weights are stored as uint8, or under FSDP as ``dtype`` (see the module docstring).
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -103,7 +128,7 @@ def bnb_config(q: QuantizationConfig, dtype: torch.dtype) -> Any:
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=dtype if fsdp else torch.uint8,
     )
 
 
@@ -117,26 +142,45 @@ def device_map(hw: Hardware) -> dict[str, Any]:
 
 
 def load_base_4bit(
-    path: Path, q: QuantizationConfig, dtype: torch.dtype, hw: Hardware, *, gradient_checkpointing: bool
+    path: Path,
+    q: QuantizationConfig,
+    dtype: torch.dtype,
+    hw: Hardware,
+    *,
+    gradient_checkpointing: bool,
+    upcast_frozen: bool = True,
+    attn_implementation: str = "sdpa",
+    fsdp: bool = False,
 ) -> Any:
-    """Load the base model 4-bit quantised and prepared for k-bit training.
+    """Load the base model 4-bit quantised, every weight frozen, ready for LoRA.
 
-    Non-quantised modules (embeddings, norms, head) load in ``dtype``; PEFT's
-    ``prepare_model_for_kbit_training`` freezes everything, upcasts them to fp32 and,
-    with ``gradient_checkpointing``, enables non-reentrant checkpointing.
+    Non-quantised modules (embeddings, norms, head) load in ``dtype``. With
+    ``upcast_frozen`` PEFT's ``prepare_model_for_kbit_training`` freezes everything,
+    upcasts them to fp32 and, with ``gradient_checkpointing``, enables non-reentrant
+    checkpointing (the reference recipe); without it they stay in ``dtype``
+    (``training.upcastFrozenWeights``, see :mod:`qlora_trainer.speed`) and the Trainer
+    enables checkpointing. ``attn_implementation``: a transformers attention name
+    (:func:`qlora_trainer.speed.attention_implementation`). ``fsdp``: FSDP-QLoRA (packed
+    weights stored in ``dtype``, no upcast whatever ``upcast_frozen`` says; module docstring).
     """
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(path),
-        quantization_config=bnb_config(q, dtype),
+        quantization_config=bnb_config(q, dtype, fsdp=fsdp),
         dtype=dtype,
         device_map=device_map(hw),
         low_cpu_mem_usage=True,
+        attn_implementation=attn_implementation,
     )
     model.config.use_cache = False
     keep_4bit_trainable_on_cpu(model)
+    if fsdp or not upcast_frozen:
+        for param in model.parameters():
+            param.requires_grad = False
+        return model
+    from peft import prepare_model_for_kbit_training
+
     return prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=gradient_checkpointing,
@@ -184,6 +228,42 @@ def adapter_to_float32(model: Any) -> int:
     return n
 
 
+def decoder_layer_classes(model: Any) -> list[str]:
+    """Class names FSDP wraps one unit each: the model's ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``)."""
+    names = getattr(model, "_no_split_modules", None) or []
+    return sorted({str(n) for n in names})
+
+
+def fsdp_settings(wrap_classes: list[str]) -> dict[str, Any]:
+    """``fsdp``/``fsdp_config`` of ``TrainingArguments`` for FSDP-QLoRA (see the module docstring)."""
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": list(wrap_classes),
+            "reshard_after_forward": True,
+            "cpu_ram_efficient_loading": False,
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": False,
+        },
+    }
+
+
+def parallel_settings(parallelism: str, device: str, fsdp_wrap: list[str] | None = None) -> dict[str, Any]:
+    """``TrainingArguments`` fields of ``parallelism`` (``single``: none; see the module docstring).
+
+    ``ddp_backend`` makes transformers initialise a process group, so these only work
+    inside a torchrun worker.
+    """
+    if parallelism not in ("ddp", "fsdp"):
+        return {}
+    out: dict[str, Any] = {"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
+    if parallelism == "fsdp":
+        out.update(fsdp_settings(fsdp_wrap or []))
+    return out
+
+
 def sft_config(
     cfg: TrainingConfig,
     output_dir: Path,
@@ -193,18 +273,29 @@ def sft_config(
     micro_batch_size: int | None = None,
     gradient_accumulation_steps: int | None = None,
     with_eval: bool = True,
+    model_type: str | None = None,
+    parallelism: str = "single",
+    fsdp_wrap: list[str] | None = None,
 ) -> Any:
     """TRL ``SFTConfig`` for the run; local checkpoints go to ``output_dir/checkpoint-N``.
 
     ``micro_batch_size``/``gradient_accumulation_steps`` override the config (OOM back-off).
     Checkpoints are saved every ``checkpointEverySteps`` with optimizer, scheduler, RNG
-    and trainer state; the storage sync is a callback (``train``).
+    and trainer state; the storage sync is a callback (``train``). ``model_type``
+    (``config.model_type``) decides whether Liger Kernel applies (:mod:`qlora_trainer.speed`).
+    ``parallelism`` (``single``, ``ddp``, ``fsdp``: decided by the preflight) adds the
+    DDP/FSDP settings; ``fsdp_wrap`` names the decoder layer classes
+    (:func:`decoder_layer_classes`). Under torchrun the per-device batch is per rank: the
+    effective batch is micro-batch x accumulation x world size.
     """
     from trl import SFTConfig
 
+    from .speed import liger_available
+
     t = cfg.training
     precision = mixed_precision(t.precision, dtype, hw)
-    padding_free = t.packing  # TRL's "bfd" packing is padding-free: no padding tokens at all
+    padding_free = t.packing or t.padding_free  # TRL's "bfd" packing is padding-free too
+    liger = t.liger_kernels and hw.device == "cuda" and liger_available(model_type)
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": micro_batch_size or t.micro_batch_size,
@@ -222,13 +313,21 @@ def sft_config(
         "bf16": precision["bf16"],
         "fp16": precision["fp16"],
         "use_cpu": hw.device == "cpu",
-        "max_length": t.max_seq_length,
+        # Examples arrive tokenized and truncated to maxSeqLength (``encode``); TRL refuses a max_length it
+        # would not enforce (padding-free without packing), so it only gets one for packing.
+        "max_length": t.max_seq_length if (t.packing or not padding_free) else None,
         "packing": t.packing,
         "packing_strategy": "bfd",
         "eval_packing": False,
         "completion_only_loss": None,  # labels are built by ``encode``; TRL keeps a given labels column
         "gradient_checkpointing": t.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "gradient_checkpointing_kwargs": {"use_reentrant": False, "offload": t.activation_offloading},
+        "padding_free": padding_free,
+        "use_liger_kernel": liger,
+        # Layer kernels only: TRL 1.x computes the loss with its own fused, chunked LM head (the logits are
+        # never materialised) and refuses Liger's fused linear cross-entropy, which would replace it.
+        "liger_kernel_config": {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                                "fused_linear_cross_entropy": False} if liger else None,
         "logging_steps": t.log_every_steps,
         "logging_first_step": True,
         "logging_nan_inf_filter": False,  # the non-finite guard must see NaN/inf as they are
@@ -244,6 +343,7 @@ def sft_config(
         "dataset_num_proc": None,
         "remove_unused_columns": True,
     }
+    kwargs.update(parallel_settings(parallelism, hw.device, fsdp_wrap))
     if t.max_steps is not None:
         kwargs["max_steps"] = t.max_steps
     else:

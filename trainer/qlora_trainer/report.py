@@ -8,7 +8,9 @@
   changes and the final one) and never fatal: a failure is logged and training goes on
   (DESIGN.md section 4: a failed report never fails training).
 * :func:`log_event` writes one JSON object per line on stderr (what ``kubectl logs``
-  shows and log pipelines parse).
+  shows and log pipelines parse). In a multi-GPU run only global rank 0 writes them
+  (:func:`set_rank`); other ranks write only ``error`` events, tagged with ``rank``, so
+  a pod's log holds one progress stream.
 * :func:`write_termination_message` writes the result JSON (under 4 KiB) to
   ``QLORA_TERMINATION_MESSAGE_PATH`` (default ``/dev/termination-log``), ignoring an
   unwritable path, so the operator can read exit reason, artifacts and metrics from
@@ -52,9 +54,25 @@ def _finite(value: Any) -> Any:
     return value
 
 
+#: Global rank of this process in a multi-GPU run (``None``: a single process).
+_RANK: int | None = None
+#: Events that ranks other than 0 still write.
+_ALL_RANK_EVENTS = frozenset({"error"})
+
+
+def set_rank(rank: int | None) -> None:
+    """Declare this process's global rank: ranks above 0 then log only ``error`` events."""
+    global _RANK
+    _RANK = rank
+
+
 def log_event(event: str, **fields: Any) -> None:
-    """Write ``{"event": event, "time": ..., **fields}`` as one JSON line on stderr."""
+    """Write ``{"event": event, "time": ..., **fields}`` as one JSON line on stderr (rank 0 only, see above)."""
+    if _RANK and event not in _ALL_RANK_EVENTS:
+        return
     record = {"event": event, "time": now_rfc3339(), **{k: _finite(v) for k, v in fields.items()}}
+    if _RANK is not None:
+        record["rank"] = _RANK
     sys.stderr.write(json.dumps(record, default=str) + "\n")
     sys.stderr.flush()
 

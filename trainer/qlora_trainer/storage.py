@@ -453,6 +453,8 @@ class Storage:
         under ``cache_dir``. A URI naming an existing object is a file; otherwise it is a
         prefix. Returns ``(local path, objects)`` where the path is the file or the
         directory and ``objects`` lists what the path holds (for checksums/ETags).
+        Objects already fetched with the same ETag are not downloaded again (the other
+        ranks of a multi-GPU job find what their node's local rank 0 fetched).
 
         Raises:
             StorageError: nothing exists at ``uri`` (404), or the transfer failed.
@@ -468,7 +470,20 @@ class Storage:
         one = self.stat(uri)
         base = Path(cache_dir) / loc.bucket / loc.key.strip("/")
         if one is not None:
-            return self.download_file(uri, base), [one]
+            # Kept when already fetched with the same ETag (a retry, or another rank of a multi-GPU job).
+            etag_file = base.with_name(f".{base.name}.etag")
+            if (
+                one.etag is not None
+                and base.is_file()
+                and base.stat().st_size == one.size
+                and etag_file.is_file()
+                and etag_file.read_text() == one.etag
+            ):
+                return base, [one]
+            self.download_file(uri, base)
+            if one.etag is not None:
+                etag_file.write_text(one.etag)
+            return base, [one]
         objects = self.list(uri)
         if not objects:
             raise StorageError("download", uri, "404: no object with this key and no objects under this prefix")

@@ -17,6 +17,16 @@
    the last checkpoint (or its initial weights) and training restarts, down to
    micro-batch 1; then exit 5 naming the sizes tried.
 5. Measures the eval loss after training.
+
+Multi-GPU (``distributed``; ``dist`` and ``parallelism`` from ``cli``): the same steps
+on every rank. Global rank 0 chooses the checkpoint to resume from and broadcasts it;
+each node's local rank 0 downloads it, the others wait. The OOM back-off of step 4 is
+single-GPU only: under DDP/FSDP an out-of-memory error exits 5 at once (the other
+ranks are blocked in a collective of the same step and cannot re-plan with it). Under
+FSDP the trained adapter is gathered from its shards on every rank
+(``TrainOutcome.adapter_state``) for rank 0 to save. :func:`preflight` runs before the
+weights load: it estimates GPU memory (``estimate``), picks DDP or FSDP for
+``parallelism: auto`` and refuses layouts that cannot fit (exit 7).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import torch
 
 from .callbacks import (
     RUN_STATE_FILE,
+    EvalBeforeTraining,
     CheckpointSyncCallback,
     FaultInjection,
     gpu_memory_gib,
@@ -41,9 +52,12 @@ from .callbacks import (
     ProgressCallback,
 )
 from .config import TrainingConfig
-from .errors import OutOfMemoryError, Preempted
+from .distributed import Dist
+from .errors import DoesNotFitError, OutOfMemoryError, Preempted
+from .estimate import GIB, EstimateError, plan
 from .inputs import DataInput, ModelInput
-from .model import Hardware, adapter_to_float32, compute_dtype, load_base_4bit, lora_config, mixed_precision, sft_config
+from .assemble import build_model, build_sft_trainer
+from .model import Hardware, compute_dtype, mixed_precision
 from .report import ProgressReporter, log_event
 from .storage import Storage, join_uri
 
@@ -61,6 +75,8 @@ class TrainOutcome:
     gradient_accumulation_steps: int
     backoffs: list[dict[str, int]] = field(default_factory=list)
     last_checkpoint_uri: str | None = None
+    #: FSDP: the full adapter state dict gathered from the shards (what ``save_pretrained`` writes); else ``None``.
+    adapter_state: dict[str, Any] | None = None
 
 
 def backoff(micro_batch: int, accumulation: int) -> tuple[int, int]:
@@ -80,15 +96,32 @@ def backoff(micro_batch: int, accumulation: int) -> tuple[int, int]:
 
 
 def _restore_checkpoint(
-    storage: Storage, checkpoints_uri: str, local_root: Path
+    storage: Storage, checkpoints_uri: str, local_root: Path, dist: Dist | None = None
 ) -> tuple[int, Path, dict[str, Any]] | None:
-    """Download the newest complete checkpoint to ``local_root/checkpoint-N``; ``None`` when there is none."""
-    complete = storage.complete_checkpoints(checkpoints_uri)
-    if not complete:
+    """Download the newest complete checkpoint to ``local_root/checkpoint-N``; ``None`` when there is none.
+
+    Multi-GPU: rank 0 lists and decides, every rank gets its choice; each node's local
+    rank 0 downloads into the node's cache while the others wait.
+    """
+    dist = dist or Dist.single()
+    latest, error = None, None
+    if dist.is_main:
+        try:
+            complete = storage.complete_checkpoints(checkpoints_uri)
+            latest = complete[-1] if complete else None
+        except Exception as err:  # noqa: BLE001 - shared with every rank by agree()
+            error = err
+    dist.agree(error)
+    latest = dist.broadcast(latest)
+    if latest is None:
         return None
-    latest = complete[-1]
     local = local_root / f"checkpoint-{latest.step}"
-    storage.download_prefix(latest.uri, local)
+    if dist.is_local_main:
+        try:
+            storage.download_prefix(latest.uri, local)
+        except Exception as err:  # noqa: BLE001
+            error = err
+    dist.agree(error)
     try:
         run_state = json.loads((local / RUN_STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -112,8 +145,14 @@ def train(
     reporter: ProgressReporter,
     work_dir: Path,
     hw: Hardware | None = None,
+    *,
+    dist: Dist | None = None,
+    parallelism: str = "single",
 ) -> TrainOutcome:
     """Run QLoRA fine-tuning (see the module docstring); returns the trained model and metrics.
+
+    ``dist``: this rank's place in a multi-GPU job (default: a single process);
+    ``parallelism``: ``single``, ``ddp`` or ``fsdp`` (from :func:`preflight`).
 
     Raises:
         ConfigError: precision not possible on this hardware (exit 2).
@@ -122,11 +161,10 @@ def train(
         NonFiniteLossError: NaN/inf loss (exit 6).
         Preempted: SIGTERM; a checkpoint was synced (exit 143).
     """
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import PrinterCallback
-    from trl import SFTTrainer
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     hw = hw or Hardware.detect()
+    dist = dist or Dist.single()
     t = cfg.training
     dtype = compute_dtype(cfg.quantization.compute_dtype, hw)
     precision = mixed_precision(t.precision, dtype, hw)  # refuse impossible precision before loading anything
@@ -134,7 +172,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints_uri = join_uri(cfg.output.uri, "checkpoints")
 
-    restored = _restore_checkpoint(storage, checkpoints_uri, out_dir)
+    restored = _restore_checkpoint(storage, checkpoints_uri, out_dir, dist)
     resumed_from, local_ckpt, run_state = restored if restored else (None, None, {})
     micro_batch = int(run_state.get("microBatchSize") or t.micro_batch_size)
     accumulation = int(run_state.get("gradientAccumulationSteps") or t.gradient_accumulation_steps)
@@ -148,49 +186,52 @@ def train(
 
     log_event("load_model", uri=base.uri, computeDtype=str(dtype).removeprefix("torch."), device=hw.device, **precision)
     t0 = time.monotonic()
-    model = load_base_4bit(base.path, cfg.quantization, dtype, hw, gradient_checkpointing=t.gradient_checkpointing)
-    model = get_peft_model(model, lora_config(cfg.lora))
-    adapter_to_float32(model)
+    model = build_model(cfg, base.path, dtype, hw, fsdp=parallelism == "fsdp")
     initial_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log_event("model_ready", seconds=round(time.monotonic() - t0, 1), trainableParams=trainable)
 
     train_ds, eval_ds = data.train.to_dataset(), data.eval.to_dataset()
+    before = EvalBeforeTraining(reporter, run_state, len(eval_ds))
     progress = ProgressCallback(reporter)
-    sync = CheckpointSyncCallback(storage, checkpoints_uri, t.keep_checkpoints, run_state)
+    sync = CheckpointSyncCallback(storage, checkpoints_uri, t.keep_checkpoints, run_state, dist)
     guard = NonFiniteGuard(t.non_finite_patience)
-    preempt = PreemptionCallback()
+    preempt = PreemptionCallback(dist)
     faults = FaultInjection()
     backoffs: list[dict[str, int]] = []
     tried: list[int] = []
     preempt.install()
     try:
         while True:
-            args = sft_config(
-                cfg, out_dir, hw, dtype, micro_batch_size=micro_batch, gradient_accumulation_steps=accumulation
-            )
-            callbacks = [progress, sync, guard, preempt] + ([faults] if faults.active else [])
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=train_ds,
-                eval_dataset=eval_ds,
-                processing_class=tokenizer,
+            callbacks = [before, progress, sync, guard, preempt] + ([faults] if faults.active else [])
+            trainer = build_sft_trainer(
+                cfg,
+                model,
+                train_ds,
+                tokenizer,
+                hw=hw,
+                dtype=dtype,
+                output_dir=out_dir,
                 callbacks=callbacks,
+                eval_dataset=eval_ds,
+                micro_batch_size=micro_batch,
+                gradient_accumulation_steps=accumulation,
+                parallelism=parallelism,
             )
-            adapter_to_float32(trainer.model)  # TRL casts a quantised model's adapter to bf16
-            trainer.remove_callback(PrinterCallback)  # our JSON lines replace its dict prints
+            before.trainer = trainer
             try:
-                if eval_before is None:
-                    reporter.stage("Evaluating")
-                    eval_before = float(trainer.evaluate()["eval_loss"])
-                    run_state["evalLossBefore"] = eval_before
-                    log_event("eval_before", evalLoss=eval_before, examples=len(eval_ds))
                 train_start = time.monotonic()
                 result = trainer.train(resume_from_checkpoint=str(local_ckpt) if local_ckpt else None)
                 break
             except torch.OutOfMemoryError as err:
                 tried.append(micro_batch)
+                if dist.active:
+                    raise OutOfMemoryError(
+                        f"CUDA out of memory on rank {dist.rank} at micro-batch {micro_batch}, max sequence length "
+                        f"{t.max_seq_length} ({parallelism} over {dist.world_size} GPUs): the in-process back-off is "
+                        "single-GPU only; lower training.microBatchSize (raise gradientAccumulationSteps to keep the "
+                        "effective batch), lower training.maxSeqLength, or use training.parallelism fsdp"
+                    ) from err
                 if micro_batch <= 1:
                     raise OutOfMemoryError(
                         f"CUDA out of memory at every micro-batch tried ({', '.join(map(str, tried))}; effective batch "
@@ -228,7 +269,8 @@ def train(
                 reporter.update(force=True)
     finally:
         preempt.uninstall()
-    train_seconds = time.monotonic() - train_start
+    train_seconds = time.monotonic() - train_start - before.seconds
+    eval_before = before.loss
     if preempt.requested:
         raise Preempted(
             f"SIGTERM at step {trainer.state.global_step}: checkpoint {sync.last_uri or '(none yet)'} written; "
@@ -242,6 +284,7 @@ def train(
         eval_after = float(trainer.evaluate()["eval_loss"])
     log_event("eval_after", evalLoss=eval_after, evalLossBefore=eval_before)
     reporter.update(evalLoss=eval_after)
+    adapter_state = gather_adapter_state(trainer.model) if parallelism == "fsdp" else None
 
     state = trainer.state
     steps_this_run = state.global_step - (resumed_from or 0)
@@ -257,9 +300,11 @@ def train(
         "trainSeconds": round(train_seconds, 1),
         "secondsPerStep": round(train_seconds / steps_this_run, 3) if steps_this_run else None,
         "tokensPerSecond": round((tokens - progress.tokens_at_start) / train_seconds, 1) if train_seconds > 0 else None,
-        "effectiveBatchSize": micro_batch * accumulation,
+        "effectiveBatchSize": micro_batch * accumulation * dist.world_size,
         "microBatchSize": micro_batch,
         "gradientAccumulationSteps": accumulation,
+        "worldSize": dist.world_size,
+        "parallelism": parallelism,
         "trainableParams": trainable,
         **gpu_memory_gib(),
     }
@@ -272,4 +317,78 @@ def train(
         backoffs=backoffs,
         last_checkpoint_uri=sync.last_uri
         or (join_uri(checkpoints_uri, f"step-{resumed_from}") if resumed_from else None),
+        adapter_state=adapter_state,
     )
+
+
+def gather_adapter_state(model: Any) -> dict[str, Any]:
+    """Every trainable (LoRA) parameter in full, gathered from its FSDP shards; call on every rank.
+
+    Keys are the parameter names (FSDP2 keeps them), which PEFT's ``save_pretrained(state_dict=...)``
+    filters and renames into the adapter file. Tensors are detached copies on the CPU.
+    """
+    out = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def preflight(cfg: TrainingConfig, model_dir: Path, hw: Hardware, dist: Dist, gpu_gib: float | None = None) -> str:
+    """The parallelism of this run (``single``, ``ddp``, ``fsdp``), checked against GPU memory.
+
+    On CUDA, global rank 0 estimates the per-GPU memory at micro-batch 1 from the model's
+    ``config.json`` (``estimate.plan``) with this GPU's total memory
+    (``torch.cuda.mem_get_info``) and logs it (``memory_estimate``); ``auto`` becomes DDP
+    when one replica fits a GPU, else FSDP. Every rank gets rank 0's decision. Without
+    CUDA, or for a model the estimate does not cover, nothing is checked and ``auto`` is DDP;
+    without CUDA ``fsdp`` is DDP too (accelerate enables FSDP on accelerator devices only).
+    ``gpu_gib`` overrides the GPU's memory (tests).
+
+    Raises:
+        DoesNotFitError: the estimate exceeds the GPU's memory (exit 7), with the numbers
+            and what would fit.
+    """
+    setting = cfg.training.parallelism
+    if dist.launched and dist.world_size == 1 and setting != "auto":
+        default = setting  # torchrun with one process: honour an explicit ddp/fsdp (FSDP over one GPU tests the wiring)
+    else:
+        default = "single" if not dist.active else ("ddp" if setting == "auto" else setting)
+    decision, error = default, None
+    if dist.is_main:
+        try:
+            decision = _plan_on_rank0(cfg, model_dir, hw, dist, default, gpu_gib)
+        except Exception as err:  # noqa: BLE001 - shared with every rank by agree()
+            error = err
+    dist.agree(error)
+    return str(dist.broadcast(decision))
+
+
+def _plan_on_rank0(
+    cfg: TrainingConfig, model_dir: Path, hw: Hardware, dist: Dist, default: str, gpu_gib: float | None
+) -> str:
+    if hw.device != "cuda":
+        if default == "fsdp":
+            # accelerate 1.15 enables FSDP for accelerator devices only: on CPU it would quietly run DDP.
+            default = "ddp"
+            log_event("parallelism", requested="fsdp", using="ddp", reason="FSDP needs CUDA GPUs (accelerate)")
+        log_event("memory_estimate", skipped="no CUDA GPU", parallelism=default)
+        return default
+    try:
+        model_config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        log_event("memory_estimate", skipped=f"config.json unreadable: {err}", parallelism=default)
+        return default
+    total = gpu_gib if gpu_gib is not None else torch.cuda.mem_get_info()[1] / GIB
+    dtype = str(compute_dtype(cfg.quantization.compute_dtype, hw)).removeprefix("torch.")
+    try:
+        decision = plan(model_config, cfg, world_size=dist.world_size, gpu_gib=total, compute_dtype=dtype)
+    except EstimateError as err:
+        log_event("memory_estimate", skipped=str(err), parallelism=default)
+        return default
+    log_event("memory_estimate", **decision.estimate.summary())
+    if not decision.fits:
+        raise DoesNotFitError(decision.message)
+    return default if dist.world_size == 1 else decision.parallelism
