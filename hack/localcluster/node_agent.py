@@ -20,11 +20,27 @@ Pods bound to a node (``spec.nodeName``)
     unknown, so a container without ``command`` fails with reason ``StartError``.
 
     Environment: a few variables of the agent (``PATH``, ``HOME``, ``LANG``, ``USER``,
-    ``XDG_CACHE_HOME``, ``HF_HOME``... and ``--pass-env`` ones), ``HOSTNAME``,
-    ``TMPDIR`` (per pod), ``KUBERNETES_SERVICE_HOST``/``_PORT`` (the API server's
-    loopback address and port), then ``envFrom`` and ``env`` (value, secretKeyRef,
-    configMapKeyRef, fieldRef: metadata.name/namespace/uid/labels/annotations,
-    spec.nodeName, spec.serviceAccountName, status.podIP/hostIP; resourceFieldRef).
+    ``XDG_CACHE_HOME``, ``HF_HOME``... and ``--pass-env`` ones), ``HOSTNAME`` (the pod's
+    ``spec.hostname``, else its name), ``TMPDIR`` (per pod), ``KUBERNETES_SERVICE_HOST``/
+    ``_PORT`` (the API server's loopback address and port), then ``envFrom`` and ``env``
+    (value, secretKeyRef, configMapKeyRef, fieldRef: metadata.name/namespace/uid,
+    metadata.labels['k']/annotations['k'], spec.nodeName, spec.serviceAccountName,
+    status.podIP/hostIP; resourceFieldRef). Pods of an Indexed Job run like any other:
+    the ``JOB_COMPLETION_INDEX`` variable the Job controller adds (a fieldRef to the
+    ``batch.kubernetes.io/job-completion-index`` label or annotation) resolves, and
+    ``HOSTNAME`` is the ``<job-name>-<index>`` hostname the controller sets.
+
+    **Cluster DNS stand-in.** Every pod process shares this machine's loopback, and a
+    process cannot be given a resolver, so names are resolved once, before the process
+    starts: an ``env`` value (not one from the downward API) that is *exactly* the
+    cluster DNS name of an existing Service, optionally followed by ``:<port>``, is
+    replaced by ``127.0.0.1`` (the port kept). Names as a pod's resolver would expand
+    them (search path ``<ns>.svc.cluster.local svc.cluster.local cluster.local``):
+    ``<svc>``, ``<svc>.<ns>``, ``<svc>.<ns>.svc``, ``<svc>.<ns>.svc.cluster.local``, and
+    for a pod behind a headless Service (``hostname`` + ``subdomain``)
+    ``<hostname>.<svc>`` plus the same suffixes (the Service must exist and be headless;
+    the pod itself need not exist yet, its processes are on the same loopback anyway).
+    See :func:`localcluster.podenv.resolve_cluster_names`.
 
     Volumes: emptyDir, configMap, secret, downwardAPI and projected (serviceAccountToken
     through the TokenRequest API with the pod's service account, audience and bound
@@ -85,8 +101,14 @@ Not done (differences from a kubelet)
     ``hostNetwork``, ports are ignored; memory limits are not enforced, so
     ``OOMKilled`` only appears for exit code 137). No probes (a running container is
     ready at once), no lifecycle hooks, no sidecar (restartable init) containers, no
-    ``enableServiceLinks`` variables, no DNS, no Service networking (only the API
-    server's address is provided). Volumes: no hostPath, PVC, CSI, ephemeral or
+    ``enableServiceLinks`` variables. No DNS resolver and no Service networking: the
+    only stand-in is the rewrite of ``env`` values that are cluster names (above) to the
+    shared loopback address, done once at container start: a name inside a longer value
+    (a URL, a list), in ``command``/``args`` (but for a ``$(VAR)`` of a rewritten
+    variable) or in a file is not rewritten, a Service created after the container
+    started is not seen, and a single-label value that happens to equal a Service name
+    of the namespace (``<svc>``) is rewritten too. Two pods listening on the same port
+    collide (one loopback). Volumes: no hostPath, PVC, CSI, ephemeral or
     clusterTrustBundle; ConfigMap/Secret volume contents are not updated after start.
     Of the kubelet's HTTPS API only ``/containerLogs`` exists (``kubectl logs``, with
     ``--tail``, ``--limit-bytes``, ``-f``; see :mod:`localcluster.kubelet_server`):

@@ -54,7 +54,7 @@ class NodeContext:
 
 
 class ApiLookup(VolumeLookup):
-    """Secrets, ConfigMaps and service-account tokens through the node's identity."""
+    """Secrets, ConfigMaps, Services and service-account tokens through the node's identity."""
 
     def __init__(self, api: Api):
         self.api = api
@@ -78,6 +78,10 @@ class ApiLookup(VolumeLookup):
     def configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The ConfigMap or None when it does not exist."""
         return self._get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+
+    def service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Service or None when it does not exist (the Node authorizer lets a node read Services)."""
+        return self._get(f"/api/v1/namespaces/{namespace}/services/{name}")
 
     def token(self, pod: Mapping[str, Any], audience: str, expiration_s: int) -> tuple[str, float]:
         """A TokenRequest bound to ``pod`` for its service account: (token, expiry epoch seconds)."""

@@ -1,4 +1,5 @@
-"""Pure helpers of the node agent: a container's environment and the mount-path rewrite.
+"""Pure helpers of the node agent: a container's environment, the mount-path rewrite and
+the cluster-DNS stand-in.
 
 Nothing here talks to the API: objects are fetched through a :class:`Lookup` the
 caller provides. Error messages copy the kubelet's so that whatever reads pod status
@@ -17,6 +18,11 @@ from typing import Any, Protocol
 from kubernetes.utils import parse_quantity
 
 ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_SERVICE_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # DNS-1035: a letter first
+_HOST_PORT = re.compile(r"^(?P<host>[^:\s]+)(:(?P<port>\d{1,5}))?$")
+#: The cluster domain pods' resolvers search (``<ns>.svc.cluster.local svc.cluster.local cluster.local``).
+CLUSTER_DOMAIN = "cluster.local"
 
 
 class ConfigError(Exception):
@@ -37,6 +43,15 @@ class Lookup(Protocol):
     def secret(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
     def configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
+class ServiceLookup(Protocol):
+    """Reads Services (for the cluster-DNS stand-in); None for a missing one.
+
+    Raises TransientError for failures that are not "not found".
+    """
+
+    def service(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
 
 def secret_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
@@ -206,3 +221,87 @@ class PathMapper:
             if container_path == src or container_path.startswith(src + "/"):
                 return dst + container_path[len(src):]
         return None
+
+
+# --- cluster DNS stand-in -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DnsCandidate:
+    """A Service a name could resolve through: ``pod`` names a pod behind a headless one."""
+
+    namespace: str
+    service: str
+    pod: bool
+
+
+def dns_candidates(host: str, namespace: str) -> list[DnsCandidate]:
+    """The Services a pod in ``namespace`` could reach as ``host``, in its resolver's search order.
+
+    Service names: ``<svc>``, ``<svc>.<ns>``, ``<svc>.<ns>.svc``, ``<svc>.<ns>.svc.cluster.local``.
+    Pods behind a headless Service (``hostname`` and ``subdomain``): ``<host>.<svc>`` (the pod's
+    own namespace), ``<host>.<svc>.<ns>``, ``<host>.<svc>.<ns>.svc[.cluster.local]``. ``a.b`` is
+    tried as pod ``a`` of Service ``b`` first (the first search domain is ``<ns>.svc...``),
+    then as Service ``a`` of namespace ``b``. Anything else (an IP, a label that is not a DNS
+    label, another domain): no candidate.
+    """
+    labels = host.lower().rstrip(".").split(".")
+    if not host or not all(_DNS_LABEL.match(label) for label in labels):
+        return []
+    return [c for c in _candidates(labels, namespace) if _SERVICE_NAME.match(c.service)]
+
+
+def _candidates(labels: list[str], namespace: str) -> list[DnsCandidate]:
+    suffix = CLUSTER_DOMAIN.split(".")
+    qualified = False
+    if labels[-len(suffix) - 1:] == ["svc", *suffix]:
+        core, qualified = labels[: -len(suffix) - 1], True
+    elif labels[-1] == "svc":
+        core, qualified = labels[:-1], True
+    else:
+        core = labels
+    if qualified:
+        if len(core) == 2:
+            return [DnsCandidate(core[1], core[0], False)]
+        if len(core) == 3:
+            return [DnsCandidate(core[2], core[1], True)]
+        return []
+    if len(core) == 1:
+        return [DnsCandidate(namespace, core[0], False)]
+    if len(core) == 2:
+        return [DnsCandidate(namespace, core[1], True), DnsCandidate(core[1], core[0], False)]
+    if len(core) == 3:
+        return [DnsCandidate(core[2], core[1], True)]
+    return []
+
+
+def resolve_cluster_names(env: Mapping[str, str], namespace: str, lookup: ServiceLookup,
+                          address: str = "127.0.0.1") -> dict[str, str]:
+    """The stand-in for cluster DNS: ``env`` with every value that is exactly a cluster name
+    (see :func:`dns_candidates`), optionally followed by ``:<port>``, replaced by ``address``
+    (the port kept) when the Service exists (headless for a pod's name). Other values are
+    returned as they are. Every pod of the local node agent shares this machine's loopback,
+    so every Service and pod is at ``address``.
+
+    Raises:
+        TransientError: a Service could not be read (not "not found").
+    """
+    cache: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def service(ns: str, name: str) -> dict[str, Any] | None:
+        if (ns, name) not in cache:
+            cache[(ns, name)] = lookup.service(ns, name)
+        return cache[(ns, name)]
+
+    out = dict(env)
+    for key, value in env.items():
+        match = _HOST_PORT.match(value or "")
+        if not match:
+            continue
+        for cand in dns_candidates(match.group("host"), namespace):
+            svc = service(cand.namespace, cand.service)
+            if svc is None or (cand.pod and (svc.get("spec") or {}).get("clusterIP") != "None"):
+                continue
+            out[key] = address + (f":{match.group('port')}" if match.group("port") else "")
+            break
+    return out

@@ -28,7 +28,14 @@ from kubernetes.client.exceptions import ApiException
 from localcluster import podfiles
 from localcluster.kubeapi import error_message, now_rfc3339
 from localcluster.nodecontext import ApiLookup, NodeContext
-from localcluster.podenv import ConfigError, PathMapper, TransientError, container_env, expand
+from localcluster.podenv import (
+    ConfigError,
+    PathMapper,
+    TransientError,
+    container_env,
+    expand,
+    resolve_cluster_names,
+)
 from localcluster.podstatus import POD_IP, Container, merge_conditions, pod_conditions, pod_phase
 from localcluster.volumes import MountError, TokenFile, refresh_token, setup_volumes
 
@@ -296,12 +303,21 @@ class PodWorker:
         return self.dir / f"{c.name}.termination"
 
     def _environment(self, c: Container) -> tuple[dict[str, str], PathMapper]:
-        spec_env = container_env(self._pod_view(), c.spec, ApiLookup(self.ctx.api), self.ctx.allocatable)
+        lookup = ApiLookup(self.ctx.api)
+        spec_env = container_env(self._pod_view(), c.spec, lookup, self.ctx.allocatable)
+        # Cluster DNS stand-in: values that are exactly a Service's or a pod's cluster name become
+        # the loopback address (downward-API values are the pod's own facts: left alone).
+        downward = {e["name"] for e in c.spec.get("env") or []
+                    if "fieldRef" in (e.get("valueFrom") or {}) or "resourceFieldRef" in (e.get("valueFrom") or {})}
+        named = resolve_cluster_names({k: v for k, v in spec_env.items() if k not in downward}, self.ns, lookup,
+                                      POD_IP)
+        spec_env.update(named)
         mounts = self._mounts(c)
         mapper = PathMapper.of(mounts)
         env = dict(self.ctx.base_env)
         port = self.ctx.service_port
-        env.update({"HOSTNAME": self.name, "TMPDIR": str(self.dir / "tmp"),
+        hostname = self.pod["spec"].get("hostname") or self.name
+        env.update({"HOSTNAME": hostname, "TMPDIR": str(self.dir / "tmp"),
                     "KUBERNETES_SERVICE_HOST": self.ctx.service_host, "KUBERNETES_SERVICE_PORT": port,
                     "KUBERNETES_SERVICE_PORT_HTTPS": port,
                     "KUBERNETES_PORT": f"tcp://{self.ctx.service_host}:{port}"})

@@ -18,6 +18,7 @@ a changed spec on a finished or suspended job means).
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -51,6 +52,8 @@ MAX_NAME_LENGTH = 52
 
 #: Kubernetes object name (RFC 1123 label): what a Secret or PriorityClass name must be.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: RFC 1035 label: what a Service name must be (a letter first).
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 #: RFC 1123 subdomain, for Secret names.
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 #: A Kubernetes resource quantity without a sign (``8``, ``500m``, ``64Gi``, ``1e3``).
@@ -74,6 +77,10 @@ MSG_LABEL_VALUE = "must be a label value (up to 63 letters, digits, '-', '_', '.
 MSG_EXTENDED_RESOURCE = "must be an extended resource name such as nvidia.com/gpu"
 MSG_DNS_LABEL = "must be a lowercase RFC 1123 label (letters, digits, '-')"
 MSG_DNS_SUBDOMAIN = "must be a lowercase RFC 1123 subdomain (letters, digits, '-', '.')"
+MSG_MULTINODE_NAME = (
+    "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', a letter first, no '.') when "
+    "spec.resources.nodes > 1: it names the run's headless Service and its pods' hostnames (<name>-train-<index>)"
+)
 
 
 def _quantity_to_str(value: Any) -> Any:
@@ -121,10 +128,18 @@ class JobStorageSettings(StorageSettings):
 
 
 class Resources(ApiModel):
-    """Compute for each trainer pod."""
+    """Compute for each trainer pod, and how many pods (nodes) a run has."""
 
     gpus: Annotated[int, Field(ge=1, le=64)] = Field(
         default=1, description="GPUs per trainer pod, 1..64. Default 1."
+    )
+    nodes: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1,
+        description=(
+            "Trainer pods (torchrun nodes), 1..64, each with `gpus` GPUs: the run uses nodes x gpus GPUs. "
+            "Default 1. Above 1 the run is an Indexed Job with a headless Service, and metadata.name must be "
+            "a DNS-1035 label (a letter first; letters, digits and '-')."
+        ),
     )
     gpu_resource_name: Annotated[
         str,
@@ -193,10 +208,18 @@ class RunPolicy(ApiModel):
 
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = Field(
         default=3,
-        description="Failed attempts (pods) retried before the job fails, 0..100; each retry resumes from the newest checkpoint. Default 3.",
+        description=(
+            "Failed attempts retried before the job fails, 0..100; each retry resumes from the newest checkpoint. "
+            "One node: failed pods. Several nodes: failed groups (any pod failing restarts all of them as the next "
+            "run; disruptions are not counted). Default 3."
+        ),
     )
     active_deadline_seconds: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = Field(
-        default=None, description="Wall-clock limit for the whole run, in seconds (all attempts). Unset: none."
+        default=None,
+        description=(
+            "Wall-clock limit for the whole run, in seconds (all attempts; with resources.nodes > 1, for each "
+            "run of the group: a group restart starts a new Job). Unset: none."
+        ),
     )
     ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = Field(
         default=None,
@@ -320,18 +343,30 @@ class Progress(ApiModel):
 
 
 class Attempt(ApiModel):
-    """One pod of the run."""
+    """One trainer pod: one attempt of one node."""
 
-    index: int = Field(description="0-based attempt number within the run.")
+    index: int = Field(
+        description=(
+            "0-based attempt number: of the run's single pod (nodes 1), or of the group (nodes > 1: the "
+            "same for every node of one run; each group restart adds one)."
+        )
+    )
+    node: Annotated[int, Field(ge=0, le=63)] | None = Field(
+        default=None, description="Node index (the pod's completion index, torchrun node rank); only when nodes > 1."
+    )
     pod_name: _Str253 = Field(description="Trainer pod of this attempt.")
+    phase: Annotated[str, Field(max_length=16)] | None = Field(
+        default=None, description="Pod phase: Pending, Running, Succeeded or Failed."
+    )
     start_time: _Time | None = Field(default=None, description="When the pod started (RFC 3339).")
     finish_time: _Time | None = Field(default=None, description="When the pod finished (RFC 3339).")
     exit_code: int | None = Field(default=None, description="Trainer exit code (DESIGN section 4 lists them).")
     reason: Annotated[str, Field(max_length=1024)] | None = Field(
         default=None,
         description=(
-            "CamelCase reason: Succeeded, OOMKilled, CudaOutOfMemory, InvalidData, InvalidConfig, NonFiniteLoss, "
-            "StorageError, Terminated (exit 143), Disrupted, or a waiting reason such as ImagePullBackOff."
+            "CamelCase reason: Succeeded, OOMKilled, CudaOutOfMemory, InsufficientGPUMemory, InvalidData, "
+            "InvalidConfig, NonFiniteLoss, StorageError, Terminated (exit 143), Disrupted, Stopped (the pod was "
+            "gone before its end was seen), or a waiting reason such as ImagePullBackOff."
         ),
     )
     message: _Message | None = Field(default=None, description="The trainer's termination message or pod reason.")
@@ -357,14 +392,36 @@ class QLoRAJobStatus(ApiModel):
     )
     progress: Progress | None = Field(default=None, description="Live progress, written by the trainer.")
     attempts: Annotated[list[Attempt], Field(max_length=1024)] = Field(
-        default_factory=list, description="Pods of the current run, oldest first."
+        default_factory=list,
+        description=(
+            "Pods of the current run, oldest first. With nodes > 1 also those of the earlier runs the group "
+            "restarted from, ordered by attempt and node (the newest 100 are kept)."
+        ),
     )
     artifacts: Artifacts | None = Field(default=None, description="Complete artifacts of the last successful run.")
     job_name: _Str253 | None = Field(default=None, description="The batch/v1 Job of the current run.")
-    run: int | None = Field(default=None, description="Run number; a changed spec on a finished job starts the next.")
+    run: int | None = Field(
+        default=None,
+        description=(
+            "Run number (one batch/v1 Job each): a changed spec on a finished job starts the next, and so "
+            "does a group restart (nodes > 1)."
+        ),
+    )
     start_time: _Time | None = Field(default=None, description="When the current run started (RFC 3339).")
     completion_time: _Time | None = Field(default=None, description="When the current run finished (RFC 3339).")
     message: _Message | None = Field(default=None, description="Summary of the current state, for people.")
+
+
+def multinode_name_problem(name: str, nodes: int) -> str | None:
+    """Why ``name`` cannot run ``nodes`` trainer pods, or None (the CRD checks the same).
+
+    A run of several nodes gets a headless Service named after its Job (``<name>-train``),
+    and Service names are DNS-1035 labels; its pods' hostnames ``<job>-<index>`` must be
+    DNS labels too (no ``.``).
+    """
+    if nodes > 1 and not re.match(DNS_1035_LABEL, name):
+        return f"{MSG_MULTINODE_NAME}; got {name!r}"
+    return None
 
 
 def parse_spec(spec: dict[str, Any]) -> QLoRAJobSpec:
@@ -485,6 +542,7 @@ __all__ = [
     "Toleration",
     "TrainingSettings",
     "VERSION",
+    "multinode_name_problem",
     "parse_spec",
     "run_is_active",
     "training_fields_changed",

@@ -310,7 +310,8 @@ def fixed_during_run() -> list[str]:
 
 
 def _root_rules(spec: dict[str, Any]) -> list[dict[str, str]]:
-    """Rules at the object root: the name length, and one immutability rule per fixed field.
+    """Rules at the object root: the name (length; a DNS-1035 label for several nodes), and one
+    immutability rule per fixed field.
 
     One rule per field (rather than one rule with a ``messageExpression`` listing the
     changed fields, which the API server's cost estimator refuses at the root) so each
@@ -325,7 +326,12 @@ def _root_rules(spec: dict[str, Any]) -> list[dict[str, str]]:
             f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
             f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters "
             "(child objects such as the <name>-train Job add suffixes)",
-        )
+        ),
+        _rule(
+            "!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes <= 1"
+            f" || self.metadata.name.matches(r'{api.DNS_1035_LABEL}')",
+            api.MSG_MULTINODE_NAME,
+        ),
     ]
     for path in fixed_during_run():
         rules.append(

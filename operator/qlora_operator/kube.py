@@ -16,6 +16,7 @@ batch jobs                                    get, list, watch, create, patch, d
 "" pods                                       get, list, watch, delete
 "" events                                     list (Job events: quota), create
 "" configmaps, serviceaccounts                get, create, patch
+"" services                                   get, create, patch, delete (nodes > 1: headless, per run)
 rbac.authorization.k8s.io roles, rolebindings  get, create, patch
 =============================================  ==========================================
 
@@ -44,6 +45,7 @@ log = logging.getLogger("qlora_operator.kube")
 RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
     ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
+    ("v1", "Service"): ("/api/v1", "services"),
     ("v1", "Pod"): ("/api/v1", "pods"),
     ("v1", "Event"): ("/api/v1", "events"),
     ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles"),
@@ -316,9 +318,9 @@ class Kube:
         """Create ``obj``; on 409 fetch the existing one and compare, never duplicating.
 
         Returns ``(object, "created" | "exists" | "updated" | "adopted")``: an owned object
-        whose mutable content differs (ConfigMap data, Role rules, RoleBinding subjects)
-        is patched; an unowned one carrying our ``qlora.dev/job`` label gets our owner
-        reference. A Job is never changed (its pod template is immutable).
+        whose mutable content differs (ConfigMap data, Role rules, RoleBinding subjects,
+        Service selector and ports) is patched; an unowned one carrying our ``qlora.dev/job``
+        label gets our owner reference. A Job is never changed (its pod template is immutable).
 
         Raises:
             Transient: the name is held by a child of a deleted QLoRAJob of the same
@@ -369,6 +371,11 @@ class Kube:
             patch = {"rules": want["rules"]}
         elif kind == "RoleBinding" and have.get("subjects") != want.get("subjects"):
             patch = {"subjects": want["subjects"]}
+        elif kind == "Service":
+            hspec, wspec = have.get("spec") or {}, want.get("spec") or {}
+            changed = {k: wspec[k] for k in ("selector", "ports", "publishNotReadyAddresses") if hspec.get(k) != wspec.get(k)}
+            if changed:
+                patch = {"spec": changed}
         elif kind == "Job":
             ann_have = (have.get("metadata") or {}).get("annotations") or {}
             ann_want = meta.get("annotations") or {}

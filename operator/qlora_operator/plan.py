@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlora_operator import render
-from qlora_operator.api import QLoRAJobSpec, parse_spec, training_fields_changed
+from qlora_operator.api import QLoRAJobSpec, multinode_name_problem, parse_spec, training_fields_changed
 from qlora_operator.settings import OperatorSettings
 from qlora_operator.status import job_result, job_suspended, status_terminal
 from qlora_trainer.config import ConfigError
@@ -49,9 +49,12 @@ class Plan:
     retire: str | None = None  # a suspended Job the next run replaces (deleted first)
 
 
-def validate(raw_spec: Mapping[str, Any] | None, settings: OperatorSettings) -> tuple[QLoRAJobSpec | None, str | None]:
+def validate(
+    raw_spec: Mapping[str, Any] | None, settings: OperatorSettings, name: str | None = None
+) -> tuple[QLoRAJobSpec | None, str | None]:
     """Parse the spec and apply the rules only the operator can check.
 
+    ``name``: the QLoRAJob's ``metadata.name`` (checked for several nodes, as the CRD does).
     Returns ``(spec, None)`` or ``(None, message)``; the message names each field and what must hold.
     """
     try:
@@ -59,11 +62,16 @@ def validate(raw_spec: Mapping[str, Any] | None, settings: OperatorSettings) -> 
     except ConfigError as err:
         return None, str(err)
     problems = []
-    if spec.resources.gpus > settings.max_gpus_per_job:
+    res = spec.resources
+    # Per pod, as documented: the GPUs of a whole multi-node job are capped by ResourceQuota.
+    if res.gpus > settings.max_gpus_per_job:
         problems.append(
-            f"spec.resources.gpus: {spec.resources.gpus} GPUs requested, but this operator allows at most "
-            f"{settings.max_gpus_per_job} per job (setting max_gpus_per_job): lower spec.resources.gpus"
+            f"spec.resources.gpus: {res.gpus} GPUs requested, but this operator allows at most "
+            f"{settings.max_gpus_per_job} per trainer pod (setting max_gpus_per_job): lower spec.resources.gpus"
         )
+    name_problem = multinode_name_problem(name, res.nodes) if name is not None else None
+    if name_problem:
+        problems.append(name_problem)
     if problems:
         return None, "\n".join(problems)
     return spec, None

@@ -73,12 +73,17 @@ def _patch_status(api: k.Kube, body: dict[str, Any], patch: Mapping[str, Any]) -
 
 
 def _ensure(
-    api: k.Kube, body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int, *, with_job: bool
+    api: k.Kube, body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int, *, with_job: bool,
+    group: render.GroupAttempt | None = None, why: str = "",
 ) -> dict[str, Any] | None:
-    """Create-or-adopt the children of ``run``; returns the Job (when ``with_job``)."""
+    """Create-or-adopt the children of ``run``; returns the Job (when ``with_job``).
+
+    ``group``: the run's place in a chain of group restarts (recorded on its Job); ``why``:
+    appended to the JobCreated event.
+    """
     uid = body["metadata"]["uid"]
     job = None
-    for manifest in render.render_children(body, spec, settings, run):
+    for manifest in render.render_children(body, spec, settings, run, group):
         if manifest["kind"] == "Job" and not with_job:
             continue
         obj, what = api.create_or_adopt(manifest, uid)
@@ -90,8 +95,23 @@ def _ensure(
         if manifest["kind"] == "Job":
             job = obj
             if what == "created":
-                _emit(api, body, [EventSpec("Normal", "JobCreated", f"created Job {manifest['metadata']['name']} for run {run}")])
+                text = f"created Job {manifest['metadata']['name']} for run {run}" + (f": {why}" if why else "")
+                _emit(api, body, [EventSpec("Normal", "JobCreated", text)])
     return job
+
+
+def _retire_service(api: k.Kube, namespace: str, name: str, jobs: list[dict[str, Any]], run: int) -> None:
+    """Delete the headless Service of run ``run - 1`` (nodes > 1) when run ``run`` starts.
+
+    Only a running group needs its Service; one left behind (an operator crash) goes with
+    the QLoRAJob (owner reference).
+    """
+    for old in jobs:
+        old_run = render.run_of(old)
+        if old_run == run - 1 and render.job_nodes(old) > 1:
+            if api.delete("v1", "Service", namespace, render.service_name(name, old_run)):
+                log.info("deleted Service %s of run %s", render.service_name(name, old_run), old_run,
+                         extra={"object": f"{namespace}/{name}"})
 
 
 def _sync_job(api: k.Kube, job: Mapping[str, Any], spec: QLoRAJobSpec | None) -> Mapping[str, Any]:
@@ -141,7 +161,7 @@ def reconcile(
     if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
         return Outcome(gone=True)
     uid = body["metadata"]["uid"]
-    spec, invalid = planning.validate(body.get("spec"), settings)
+    spec, invalid = planning.validate(body.get("spec"), settings, name)
     jobs = [j for j in api.list_jobs(namespace, name) if planning.owned(j, uid)]
     run, job = planning.current_run(body.get("status"), jobs)
     recorded = render.recorded_spec(job)
@@ -187,6 +207,7 @@ def reconcile(
         _emit(api, body, [EventSpec("Normal", "RunStarted", f"spec changed ({fields}): starting run {the_plan.run}")])
         job = _ensure(api, body, spec, settings, the_plan.run, with_job=True)
         run = the_plan.run
+        _retire_service(api, namespace, name, jobs, run)
     elif the_plan.action == "create":
         run = the_plan.run
         if (body.get("status") or {}).get("run") != run:
@@ -219,12 +240,27 @@ def reconcile(
     pods = api.list_pods(namespace, name, run) if job is not None else []
     events: list[dict[str, Any]] = []
     if job is not None and job_result(job)[0] is None and not (job.get("spec") or {}).get("suspend"):
-        if not any(p.get("status", {}).get("phase") in ("Pending", "Running") for p in pods):
+        live = sum(1 for p in pods if p.get("status", {}).get("phase") in ("Pending", "Running"))
+        if live < render.job_nodes(job):  # a pod is missing: the Job controller may be refused (quota)
             events = api.list_job_events(namespace, job)
     result = compute_status(
         body, observed(run, job, pods, events, spec_rejected=the_plan.spec_rejected), now(), settings
     )
     body = _patch_status(api, body, result.patch)
+    if result.restart is not None:
+        # The group of several nodes failed and every pod of it stopped: the next run restarts it
+        # (Job first: its annotations carry the count, so a crash before the status patch is harmless).
+        _emit(api, body, result.events)
+        restart = result.restart
+        run_spec = spec
+        if run_spec is None and recorded is not None:
+            run_spec = parse_spec(dict(recorded))
+        if run_spec is None:
+            raise RuntimeError(f"no spec to restart run {run} of {namespace}/{name} with")
+        job = _ensure(api, body, run_spec, settings, restart.run, with_job=True, group=restart.group, why=restart.why)
+        _retire_service(api, namespace, name, jobs, restart.run)
+        result = compute_status(body, observed(restart.run, job, [], []), now(), settings)
+        body = _patch_status(api, body, result.patch)
     if result.stop_reason and job is not None:
         meta = job["metadata"]
         if not (job.get("spec") or {}).get("suspend"):

@@ -11,7 +11,30 @@ Children, in creation order (the Job last: its existence marks the run as starte
   trainer config (``spec.trainer_config()``).
 - ServiceAccount, Role, RoleBinding ``<job>-trainer``: the trainer may ``get`` its
   own QLoRAJob and ``get``/``patch`` its ``status`` (``resourceNames: [<job>]``).
+- Only with ``resources.nodes > 1``: a headless Service named like the run's Job
+  (``clusterIP: None``, ``publishNotReadyAddresses``, selecting the run's pods). The
+  pods set ``subdomain`` to it, so node 0 is reachable as ``<job-name>-0.<service>``.
 - batch/v1 Job ``<job>-train`` (run 1) / ``<job>-train-r<N>``.
+
+One node (``resources.nodes: 1``, the default): a Job of one pod; a failed pod is
+replaced within the Job (``backoffLimit`` = ``runPolicy.backoffLimit``), and its
+``podFailurePolicy`` fails the Job at once on the permanent exit codes
+(:data:`PERMANENT_EXIT_CODES`) and ignores disruptions.
+
+Several nodes: an Indexed Job with ``completions = parallelism = nodes``. The pods of a
+``torchrun`` group cannot be replaced one by one (the survivors' collectives and
+rendezvous are broken), so the Job fails as soon as any pod fails
+(``backoffLimit: 0`` and a ``podFailurePolicy`` of ``FailJob`` rules, which also say
+why: a disruption, a permanent exit code, anything else). The operator then starts
+the next run of the group, a new Job (:mod:`qlora_operator.status` decides, counting
+against ``runPolicy.backoffLimit`` except for disruptions); the Job's
+``qlora.dev/group-*`` annotations (:class:`GroupAttempt`) carry the count from run to
+run.
+
+Trainer contract for more than one GPU in total (``nodes x gpus > 1``): every pod
+gets ``QLORA_NNODES``, ``QLORA_NPROC_PER_NODE`` (= ``gpus``), ``QLORA_NODE_RANK`` (the
+pod's completion index), ``QLORA_MASTER_ADDR`` and ``QLORA_MASTER_PORT``; the command
+stays ``qlora-train --config ...`` (the trainer starts ``torchrun`` itself).
 """
 
 from __future__ import annotations
@@ -19,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from qlora_operator.api import API_VERSION, GROUP, KIND, PLURAL, QLoRAJobSpec
@@ -41,11 +65,28 @@ TMP_DIR = "/tmp"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 RUN_AS_USER = 1000
 
-#: Exit codes of qlora-train that fail the Job at once (retrying cannot help).
-FAIL_JOB_EXIT_CODES = (2, 3, 6)
+#: Exit codes of qlora-train that mean retrying cannot help (DESIGN.md section 4): 2 invalid
+#: config, 3 invalid data, 6 non-finite loss, 7 the model does not fit the GPUs. Exit 4
+#: (storage, after the trainer's own retries) and 5 (CUDA out of memory) are retried.
+PERMANENT_EXIT_CODES = (2, 3, 6, 7)
+#: Exit codes that fail a one-node Job at once.
+FAIL_JOB_EXIT_CODES = PERMANENT_EXIT_CODES
 
 #: Longest Kubernetes name we build: a Job name must be a valid label value (63).
 MAX_NAME = 63
+#: Longest Job name: an Indexed Job's pods are named (hostname) ``<job-name>-<index>``,
+#: which must stay a DNS label (63) for indexes up to 63.
+MAX_JOB_NAME = MAX_NAME - 3
+#: ``torchrun``'s rendezvous port on node 0 (``QLORA_MASTER_PORT``).
+MASTER_PORT = 29500
+#: Annotation (and label) the Job controller puts on an Indexed Job's pods.
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+#: Group attempt of a run's Job (0 for the first run after a spec change).
+ANN_GROUP_ATTEMPT = "qlora.dev/group-attempt"
+#: Failed group attempts counted against ``runPolicy.backoffLimit`` before this run.
+ANN_GROUP_FAILURES = "qlora.dev/group-failures"
+#: The run whose failed group this run restarts (its attempts and progress carry on).
+ANN_RESTART_OF = "qlora.dev/restart-of"
 
 
 def _digest(text: str, size: int = 8) -> str:
@@ -70,8 +111,21 @@ def label_value(job: str) -> str:
 
 
 def job_name(job: str, run: int = 1) -> str:
-    """Name of the batch/v1 Job of run ``run`` (1-based)."""
-    return child_name(job, "train" if run <= 1 else f"train-r{run}")
+    """Name of the batch/v1 Job of run ``run`` (1-based); at most :data:`MAX_JOB_NAME` characters."""
+    return child_name(job, "train" if run <= 1 else f"train-r{run}", MAX_JOB_NAME)
+
+
+def service_name(job: str, run: int = 1) -> str:
+    """Name of the headless Service of run ``run`` (nodes > 1): the run's Job name.
+
+    A DNS-1035 label when the QLoRAJob's name is one (the CRD requires that for nodes > 1).
+    """
+    return job_name(job, run)
+
+
+def master_addr(job: str, run: int = 1) -> str:
+    """DNS name of node 0 of run ``run``: ``<job-name>-0.<service>`` (the pod's hostname and subdomain)."""
+    return f"{job_name(job, run)}-0.{service_name(job, run)}"
 
 
 def config_map_name(job: str, run: int = 1) -> str:
@@ -122,6 +176,65 @@ def _metadata(body: Mapping[str, Any], name: str, run: int | None = None, **anno
         "ownerReferences": [owner_reference(body)],
     }
     return out
+
+
+@dataclass(frozen=True)
+class GroupAttempt:
+    """Where a run of several nodes stands in its chain of group restarts (Job annotations).
+
+    ``attempt``: 0-based group attempt (the ``index`` of its pods' attempts).
+    ``failures``: failed group attempts counted against ``runPolicy.backoffLimit`` before it.
+    ``restart_of``: the run it restarts (None for a run started by a spec change).
+    """
+
+    attempt: int = 0
+    failures: int = 0
+    restart_of: int | None = None
+
+    def annotations(self) -> dict[str, str]:
+        """The Job annotations that record it."""
+        out = {ANN_GROUP_ATTEMPT: str(self.attempt), ANN_GROUP_FAILURES: str(self.failures)}
+        if self.restart_of is not None:
+            out[ANN_RESTART_OF] = str(self.restart_of)
+        return out
+
+
+def group_attempt_of(job: Mapping[str, Any] | None) -> GroupAttempt:
+    """The :class:`GroupAttempt` a Job records (defaults for a Job without the annotations)."""
+    ann = ((job or {}).get("metadata") or {}).get("annotations") or {}
+
+    def number(key: str) -> int | None:
+        try:
+            return max(0, int(ann[key]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    return GroupAttempt(
+        attempt=number(ANN_GROUP_ATTEMPT) or 0,
+        failures=number(ANN_GROUP_FAILURES) or 0,
+        restart_of=number(ANN_RESTART_OF),
+    )
+
+
+def job_nodes(job: Mapping[str, Any] | None) -> int:
+    """Trainer pods of a rendered Job: ``completions`` of an Indexed Job, else 1."""
+    spec = (job or {}).get("spec") or {}
+    if spec.get("completionMode") == "Indexed":
+        return int(spec.get("completions") or 1)
+    return 1
+
+
+def pod_node_index(pod: Mapping[str, Any]) -> int | None:
+    """The completion index of an Indexed Job's pod (annotation, else label), or None."""
+    meta = pod.get("metadata") or {}
+    for source in (meta.get("annotations") or {}, meta.get("labels") or {}):
+        value = source.get(COMPLETION_INDEX)
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def canonical_spec(spec: QLoRAJobSpec) -> dict[str, Any]:
@@ -213,6 +326,32 @@ def trainer_image(spec: QLoRAJobSpec, settings: OperatorSettings) -> str:
     return spec.image or settings.trainer_image
 
 
+def distributed_env(job: str, spec: QLoRAJobSpec, run: int) -> list[dict[str, Any]]:
+    """``torchrun`` rendezvous for ``nodes x gpus > 1`` (empty for one GPU): the trainer contract.
+
+    One node: rank 0 and the pod's own loopback. Several: the rank is the pod's completion
+    index (downward API), node 0 is ``<job-name>-0.<service>``.
+    """
+    nodes, gpus = spec.resources.nodes, spec.resources.gpus
+    if nodes * gpus <= 1:
+        return []
+    if nodes > 1:
+        rank: dict[str, Any] = {
+            "name": "QLORA_NODE_RANK",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}},
+        }
+        addr = master_addr(job, run)
+    else:
+        rank, addr = {"name": "QLORA_NODE_RANK", "value": "0"}, "127.0.0.1"
+    return [
+        {"name": "QLORA_NNODES", "value": str(nodes)},
+        {"name": "QLORA_NPROC_PER_NODE", "value": str(gpus)},
+        rank,
+        {"name": "QLORA_MASTER_ADDR", "value": addr},
+        {"name": "QLORA_MASTER_PORT", "value": str(MASTER_PORT)},
+    ]
+
+
 def _env(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "QLORA_JOB_NAME", "value": body["metadata"]["name"]},
@@ -225,6 +364,7 @@ def _env(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int) -> list[dict[str
         {"name": "HOME", "value": TMP_DIR},
         {"name": "TMPDIR", "value": TMP_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *distributed_env(body["metadata"]["name"], spec, run),
     ]
     secret = spec.storage.credentials_secret_ref
     if secret is not None:
@@ -291,39 +431,91 @@ def render_pod_spec(body: Mapping[str, Any], spec: QLoRAJobSpec, settings: Opera
         pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
     if sched.priority_class_name:
         pod["priorityClassName"] = sched.priority_class_name
+    if spec.resources.nodes > 1:
+        pod["subdomain"] = service_name(job, run)
     return pod
 
 
+_DISRUPTED = [{"type": "DisruptionTarget", "status": "True"}]
+
+
 def pod_failure_policy() -> dict[str, Any]:
-    """Fail at once on exit codes 2, 3, 6; ignore disruptions; count everything else."""
+    """One node: fail at once on the permanent exit codes; ignore disruptions; count everything else."""
     return {
         "rules": [
             {
                 "action": "FailJob",
                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(FAIL_JOB_EXIT_CODES)},
             },
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "Ignore", "onPodConditions": list(_DISRUPTED)},
         ]
     }
 
 
-def render_job(body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int = 1) -> dict[str, Any]:
-    """The batch/v1 Job of run ``run``."""
+def group_pod_failure_policy() -> dict[str, Any]:
+    """Several nodes: any failed pod fails the Job (the group restarts as a new run).
+
+    The rule that matched (the Job's ``FailureTarget`` message names its index) says why:
+    0 a disruption (restarted without counting), 1 a permanent exit code (not restarted),
+    2 any other failure (counted against ``runPolicy.backoffLimit``). The operator reads
+    the same from the pods; ``backoffLimit: 0`` covers a pod that fails without an exit code.
+    """
+    return {
+        "rules": [
+            {"action": "FailJob", "onPodConditions": list(_DISRUPTED)},
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(PERMANENT_EXIT_CODES)},
+            },
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn", "values": [0]}},
+        ]
+    }
+
+
+def render_service(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int = 1) -> dict[str, Any]:
+    """The headless Service of run ``run`` (nodes > 1): DNS names for the run's pods.
+
+    ``publishNotReadyAddresses``: node 0 must be resolvable before any pod is Ready.
+    Owned by the QLoRAJob (it exists before the Job, so pods never start without it).
+    """
+    job = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body, service_name(job, run), run),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: label_value(job), LABEL_RUN: str(run)},
+            "ports": [{"name": "torch-dist", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def render_job(
+    body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int = 1,
+    group: GroupAttempt | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job of run ``run``; ``group``: its place in a chain of group restarts (nodes > 1)."""
     job = body["metadata"]["name"]
     policy = spec.run_policy
+    nodes = spec.resources.nodes
     queued = bool(spec.scheduling.queue_name)
     meta = _metadata(body, job_name(job, run), run, **_run_annotations(body, spec))
     if queued:
         meta["labels"][KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
     if policy.suspend:
         meta["annotations"][ANN_USER_SUSPENDED] = "true"
+    if nodes > 1:
+        meta["annotations"].update((group or GroupAttempt()).annotations())
     job_spec: dict[str, Any] = {
-        "completions": 1,
-        "parallelism": 1,
-        "backoffLimit": policy.backoff_limit,
+        "completions": nodes,
+        "parallelism": nodes,
+        # One node: retries within the Job. Several: the first failure fails the Job (group restart).
+        "backoffLimit": policy.backoff_limit if nodes == 1 else 0,
         # Kueue admits a queued Job by un-suspending it: it must be created suspended.
         "suspend": bool(policy.suspend or queued),
-        "podFailurePolicy": pod_failure_policy(),
+        "podFailurePolicy": pod_failure_policy() if nodes == 1 else group_pod_failure_policy(),
         # A replacement pod starts only when the failed one is gone: one GPU holder at a time.
         "podReplacementPolicy": "Failed",
         "template": {
@@ -334,6 +526,8 @@ def render_job(body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSe
             "spec": render_pod_spec(body, spec, settings, run),
         },
     }
+    if nodes > 1:
+        job_spec["completionMode"] = "Indexed"
     if policy.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
     if policy.ttl_seconds_after_finished is not None:
@@ -342,16 +536,20 @@ def render_job(body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSe
 
 
 def render_children(
-    body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int = 1
+    body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int = 1,
+    group: GroupAttempt | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child of run ``run`` in creation order (the Job last)."""
-    return [
+    """Every child of run ``run`` in creation order (the Service before the Job, the Job last)."""
+    children = [
         render_config_map(body, spec, run),
         render_service_account(body),
         render_role(body),
         render_role_binding(body),
-        render_job(body, spec, settings, run),
     ]
+    if spec.resources.nodes > 1:
+        children.append(render_service(body, spec, run))
+    children.append(render_job(body, spec, settings, run, group))
+    return children
 
 
 def run_of(obj: Mapping[str, Any]) -> int | None:

@@ -59,7 +59,11 @@ class OperatorSettings(BaseModel):
         description="How long a run may stay Unschedulable or QuotaExceeded before the job fails.",
     )
     max_gpus_per_job: Annotated[int, Field(ge=1)] = Field(
-        default=8, description="Largest spec.resources.gpus accepted (InvalidSpec above it)."
+        default=8,
+        description=(
+            "Largest spec.resources.gpus accepted (InvalidSpec above it): GPUs per trainer pod; a job of "
+            "several nodes uses nodes x gpus (cap the total with a ResourceQuota)."
+        ),
     )
     gpu_resource_name: Annotated[str, Field(min_length=1)] = Field(
         default=DEFAULT_GPU_RESOURCE, description="Extended resource name used when spec.resources.gpuResourceName is unset."

@@ -14,8 +14,8 @@ Conditions are the state machine; ``phase`` is a summary derived from them:
 Running    True while the run is active: from the creation of its Job until it
            completes, fails or is suspended. The reason says what the run waits
            for (Pending, Unschedulable, QuotaExceeded, ImagePullBackOff,
-           SecretNotFound, Starting, Retrying), TrainerRunning, or Finishing
-           (the trainer exited 0, the Job is not marked Complete yet).
+           SecretNotFound, Starting, Retrying, Restarting), TrainerRunning, or
+           Finishing (the trainer exited 0, the Job is not marked Complete yet).
 Complete   True once the Job succeeded; artifacts come from the trainer's
            termination message.
 Failed     True with the cause: InvalidSpec, Unschedulable, QuotaExceeded,
@@ -32,6 +32,23 @@ SpecRejected  Present (True) only while a spec change is refused because a run i
 
 Complete and Failed are sticky for a run: once recorded they do not change (the Job
 may be garbage-collected by its TTL, pods may vanish) until a new run starts.
+
+Several nodes (an Indexed Job, see :mod:`qlora_operator.render`): the first failed pod
+fails the Job, and :func:`compute_status` decides what the group does next:
+
+- a permanent exit code (:data:`render.PERMANENT_EXIT_CODES`) in any pod of the run,
+  or ``activeDeadlineSeconds`` exceeded: Failed, as for one node;
+- a disruption (a pod with the ``DisruptionTarget`` condition), or the Job was
+  suspended (the user, or Kueue preempting it): restart, not counted;
+- anything else: restart, counted; past ``runPolicy.backoffLimit`` counted failures
+  the job fails with BackoffLimitExceeded (with backoffLimit 0: the pod's reason).
+
+A restart is Running=True with reason Restarting until every pod of the failed run
+has stopped (a terminating trainer writes its checkpoint); then
+:attr:`StatusResult.restart` asks the caller to start the next run, whose Job records
+the count (:class:`render.GroupAttempt`). The attempts (with their ``node``) and the
+progress of the failed run carry on into the next one; the group attempt is the
+attempts' ``index``.
 """
 
 from __future__ import annotations
@@ -43,7 +60,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from qlora_operator import render
 from qlora_operator.api import ConditionType, Phase
+from qlora_operator.render import GroupAttempt
 from qlora_operator.settings import OperatorSettings
 
 # --- reasons ------------------------------------------------------------------
@@ -60,6 +79,7 @@ CUDA_OOM = "CudaOutOfMemory"
 INVALID_DATA = "InvalidData"
 INVALID_CONFIG = "InvalidConfig"
 NON_FINITE_LOSS = "NonFiniteLoss"
+INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 STORAGE_ERROR = "StorageError"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
@@ -70,6 +90,9 @@ PENDING = "Pending"
 STARTING = "Starting"
 RETRYING = "Retrying"
 FINISHING = "Finishing"
+RESTARTING = "Restarting"
+#: An attempt whose pod was gone before its end was seen (its group's run had failed).
+STOPPED = "Stopped"
 
 #: Display phase for the trainer's reported stage while its pod runs ("Done": the
 #: trainer is finishing its last writes and exiting).
@@ -86,6 +109,7 @@ EXIT_REASONS = {
     4: STORAGE_ERROR,
     5: CUDA_OOM,
     6: NON_FINITE_LOSS,
+    7: INSUFFICIENT_GPU_MEMORY,
     137: OOM_KILLED,
 }
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
@@ -189,6 +213,15 @@ class EventSpec:
     message: str
 
 
+@dataclass(frozen=True)
+class GroupRestart:
+    """The next run of a failed group (nodes > 1): its number, its Job's annotations, why."""
+
+    run: int
+    group: GroupAttempt
+    why: str
+
+
 @dataclass
 class StatusResult:
     """Status the operator wants, the patch to get there, and what else to do."""
@@ -199,6 +232,7 @@ class StatusResult:
     delete_pods: list[str] = field(default_factory=list)
     stop_reason: str | None = None  # the operator declared the run failed: stop its Job
     terminal: bool = False
+    restart: GroupRestart | None = None  # start the next run of the group now
 
     @property
     def phase(self) -> str | None:
@@ -303,11 +337,13 @@ def classify_exit(exit_code: int | None, container_reason: str | None, message: 
     return f"ExitCode{exit_code}" if exit_code is not None else "Error"
 
 
-def attempt_from_pod(pod: Mapping[str, Any], index: int) -> dict[str, Any]:
-    """One ``status.attempts[]`` entry from a trainer pod."""
+def attempt_from_pod(pod: Mapping[str, Any], index: int, *, group: bool = False) -> dict[str, Any]:
+    """One ``status.attempts[]`` entry from a trainer pod (``group``: with its ``node`` index)."""
     meta = pod.get("metadata") or {}
     pstatus = pod.get("status") or {}
-    attempt: dict[str, Any] = {"index": index, "podName": meta.get("name", "")}
+    attempt: dict[str, Any] = {"index": index, "podName": meta.get("name", ""), "phase": pstatus.get("phase")}
+    if group:
+        attempt["node"] = render.pod_node_index(pod)
     term = pod_terminated(pod)
     disruption = _conditions(pod).get("DisruptionTarget")
     start = pstatus.get("startTime")
@@ -359,7 +395,9 @@ def _waiting_reason(waiting: Mapping[str, Any]) -> str:
 
 
 def _attempt_finished(attempt: Mapping[str, Any]) -> bool:
-    return "exitCode" in attempt or bool(attempt.get("finishTime")) or attempt.get("reason") in (DISRUPTED, "PodFailed", "Evicted", DEADLINE_EXCEEDED)
+    return "exitCode" in attempt or bool(attempt.get("finishTime")) or attempt.get("reason") in (
+        DISRUPTED, "PodFailed", "Evicted", DEADLINE_EXCEEDED, STOPPED,
+    )
 
 
 def _attempt_failed(attempt: Mapping[str, Any]) -> bool:
@@ -371,9 +409,28 @@ def _pod_sort_key(pod: Mapping[str, Any]) -> tuple[str, str]:
     return (meta.get("creationTimestamp") or "", meta.get("name") or "")
 
 
-def merge_attempts(previous: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Attempts of the run: the recorded ones (pods may be gone) updated from the pods, oldest first."""
+def merge_attempts(
+    previous: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], group_attempt: int | None = None
+) -> list[dict[str, Any]]:
+    """Attempts of the run: the recorded ones (pods may be gone) updated from the pods, oldest first.
+
+    One node (``group_attempt`` None): each new pod is the next attempt. Several nodes:
+    each pod has its ``node``, and a new pod is attempt ``group_attempt`` (the run's group
+    attempt) or, when that node already had an attempt there (the Job was suspended and
+    resumed), the node's next; an unfinished attempt whose pod is gone (deleted before its
+    end was seen) is closed as Stopped. Sorted by attempt, then node; the newest
+    :data:`MAX_ATTEMPTS` kept.
+    """
+    group = group_attempt is not None
     by_pod: dict[str, dict[str, Any]] = {a["podName"]: dict(a) for a in previous if a.get("podName")}
+    if group:
+        listed = {(p.get("metadata") or {}).get("name") for p in pods}
+        for attempt in by_pod.values():
+            if attempt["podName"] not in listed and not _attempt_finished(attempt):
+                attempt.update(
+                    phase="Failed", reason=STOPPED,
+                    message="stopped with its group: the pod was deleted before its end was seen",
+                )
     next_index = max((a.get("index", -1) for a in by_pod.values()), default=-1) + 1
     for pod in sorted(pods, key=_pod_sort_key):
         name = (pod.get("metadata") or {}).get("name")
@@ -382,16 +439,21 @@ def merge_attempts(previous: Sequence[Mapping[str, Any]], pods: Sequence[Mapping
         old = by_pod.get(name)
         if old is not None and _attempt_finished(old):
             continue  # a finished attempt is history: it does not change
-        index = old["index"] if old is not None else next_index
-        if old is None:
-            next_index += 1
-        new = attempt_from_pod(pod, index)
+        if group:
+            node = render.pod_node_index(pod)
+            seen = [a.get("index", 0) for a in by_pod.values() if a.get("node") == node]
+            index = old["index"] if old is not None else max([group_attempt, *(i + 1 for i in seen)])
+        else:
+            index = old["index"] if old is not None else next_index
+            if old is None:
+                next_index += 1
+        new = attempt_from_pod(pod, index, group=group)
         if old is not None:
             for key in ("resumedFromStep", "startTime"):
                 if key not in new and key in old:
                     new[key] = old[key]
         by_pod[name] = new
-    attempts = sorted(by_pod.values(), key=lambda a: a.get("index", 0))
+    attempts = sorted(by_pod.values(), key=lambda a: (a.get("index", 0), a.get("node") or 0, a.get("podName", "")))
     return attempts[-MAX_ATTEMPTS:]
 
 
@@ -452,10 +514,12 @@ class _State:
     message: str = ""
     stop_reason: str | None = None
     delete_pods: list[str] = field(default_factory=list)
+    restart: GroupRestart | None = None
 
 
 def _describe(attempt: Mapping[str, Any]) -> str:
-    text = f"attempt {attempt.get('index')} (pod {attempt.get('podName')})"
+    node = f"node {attempt['node']}, " if attempt.get("node") is not None else ""
+    text = f"attempt {attempt.get('index')} ({node}pod {attempt.get('podName')})"
     if "exitCode" in attempt:
         text += f" exited with code {attempt['exitCode']}"
     text += f" ({attempt.get('reason', 'Error')})"
@@ -486,6 +550,122 @@ def _failure(obs: Observed, job_reason: str, job_message: str, attempts: Sequenc
     return job_reason or "JobFailed", _truncate(job_message) or "the Job failed"
 
 
+def _failed_state(reason: str, msg: str) -> _State:
+    """Failed because the Job failed (nothing to stop)."""
+    return _State(
+        running=("False", reason, msg), failed=("True", reason, msg), complete=("False", reason, ""),
+        phase=Phase.failed.value, message=msg,
+    )
+
+
+def _suspended_state(obs: Observed) -> _State:
+    if obs.suspend_requested:
+        reason, msg, phase = "SuspendedByUser", "runPolicy.suspend is true: pods are stopped, checkpoints kept", Phase.suspended.value
+    elif obs.queued:
+        reason, msg, phase = "Queued", "waiting for Kueue to admit the Job (scheduling.queueName)", Phase.queued.value
+    else:
+        reason, msg, phase = "Suspended", f"Job {obs.job_name} is suspended", Phase.suspended.value
+    return _State(running=("False", reason, msg), suspended=("True", reason, msg), phase=phase, message=msg)
+
+
+def _latest_per_node(attempts: Sequence[Mapping[str, Any]], floor: int) -> list[Mapping[str, Any]]:
+    """Each node's newest attempt from group attempt ``floor`` on (the run's pods), by node."""
+    latest: dict[Any, Mapping[str, Any]] = {}
+    for attempt in attempts:
+        index, node = attempt.get("index", 0), attempt.get("node")
+        if index >= floor and (node not in latest or index > latest[node].get("index", 0)):
+            latest[node] = attempt
+    return sorted(latest.values(), key=lambda a: a.get("node") or 0)
+
+
+def _group_cause(failed: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The attempt that failed the group: the first to finish, preferring real failures over
+    pods stopped because the group was already failing (Terminated, Stopped)."""
+    primary = [a for a in failed if a.get("reason") not in (TERMINATED, STOPPED)] or list(failed)
+    if not primary:
+        return None
+    return min(primary, key=lambda a: (a.get("finishTime") or "~", a.get("node") or 0))
+
+
+def _group_failed(
+    obs: Observed, group: GroupAttempt, nodes: int, attempts: Sequence[Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]], job_message: str,
+) -> _State:
+    """The Job of a group run failed: fail the QLoRAJob, or restart the group as the next run."""
+    current = _latest_per_node(attempts, group.attempt)
+    failed = [a for a in current if _attempt_failed(a)]
+    permanent = [a for a in failed if a.get("exitCode") in render.PERMANENT_EXIT_CODES]
+    if permanent:
+        cause = permanent[0]
+        return _failed_state(cause.get("reason", "Failed"), f"{_describe(cause)}; this exit code is not retried")
+    disrupted = [a for a in failed if a.get("reason") == DISRUPTED]
+    cause = disrupted[0] if disrupted else _group_cause(failed)
+    what = _describe(cause) if cause is not None else (_truncate(job_message) or f"Job {obs.job_name} failed")
+    suspended = job_suspended(obs.job)
+    counted = not (suspended or disrupted)
+    failures = group.failures + (1 if counted else 0)
+    if counted and failures > obs.backoff_limit:
+        if obs.backoff_limit == 0:
+            reason = cause.get("reason", "Failed") if cause is not None else "JobFailed"
+            return _failed_state(reason, f"{what}; runPolicy.backoffLimit is 0 (no retries)")
+        reason = cause.get("reason", "Error") if cause is not None else "Error"
+        return _failed_state(BACKOFF_LIMIT_EXCEEDED, (
+            f"{reason}: {failures} group attempts failed (runPolicy.backoffLimit {obs.backoff_limit}); last {what}"
+        ))
+    run = obs.run or 0
+    if suspended:
+        why = f"run {run} was suspended"
+    elif disrupted:
+        why = f"run {run} was disrupted: {what}; not counted against runPolicy.backoffLimit"
+    else:
+        why = f"run {run} failed: {what}; {failures} of runPolicy.backoffLimit {obs.backoff_limit} retries used"
+    stopping = [p["metadata"]["name"] for p in pods if not pod_finished(p)]
+    restart = None
+    if stopping:
+        msg = f"{why}; waiting for {len(stopping)} pod(s) to stop ({', '.join(sorted(stopping)[:4])}) before run {run + 1}"
+    else:
+        msg = f"{why}; restarting all {nodes} nodes as run {run + 1} from the newest checkpoint"
+        restart = GroupRestart(run=run + 1, group=GroupAttempt(group.attempt + 1, failures, run), why=why)
+    if suspended:
+        state = _suspended_state(obs)
+        state.restart = restart
+        return state
+    return _State(running=("True", RESTARTING, msg), phase=Phase.pending.value, message=msg, restart=restart)
+
+
+def _pick(active: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The active pod that says most about a group: one that cannot be scheduled, then one
+    waiting with a reason (image pull, missing Secret), then one not running yet, else the
+    lowest node."""
+    def waiting_reason(p: Mapping[str, Any]) -> bool:
+        return (pod_waiting(p) or {}).get("reason") not in (None, "", "ContainerCreating", "PodInitializing")
+
+    by_node = sorted(active, key=lambda p: (render.pod_node_index(p) or 0, _pod_sort_key(p)))
+    for test in (pod_unschedulable, waiting_reason, lambda p: pod_running_since(p) is None):
+        for pod in by_node:
+            if test(pod):
+                return pod
+    return by_node[0]
+
+
+def _quota_state(obs: Observed, pods: Sequence[Mapping[str, Any]], now: datetime, settings: OperatorSettings) -> _State | None:
+    """QuotaExceeded while the Job controller cannot create a pod (a FailedCreate newer than the last pod)."""
+    quota = quota_event(obs.job_events)
+    last_pod_created = max((_pod_sort_key(p)[0] for p in pods), default="")
+    if quota is None or (quota.get("lastTimestamp") or quota.get("eventTime") or "") < last_pod_created:
+        return None
+    waited = _elapsed(now, _event_first_seen(obs.job_events))
+    qmsg = _quota_message(quota)
+    if waited >= settings.unschedulable_timeout_seconds:
+        msg = (
+            f"the trainer pod could not be created for {int(waited)}s (timeout "
+            f"{int(settings.unschedulable_timeout_seconds)}s): {qmsg}"
+        )
+        return _terminal(QUOTA_EXCEEDED, msg)
+    msg = f"the trainer pod cannot be created: {qmsg}"
+    return _State(running=("True", QUOTA_EXCEEDED, msg), phase=Phase.pending.value, message=msg)
+
+
 def _decide(
     obs: Observed, attempts: list[dict[str, Any]], artifacts: dict[str, Any] | None,
     progress: Mapping[str, Any] | None, now: datetime, settings: OperatorSettings, namespace: str,
@@ -504,6 +684,9 @@ def _decide(
         msg = f"creating Job {obs.job_name}" if obs.job_name else "waiting for the operator"
         return _State(running=("False", PENDING, msg), phase=Phase.pending.value, message=msg)
 
+    nodes = render.job_nodes(job)
+    group = render.group_attempt_of(job)
+    pods = list(obs.pods)
     outcome, job_reason, job_message = job_result(job)
     if outcome == "succeeded":
         if artifacts and artifacts.get("adapterUri"):
@@ -517,36 +700,45 @@ def _decide(
             phase=Phase.succeeded.value, message=msg,
         )
     if outcome == "failed":
+        if nodes > 1 and job_reason != DEADLINE_EXCEEDED:
+            return _group_failed(obs, group, nodes, attempts, pods, job_message)
         reason, msg = _failure(obs, job_reason, job_message, attempts)
-        return _State(
-            running=("False", reason, msg), failed=("True", reason, msg), complete=("False", reason, ""),
-            phase=Phase.failed.value, message=msg,
-        )
+        return _failed_state(reason, msg)
 
     if job_suspended(job):
-        if obs.suspend_requested:
-            reason, msg, phase = "SuspendedByUser", "runPolicy.suspend is true: pods are stopped, checkpoints kept", Phase.suspended.value
-        elif obs.queued:
-            reason, msg, phase = "Queued", "waiting for Kueue to admit the Job (scheduling.queueName)", Phase.queued.value
-        else:
-            reason, msg, phase = "Suspended", f"Job {obs.job_name} is suspended", Phase.suspended.value
-        return _State(running=("False", reason, msg), suspended=("True", reason, msg), phase=phase, message=msg)
+        return _suspended_state(obs)
 
-    pods = list(obs.pods)
     active = [
         p for p in sorted(pods, key=_pod_sort_key)
         if not pod_finished(p) and not (p.get("metadata") or {}).get("deletionTimestamp")
     ]
+    current = _latest_per_node(attempts, group.attempt) if nodes > 1 else attempts
     index_of = {a["podName"]: a["index"] for a in attempts}
+    if nodes > 1 and len(active) < nodes and not any(
+        _attempt_failed(a) and a.get("reason") not in (TERMINATED, STOPPED) for a in current
+    ):
+        quota = _quota_state(obs, pods, now, settings)
+        if quota is not None:
+            return quota
     if active:
-        pod = active[-1]
+        pod = _pick(active) if nodes > 1 else active[-1]
         name = pod["metadata"]["name"]
         idx = index_of.get(name, 0)
+        who = f"pod {name} (node {render.pod_node_index(pod)})" if nodes > 1 else f"pod {name}"
         created = (pod.get("metadata") or {}).get("creationTimestamp")
         started = pod_running_since(pod)
         if started is not None:
-            node = (pod.get("spec") or {}).get("nodeName") or "?"
-            msg = f"attempt {idx}: pod {name} is running on node {node}"
+            if nodes > 1:  # _pick prefers pods that do not run: all active pods run
+                shown = sorted(active, key=lambda p: render.pod_node_index(p) or 0)
+                where = ", ".join(
+                    f"node {render.pod_node_index(p)}: {p['metadata']['name']} on {(p.get('spec') or {}).get('nodeName') or '?'}"
+                    for p in shown[:8]
+                ) + (f", ... ({len(shown) - 8} more)" if len(shown) > 8 else "")
+                msg = f"attempt {idx}: {len(active)}/{nodes} nodes running ({where})"
+                started = min(pod_running_since(p) or started for p in active)
+            else:
+                node = (pod.get("spec") or {}).get("nodeName") or "?"
+                msg = f"attempt {idx}: pod {name} is running on node {node}"
             stage = (progress or {}).get("stage")
             phase = _STAGE_PHASE.get(stage or "", Phase.running.value)
             state = _State(running=("True", TRAINER_RUNNING, msg), phase=phase, message=msg)
@@ -561,11 +753,11 @@ def _decide(
             sched_msg = _truncate(unsched.get("message") or "no node fits")
             if waited >= settings.unschedulable_timeout_seconds:
                 msg = (
-                    f"pod {name} could not be scheduled for {int(waited)}s (unschedulable timeout "
+                    f"{who} could not be scheduled for {int(waited)}s (unschedulable timeout "
                     f"{int(settings.unschedulable_timeout_seconds)}s): {sched_msg}"
                 )
                 return _terminal(UNSCHEDULABLE, msg, delete=[name])
-            msg = f"pod {name} cannot be scheduled: {sched_msg}"
+            msg = f"{who} cannot be scheduled: {sched_msg}"
             return _State(running=("True", UNSCHEDULABLE, msg), phase=Phase.pending.value, message=msg)
         waiting = pod_waiting(pod) or {}
         wreason = waiting.get("reason") or ""
@@ -574,7 +766,7 @@ def _decide(
         if wreason in IMAGE_PULL_REASONS:
             waited = _elapsed(now, since)
             if waited >= settings.image_pull_grace_seconds:
-                msg = f"image {obs.image} could not be pulled for {int(waited)}s: {wmsg}; pod {name} deleted"
+                msg = f"image {obs.image} could not be pulled for {int(waited)}s: {wmsg}; {who} deleted"
                 return _terminal(IMAGE_PULL_FAILED, msg, delete=[name])
             msg = (
                 f"pulling image {obs.image} failed ({wreason}): {wmsg}; the job fails if it cannot be "
@@ -593,12 +785,15 @@ def _decide(
                 )
             else:
                 reason = CONTAINER_CONFIG_ERROR
-                base = f"pod {name} cannot start: {wmsg}"
+                base = f"{who} cannot start: {wmsg}"
             if waited >= settings.container_config_grace_seconds:
                 return _terminal(reason, f"{base}; gave up after {int(waited)}s", delete=[name])
             msg = f"{base}; the job fails if this lasts {int(settings.container_config_grace_seconds)}s"
             return _State(running=("True", reason, msg), phase=Phase.starting.value, message=msg)
-        msg = f"attempt {idx}: pod {name} is starting" + (f" ({wreason})" if wreason else "")
+        msg = f"attempt {idx}: {who} is starting" + (f" ({wreason})" if wreason else "")
+        if nodes > 1:
+            running = sum(1 for p in active if pod_running_since(p) is not None)
+            msg += f"; {running}/{nodes} nodes running"
         scheduled = bool((pod.get("spec") or {}).get("nodeName"))
         return _State(
             running=("True", STARTING, msg),
@@ -606,32 +801,34 @@ def _decide(
             message=msg,
         )
 
+    failed = [a for a in current if _attempt_failed(a)]
+    real = [a for a in failed if a.get("reason") not in (TERMINATED, STOPPED)]
+    if nodes > 1 and real:  # the Job controller is about to fail the Job: the group restarts
+        msg = f"{_describe(_group_cause(real) or real[-1])}; the group restarts"
+        return _State(running=("True", RESTARTING, msg), phase=Phase.pending.value, message=msg)
     done = [p for p in pods if (pod_terminated(p) or {}).get("exitCode") == 0]
     if done:  # the trainer succeeded; the Job controller has not marked the Job Complete yet
         name = done[-1]["metadata"]["name"]
-        msg = f"attempt {index_of.get(name, 0)}: pod {name} succeeded; waiting for Job {obs.job_name} to complete"
+        if nodes > 1:
+            msg = f"attempt {group.attempt}: {len(done)}/{nodes} nodes succeeded; waiting for Job {obs.job_name} to complete"
+        else:
+            msg = f"attempt {index_of.get(name, 0)}: pod {name} succeeded; waiting for Job {obs.job_name} to complete"
         stage = (progress or {}).get("stage")
         # The trainer exited 0: never show Running again (it would flip back from Uploading).
         phase = Phase.merging.value if stage == "Merging" else Phase.uploading.value
         return _State(running=("True", FINISHING, msg), phase=phase, message=msg)
-    quota = quota_event(obs.job_events)
-    last_pod_created = max((_pod_sort_key(p)[0] for p in pods), default="")
-    if quota is not None and (quota.get("lastTimestamp") or quota.get("eventTime") or "") >= last_pod_created:
-        waited = _elapsed(now, _event_first_seen(obs.job_events))
-        qmsg = _quota_message(quota)
-        if waited >= settings.unschedulable_timeout_seconds:
-            msg = (
-                f"the trainer pod could not be created for {int(waited)}s (timeout "
-                f"{int(settings.unschedulable_timeout_seconds)}s): {qmsg}"
-            )
-            return _terminal(QUOTA_EXCEEDED, msg)
-        msg = f"the trainer pod cannot be created: {qmsg}"
-        return _State(running=("True", QUOTA_EXCEEDED, msg), phase=Phase.pending.value, message=msg)
-    failed = [a for a in attempts if _attempt_failed(a)]
-    if failed:
+    quota = _quota_state(obs, pods, now, settings)
+    if quota is not None:
+        return quota
+    if failed and nodes == 1:
         msg = f"{_describe(failed[-1])}; waiting for the next attempt"
         return _State(running=("True", RETRYING, msg), phase=Phase.pending.value, message=msg)
-    msg = f"Job {obs.job_name} created; waiting for its pod"
+    if nodes > 1:
+        msg = f"Job {obs.job_name} created; waiting for its {nodes} pods"
+        if group.restart_of is not None:
+            msg = f"run {obs.run} (group attempt {group.attempt}) restarts run {group.restart_of}: " + msg
+    else:
+        msg = f"Job {obs.job_name} created; waiting for its pod"
     return _State(running=("True", PENDING, msg), phase=Phase.pending.value, message=msg)
 
 
@@ -696,9 +893,16 @@ def compute_status(
     now_s = fmt_time(now)
     old_conds = {c.get("type"): c for c in old.get("conditions") or [] if c.get("type")}
     same_run = obs.run is not None and old.get("run") == obs.run
-    progress = old.get("progress") if same_run else None
+    nodes = render.job_nodes(obs.job)
+    group = render.group_attempt_of(obs.job)
+    # A group restart continues the failed run: its attempts, progress and start time carry on.
+    continuing = not same_run and group.restart_of is not None and old.get("run") == group.restart_of
+    carry = same_run or continuing
+    progress = old.get("progress") if carry else None
 
-    attempts = merge_attempts(old.get("attempts") or [] if same_run else [], obs.pods)
+    attempts = merge_attempts(
+        old.get("attempts") or [] if carry else [], obs.pods, group.attempt if nodes > 1 else None
+    )
     artifacts = artifacts_from_pods(obs.pods) or (old.get("artifacts") if same_run else None)
 
     sticky = (
@@ -713,6 +917,7 @@ def compute_status(
         message = old.get("message") or ""
         stop_reason = None
         delete: list[str] = []
+        restart = None
     else:
         state = _decide(obs, attempts, artifacts, progress, now, settings, namespace)
         values = {
@@ -731,11 +936,14 @@ def compute_status(
         message = state.message
         stop_reason = state.stop_reason
         delete = state.delete_pods
+        restart = state.restart
 
     conds = {c["type"]: c for c in conditions}
     terminal = _is_true(conds, "Complete") or _is_true(conds, "Failed")
     job_status = (obs.job or {}).get("status") or {}
-    start_time = job_status.get("startTime") or (old.get("startTime") if same_run else None)
+    start_time = (old.get("startTime") if continuing else None) or job_status.get("startTime") or (
+        old.get("startTime") if same_run else None
+    )
     completion = None
     if terminal:
         completion = (old.get("completionTime") if same_run else None) or job_status.get("completionTime") or now_s
@@ -763,11 +971,14 @@ def compute_status(
         "message": _truncate(message) or None,
     }
     patch = {k: v for k, v in desired.items() if old.get(k) != v and not (v is None and k not in old)}
-    if not same_run and old.get("progress") is not None:
+    if not carry and old.get("progress") is not None:
         patch["progress"] = None  # a new run: the previous run's progress is history
-    events = transition_events(old_conds, conds, old.get("attempts") or [] if same_run else [], attempts, terminal)
+    events = transition_events(
+        old_conds, conds, old.get("attempts") or [] if carry else [], attempts, terminal, group=nodes > 1
+    )
     return StatusResult(
-        status=desired, patch=patch, events=events, delete_pods=delete, stop_reason=stop_reason, terminal=terminal
+        status=desired, patch=patch, events=events, delete_pods=delete, stop_reason=stop_reason, terminal=terminal,
+        restart=restart,
     )
 
 
@@ -777,14 +988,27 @@ def transition_events(
     old_attempts: Sequence[Mapping[str, Any]],
     new_attempts: Sequence[Mapping[str, Any]],
     terminal: bool,
+    *,
+    group: bool = False,
 ) -> list[EventSpec]:
-    """One Event per transition: a failed attempt, a changed Running reason, a condition flip."""
+    """One Event per transition: a failed attempt, a changed Running reason, a condition flip.
+
+    ``group`` (nodes > 1): pods stopped because their group was already failing
+    (Terminated, Stopped) get no event of their own when another pod of the same group
+    attempt failed for a reason.
+    """
     events: list[EventSpec] = []
     finished_before = {a.get("podName") for a in old_attempts if _attempt_finished(a)}
+    casualty = (TERMINATED, STOPPED)
+    real_failure = {
+        a.get("index") for a in new_attempts if _attempt_failed(a) and a.get("reason") not in casualty
+    } if group else set()
     for attempt in new_attempts:
         if attempt.get("podName") in finished_before or not _attempt_failed(attempt):
             continue
-        tail = "" if terminal else "; the run will retry"
+        if group and attempt.get("reason") in casualty and attempt.get("index") in real_failure:
+            continue
+        tail = "" if terminal else ("; the group restarts" if group else "; the run will retry")
         events.append(EventSpec("Warning", attempt.get("reason") or "AttemptFailed", _truncate(_describe(attempt) + tail)))
 
     def changed(typ: str) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None, bool]:

@@ -107,7 +107,7 @@ def test_pod_failure_policy():
     rules = job_for(body())["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
-        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 6]},
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 6, 7]},
     }
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert len(rules) == 2  # everything else counts against backoffLimit
@@ -380,3 +380,154 @@ def test_settings_errors_name_the_variable_and_flag():
     assert "QLORA_OPERATOR_MAX_GPUS_PER_JOB" in str(err.value) and "--max-gpus-per-job" in str(err.value)
     with pytest.raises(SettingsError):
         OperatorSettings.load({}, log_format="xml")
+
+
+# --- several nodes (issue 10) -----------------------------------------------------------------------
+
+
+def multinode(nodes: int = 2, gpus: int = 1, name: str = "bot", **updates) -> dict:
+    return body(name, resources={"gpus": gpus, "nodes": nodes}, **updates)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "gpus", "expected"),
+    [
+        (1, 1, None),
+        (1, 4, {"QLORA_NNODES": "1", "QLORA_NPROC_PER_NODE": "4", "QLORA_NODE_RANK": "0", "QLORA_MASTER_ADDR": "127.0.0.1"}),
+        (2, 1, {"QLORA_NNODES": "2", "QLORA_NPROC_PER_NODE": "1", "QLORA_MASTER_ADDR": "bot-train-0.bot-train"}),
+        (2, 4, {"QLORA_NNODES": "2", "QLORA_NPROC_PER_NODE": "4", "QLORA_MASTER_ADDR": "bot-train-0.bot-train"}),
+    ],
+)
+def test_distributed_env_contract(nodes, gpus, expected):
+    env = env_of(job_for(multinode(nodes, gpus)))
+    names = ("QLORA_NNODES", "QLORA_NPROC_PER_NODE", "QLORA_NODE_RANK", "QLORA_MASTER_ADDR", "QLORA_MASTER_PORT")
+    if expected is None:
+        assert not set(names) & set(env)
+        return
+    for key, value in expected.items():
+        assert env[key] == {"name": key, "value": value}
+    assert env["QLORA_MASTER_PORT"]["value"] == "29500"
+    if nodes > 1:  # the rank is the pod's completion index, set by the Job controller
+        assert env["QLORA_NODE_RANK"] == {
+            "name": "QLORA_NODE_RANK",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
+        }
+    assert container(job_for(multinode(nodes, gpus)))["command"] == ["qlora-train", "--config", "/etc/qlora/config.json"]
+
+
+def test_multinode_master_addr_follows_the_run():
+    env = env_of(job_for(multinode(), run=3))
+    assert env["QLORA_MASTER_ADDR"]["value"] == "bot-train-r3-0.bot-train-r3"
+    assert env["QLORA_MASTER_ADDR"]["value"] == render.master_addr("bot", 3)
+
+
+def test_multinode_job_is_indexed_and_fails_as_a_group():
+    job = job_for(multinode(3, 2, runPolicy={"backoffLimit": 5}))
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert spec["backoffLimit"] == 0  # the first failed pod fails the Job; the operator restarts the group
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert spec["podFailurePolicy"]["rules"] == [
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 6, 7]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0]}},
+    ]
+    assert pod["subdomain"] == "bot-train" and pod["restartPolicy"] == "Never"
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "2"  # gpus per pod
+    ann = job["metadata"]["annotations"]
+    assert (ann[render.ANN_GROUP_ATTEMPT], ann[render.ANN_GROUP_FAILURES]) == ("0", "0")
+    assert render.ANN_RESTART_OF not in ann
+    assert render.job_nodes(job) == 3
+    assert restricted_violations(pod) == []
+
+
+def test_single_node_job_is_unchanged():
+    job = job_for(body())
+    spec = job["spec"]
+    assert "completionMode" not in spec and (spec["completions"], spec["parallelism"]) == (1, 1)
+    assert "subdomain" not in spec["template"]["spec"]
+    assert render.ANN_GROUP_ATTEMPT not in job["metadata"]["annotations"]
+    assert render.job_nodes(job) == 1
+    b = body()
+    assert [c["kind"] for c in render.render_children(b, parsed(b), OperatorSettings())] == [
+        "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+
+
+def test_multinode_group_attempt_is_recorded_on_the_job():
+    b = multinode()
+    group = render.GroupAttempt(attempt=2, failures=1, restart_of=4)
+    job = render.render_job(b, parsed(b), OperatorSettings(), 5, group)
+    ann = job["metadata"]["annotations"]
+    assert (ann[render.ANN_GROUP_ATTEMPT], ann[render.ANN_GROUP_FAILURES], ann[render.ANN_RESTART_OF]) == ("2", "1", "4")
+    assert render.group_attempt_of(job) == group
+    assert render.group_attempt_of(None) == render.GroupAttempt()
+    assert render.group_attempt_of({"metadata": {"annotations": {render.ANN_GROUP_ATTEMPT: "x"}}}) == render.GroupAttempt()
+
+
+def test_multinode_headless_service():
+    b = multinode()
+    children = render.render_children(b, parsed(b), OperatorSettings(), 2)
+    assert [c["kind"] for c in children] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Service", "Job"]
+    svc, job = children[-2], children[-1]
+    assert svc["metadata"]["name"] == "bot-train-r2" == job["spec"]["template"]["spec"]["subdomain"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {render.LABEL_JOB: "bot", render.LABEL_RUN: "2"}
+    template_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert all(template_labels[k] == v for k, v in svc["spec"]["selector"].items())  # it selects the run's pods
+    assert svc["spec"]["ports"] == [{"name": "torch-dist", "port": 29500, "targetPort": 29500, "protocol": "TCP"}]
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == UID  # created before the Job: owned by the QLoRAJob
+
+
+@pytest.mark.parametrize("length", [1, 40, 50, 52])
+@pytest.mark.parametrize("run", [1, 2, 10, 999])
+def test_multinode_names_fit_dns_labels(length, run):
+    import re
+
+    name = ("b" * (length - 1)) + "z"
+    svc = render.service_name(name, run)
+    hostname = f"{render.job_name(name, run)}-63"  # the Job controller's hostname of the last index
+    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", svc), svc  # DNS-1035 (a Service name)
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", hostname), hostname  # DNS-1123 label
+    assert render.master_addr(name, run) == f"{render.job_name(name, run)}-0.{svc}"
+
+
+@pytest.mark.parametrize(
+    ("name", "resources", "settings", "fragment"),
+    [
+        ("bot", {"nodes": 2, "gpus": 9}, {}, "spec.resources.gpus: 9 GPUs requested"),
+        ("bot", {"nodes": 8, "gpus": 8}, {}, None),  # max_gpus_per_job is per pod; ResourceQuota caps the total
+        ("bot.v2", {"nodes": 2}, {}, "metadata.name must be a DNS-1035 label"),
+        ("7b-bot", {"nodes": 2}, {}, "metadata.name must be a DNS-1035 label"),
+        ("7b-bot", {"nodes": 1}, {}, None),
+        ("bot.v2", {}, {}, None),
+    ],
+)
+def test_validate_several_nodes(name, resources, settings, fragment):
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["resources"] = resources
+    parsed_spec, invalid = plan.validate(spec, OperatorSettings(**settings), name)
+    if fragment is None:
+        assert invalid is None and parsed_spec is not None
+    else:
+        assert parsed_spec is None and fragment in invalid
+
+
+@pytest.mark.parametrize("nodes", [0, 65])
+def test_nodes_bounds(nodes):
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["resources"] = {"nodes": nodes}
+    _, invalid = plan.validate(spec, OperatorSettings())
+    assert invalid and "spec.resources.nodes" in invalid
+
+
+@pytest.mark.parametrize(
+    ("pod", "expected"),
+    [
+        ({"metadata": {"annotations": {render.COMPLETION_INDEX: "3"}}}, 3),
+        ({"metadata": {"labels": {render.COMPLETION_INDEX: "1"}}}, 1),
+        ({"metadata": {}}, None),
+    ],
+)
+def test_pod_node_index(pod, expected):
+    assert render.pod_node_index(pod) == expected

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from qlora_operator import plan, render
+from qlora_operator import status as status_mod
 from qlora_operator.settings import OperatorSettings
 from qlora_operator.status import (
     Observed,
@@ -308,6 +309,7 @@ def test_status_table(case, obs, now, phase, expected, fragment, events, effects
         (4, "Error", "StorageError"),
         (5, "Error", "CudaOutOfMemory"),
         (6, "Error", "NonFiniteLoss"),
+        (7, "Error", "InsufficientGPUMemory"),
         (137, "OOMKilled", "OOMKilled"),
         (137, "Error", "OOMKilled"),
         (1, "Error", "ExitCode1"),
@@ -624,6 +626,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str], dict] = {}
         self.calls: list[str] = []
         self.events: list[tuple[str, str]] = []
+        self.pods: dict[int, list[dict]] = {}
 
     def get_qlorajob(self, namespace, name):
         return copy.deepcopy(self.body)
@@ -655,7 +658,7 @@ class FakeKube:
         return copy.deepcopy(stored), "created"
 
     def list_pods(self, namespace, name, run):
-        return []
+        return copy.deepcopy(self.pods.get(run, []))
 
     def list_job_events(self, namespace, job):
         return []
@@ -672,7 +675,7 @@ class FakeKube:
                 ann[key] = value
         return copy.deepcopy(job)
 
-    def delete(self, api_version, kind, namespace, name):
+    def delete(self, api_version, kind, namespace, name, **_):
         self.calls.append(f"delete-{kind}")
         return self.objects.pop((kind, name), None) is not None
 
@@ -744,3 +747,227 @@ def test_reconcile_suspend_and_resume_patch_the_job():
     reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(2))
     assert api.objects[("Job", "bot-train")]["spec"]["suspend"] is False
     assert render.ANN_USER_SUSPENDED not in api.objects[("Job", "bot-train")]["metadata"]["annotations"]
+
+
+# --- several nodes: group status and restarts (issue 10) --------------------------------------------
+
+GROUP_SPEC = {**SPEC, "resources": {"nodes": 2, "gpus": 1}}
+
+
+def gjob(*conditions, run: int = 1, group: render.GroupAttempt | None = None, suspend: bool = False, **status) -> dict:
+    body = qj(spec=GROUP_SPEC)
+    parsed, invalid = plan.validate(body["spec"], SETTINGS, "bot")
+    assert invalid is None, invalid
+    out = render.render_job(body, parsed, SETTINGS, run, group)
+    out["metadata"]["uid"] = f"job-uid-{run}"
+    out["spec"]["suspend"] = suspend
+    out["status"] = {"startTime": ts(0), **status}
+    if conditions:
+        out["status"]["conditions"] = [
+            {"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": ts(100)} for t, r, m in conditions
+        ]
+    return out
+
+
+def gpod(index: int, run: int = 1, created: float = 1, **kw) -> dict:
+    """Pod of node ``index`` of run ``run`` (``node``: the Kubernetes Node it is bound to)."""
+    name = f"{render.job_name('bot', run)}-{index}-x{created:g}".replace(".", "")
+    out = pod(name, created, **kw)
+    out["metadata"]["labels"][render.LABEL_RUN] = str(run)
+    out["metadata"]["labels"][render.COMPLETION_INDEX] = str(index)
+    out["metadata"]["annotations"] = {render.COMPLETION_INDEX: str(index)}
+    return out
+
+
+def gobserve(job_obj, pods=(), run: int = 1, **kw) -> Observed:
+    return observe(job_obj, pods, run=run, **kw)
+
+
+FAIL_POLICY = ("Failed", "PodFailurePolicy", "Container trainer for pod ns/bot-train-1-x failed with exit code 1 matching FailJob rule at index 2")
+EXIT1 = {"exitCode": 1, "reason": "Error", "message": "RuntimeError: NCCL error"}
+SIGTERM = {"exitCode": 143, "reason": "Error"}
+
+
+def test_group_running_shows_every_node():
+    pods = [gpod(0, running=5), gpod(1, running=6, node="node-2")]
+    r = compute_status(qj(spec=GROUP_SPEC), gobserve(gjob(), pods), at(10), SETTINGS)
+    running = conds(r.status)["Running"]
+    assert (running["status"], running["reason"]) == ("True", "TrainerRunning")
+    assert "2/2 nodes running" in running["message"] and "node 1: bot-train-1-x1 on node-2" in running["message"]
+    assert [(a["index"], a["node"], a["phase"]) for a in r.status["attempts"]] == [(0, 0, "Running"), (0, 1, "Running")]
+    assert r.status["phase"] == "Running"
+
+
+def test_group_reports_the_pod_that_holds_it_up():
+    pods = [gpod(0, running=5), gpod(1, node=None, unschedulable=("0/2 nodes are available: 2 Insufficient nvidia.com/gpu.", 2))]
+    r = compute_status(qj(spec=GROUP_SPEC), gobserve(gjob(), pods), at(30), SETTINGS)
+    running = conds(r.status)["Running"]
+    assert running["reason"] == "Unschedulable"
+    assert "pod bot-train-1-x1 (node 1) cannot be scheduled" in running["message"]
+    starting = compute_status(qj(spec=GROUP_SPEC), gobserve(gjob(), [gpod(0, running=5), gpod(1, waiting=("ContainerCreating", ""))]), at(6), SETTINGS)
+    assert conds(starting.status)["Running"]["reason"] == "Starting"
+    assert "1/2 nodes running" in starting.status["message"]
+
+
+def test_group_failure_waits_for_every_pod_then_restarts():
+    body = qj(spec=GROUP_SPEC)
+    failing = [gpod(0, running=5, deleting=True), gpod(1, terminated=EXIT1)]
+    r1 = compute_status(body, gobserve(gjob(("FailureTarget", "PodFailurePolicy", "x")), failing), at(60), SETTINGS)
+    running = conds(r1.status)["Running"]
+    assert (running["status"], running["reason"]) == ("True", "Restarting")
+    assert "run 1 failed: attempt 0 (node 1, pod bot-train-1-x1) exited with code 1 (ExitCode1)" in running["message"]
+    assert "waiting for 1 pod(s) to stop" in running["message"]
+    assert r1.restart is None and not r1.terminal
+    assert [(e.type, e.reason) for e in r1.events] == [("Warning", "ExitCode1"), ("Normal", "Restarting")]
+    assert "the group restarts" in r1.events[0].message
+    body = apply(body, r1.patch)
+    stopped = [gpod(0, terminated=SIGTERM), gpod(1, terminated=EXIT1)]
+    r2 = compute_status(body, gobserve(gjob(FAIL_POLICY), stopped), at(70), SETTINGS)
+    assert r2.restart == status_mod.GroupRestart(run=2, group=render.GroupAttempt(1, 1, 1), why=r2.restart.why)
+    assert "1 of runPolicy.backoffLimit 3 retries used" in r2.restart.why
+    assert "restarting all 2 nodes as run 2" in r2.status["message"]
+    assert r2.events == []  # node 0's SIGTERM (the group being torn down) is no failure of its own
+    assert [(a["node"], a["reason"]) for a in r2.status["attempts"]] == [(0, "Terminated"), (1, "ExitCode1")]
+
+
+def test_group_restart_continues_attempts_and_progress():
+    body = qj(spec=GROUP_SPEC)
+    body = apply(body, compute_status(body, gobserve(gjob(FAIL_POLICY), [gpod(0, terminated=SIGTERM), gpod(1, terminated=EXIT1)]), at(70), SETTINGS).patch)
+    body["status"]["progress"] = {"step": 12, "totalSteps": 40, "updatedAt": ts(50)}
+    start = body["status"]["startTime"]
+    run2 = gjob(run=2, group=render.GroupAttempt(1, 1, 1))
+    r = compute_status(body, gobserve(run2, [], run=2), at(80), SETTINGS)
+    assert r.status["run"] == 2 and r.status["jobName"] == "bot-train-r2"
+    assert "progress" not in r.patch and r.status["startTime"] == start
+    assert len(r.status["attempts"]) == 2
+    assert "run 2 (group attempt 1) restarts run 1" in r.status["message"]
+    body = apply(body, r.patch)
+    pods = [gpod(0, run=2, created=81, running=85), gpod(1, run=2, created=81, running=86)]
+    r = compute_status(body, gobserve(run2, pods, run=2), at(90), SETTINGS)
+    assert [(a["index"], a["node"], a.get("reason")) for a in r.status["attempts"]] == [
+        (0, 0, "Terminated"), (0, 1, "ExitCode1"), (1, 0, None), (1, 1, None)]
+    assert conds(r.status)["Running"]["reason"] == "TrainerRunning"
+    done = [gpod(0, run=2, created=81, terminated=TERM_OK), gpod(1, run=2, created=81, terminated={"exitCode": 0, "reason": "Completed"})]
+    body = apply(body, r.patch)
+    r = compute_status(body, gobserve(gjob(("Complete", "CompletionsReached", ""), run=2, group=render.GroupAttempt(1, 1, 1)), done, run=2), at(200), SETTINGS)
+    assert r.status["phase"] == "Succeeded" and r.status["artifacts"]["adapterUri"] == "s3://out/a/adapter/"
+    assert [a["reason"] for a in r.status["attempts"]][-2:] == ["Succeeded", "Succeeded"]
+
+
+def test_group_attempt_whose_pod_vanished_is_closed_as_stopped():
+    previous = [{"index": 0, "node": 0, "podName": "bot-train-0-a", "phase": "Running"},
+                {"index": 0, "node": 1, "podName": "bot-train-1-a", "exitCode": 1, "reason": "ExitCode1", "finishTime": ts(5)}]
+    merged = merge_attempts(previous, [gpod(0, run=2, created=9, running=10)], group_attempt=1)
+    assert merged[0]["reason"] == "Stopped" and merged[0]["phase"] == "Failed"
+    assert [(a["index"], a["node"]) for a in merged] == [(0, 0), (0, 1), (1, 0)]
+
+
+@pytest.mark.parametrize(
+    ("failed_pod", "reason", "fragment"),
+    [
+        ({"terminated": {"exitCode": 3, "reason": "Error", "message": {"exitCode": 3, "reason": "InvalidData", "message": "line 7"}}},
+         "InvalidData", "not retried"),
+        ({"terminated": {"exitCode": 7, "reason": "Error"}}, "InsufficientGPUMemory", "not retried"),
+        ({"terminated": {"exitCode": 2, "reason": "Error"}}, "InvalidConfig", "not retried"),
+    ],
+)
+def test_group_permanent_failure_is_not_restarted(failed_pod, reason, fragment):
+    pods = [gpod(0, terminated=SIGTERM), gpod(1, **failed_pod)]
+    r = compute_status(qj(spec=GROUP_SPEC), gobserve(gjob(FAIL_POLICY), pods), at(100), SETTINGS)
+    failed = conds(r.status)["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", reason) and fragment in failed["message"]
+    assert r.restart is None and r.terminal and r.stop_reason is None
+    assert "node 1" in failed["message"]
+
+
+def test_group_disruption_restarts_without_counting():
+    pods = [gpod(0, terminated=SIGTERM, disruption="PreemptionByScheduler"), gpod(1, terminated=EXIT1)]
+    job = gjob(("Failed", "PodFailurePolicy", "Pod ns/x has condition DisruptionTarget matching FailJob rule at index 0"),
+               group=render.GroupAttempt(2, 3, None))
+    r = compute_status(qj(spec=GROUP_SPEC), gobserve(job, pods, backoff_limit=3), at(100), SETTINGS)
+    assert r.restart is not None and r.restart.group == render.GroupAttempt(3, 3, 1)
+    assert "disrupted" in r.restart.why and "not counted" in r.restart.why
+    assert ("Warning", "Disrupted") in [(e.type, e.reason) for e in r.events]
+
+
+@pytest.mark.parametrize(
+    ("backoff", "failures", "reason", "fragment"),
+    [
+        (3, 3, "BackoffLimitExceeded", "ExitCode1: 4 group attempts failed (runPolicy.backoffLimit 3)"),
+        (0, 0, "ExitCode1", "runPolicy.backoffLimit is 0 (no retries)"),
+    ],
+)
+def test_group_backoff_limit(backoff, failures, reason, fragment):
+    pods = [gpod(0, terminated=SIGTERM), gpod(1, terminated=EXIT1)]
+    job = gjob(FAIL_POLICY, group=render.GroupAttempt(failures, failures, None))
+    r = compute_status(qj(spec=GROUP_SPEC), gobserve(job, pods, backoff_limit=backoff), at(100), SETTINGS)
+    failed = conds(r.status)["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", reason)
+    assert fragment in failed["message"] and r.restart is None and r.terminal
+
+
+def test_group_suspended_restarts_suspended_without_counting():
+    pods = [gpod(0, terminated=SIGTERM), gpod(1, terminated=SIGTERM)]
+    job = gjob(FAIL_POLICY, suspend=True)
+    r = compute_status(qj(spec=GROUP_SPEC), gobserve(job, pods, suspend_requested=True), at(100), SETTINGS)
+    assert conds(r.status)["Suspended"]["reason"] == "SuspendedByUser" and r.status["phase"] == "Suspended"
+    assert r.restart is not None and r.restart.group == render.GroupAttempt(1, 0, 1)
+    assert not r.terminal
+
+
+def test_group_resumed_in_the_same_run_counts_attempts_per_node():
+    """Suspending an Indexed Job deletes its pods without failing it; resuming creates new ones."""
+    body = qj(spec=GROUP_SPEC)
+    body = apply(body, compute_status(body, gobserve(gjob(), [gpod(0, running=5), gpod(1, running=5)]), at(10), SETTINGS).patch)
+    suspended = compute_status(body, gobserve(gjob(suspend=True), [], suspend_requested=True), at(20), SETTINGS)
+    assert suspended.status["phase"] == "Suspended" and suspended.restart is None
+    assert [a["reason"] for a in suspended.status["attempts"]] == ["Stopped", "Stopped"]
+    body = apply(body, suspended.patch)
+    resumed = compute_status(body, gobserve(gjob(), []), at(30), SETTINGS)
+    assert conds(resumed.status)["Running"]["reason"] == "Pending"  # not a failure: waiting for the new pods
+    body = apply(body, resumed.patch)
+    again = compute_status(body, gobserve(gjob(), [gpod(0, created=31, running=32), gpod(1, created=31, running=33)]), at(40), SETTINGS)
+    assert [(a["index"], a["node"], a.get("reason")) for a in again.status["attempts"]] == [
+        (0, 0, "Stopped"), (0, 1, "Stopped"), (1, 0, None), (1, 1, None)]
+    assert conds(again.status)["Running"]["reason"] == "TrainerRunning"
+    fail = [gpod(0, created=31, terminated=SIGTERM), gpod(1, created=31, terminated=EXIT1)]
+    body = apply(body, again.patch)
+    r = compute_status(body, gobserve(gjob(FAIL_POLICY), fail), at(50), SETTINGS)
+    assert r.restart is not None and "node 1" in r.restart.why  # the resumed pods' failure counts
+
+
+def test_group_deadline_fails():
+    pods = [gpod(0, terminated=SIGTERM), gpod(1, terminated=SIGTERM)]
+    job = gjob(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"))
+    r = compute_status(qj(spec=GROUP_SPEC), gobserve(job, pods, active_deadline_seconds=60), at(100), SETTINGS)
+    assert conds(r.status)["Failed"]["reason"] == "DeadlineExceeded" and r.restart is None
+
+
+def test_single_node_attempts_have_no_node_but_a_phase():
+    r = compute_status(qj(), observe(job(), [pod(running=5)]), at(10), SETTINGS)
+    assert r.status["attempts"] == [{"index": 0, "podName": "bot-train-aaaaa", "phase": "Running", "startTime": ts(5)}]
+
+
+def test_reconcile_restarts_a_failed_group_as_the_next_run():
+    from qlora_operator.reconcile import reconcile
+
+    api = FakeKube(qj(spec=GROUP_SPEC))
+    reconcile(api, SETTINGS, "ns", "bot", ensure=True, now=lambda: at(0))
+    assert sorted(api.objects) == [("ConfigMap", "bot-config"), ("Job", "bot-train"), ("Role", "bot-trainer"),
+                                   ("RoleBinding", "bot-trainer"), ("Service", "bot-train"), ("ServiceAccount", "bot-trainer")]
+    api.pods[1] = [gpod(0, terminated=SIGTERM), gpod(1, terminated=EXIT1)]
+    api.objects[("Job", "bot-train")]["status"] = {"conditions": [
+        {"type": t, "status": "True", "reason": "PodFailurePolicy", "message": "x"} for t in ("FailureTarget", "Failed")]}
+    for i in range(3):  # again and again: exactly one next run
+        reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(10 + i))
+    run2 = api.objects[("Job", "bot-train-r2")]
+    assert render.group_attempt_of(run2) == render.GroupAttempt(1, 1, 1)
+    assert ("Service", "bot-train-r2") in api.objects and ("Service", "bot-train") not in api.objects
+    assert ("ConfigMap", "bot-config-r2") in api.objects
+    assert not [k for k in api.objects if k[1] == "bot-train-r3"]
+    status = api.body["status"]
+    assert status["run"] == 2 and status["jobName"] == "bot-train-r2"
+    assert [(a["index"], a["node"]) for a in status["attempts"]] == [(0, 0), (0, 1)]
+    assert conds(status)["Running"]["status"] == "True"
+    created = [e for e in api.events if e[1] == "JobCreated"]
+    assert len(created) == 2

@@ -1,0 +1,371 @@
+"""Several trainer nodes (``spec.resources.nodes > 1``, issue 10) on the real local cluster.
+
+The operator renders an Indexed Job and a headless Service; the Job controller creates
+one pod per node (hostname ``<job-name>-<index>``, ``JOB_COMPLETION_INDEX``); the node
+agent runs them as local processes and stands in for cluster DNS (``QLORA_MASTER_ADDR``,
+``<job-name>-0.<service>``, becomes ``127.0.0.1``: see ``localcluster.node_agent``).
+
+The pods run a stand-in group trainer (``GROUP_TRAINER``) that follows the trainer's
+contract for several nodes: it reads ``QLORA_NNODES``, ``QLORA_NODE_RANK``,
+``QLORA_MASTER_ADDR`` and ``QLORA_MASTER_PORT``, meets its peers at node 0 over TCP (a
+rendezvous, as ``torchrun`` does), "trains" while node 0 reports progress, and exits
+with the trainer's exit codes and JSON termination message. Its behaviour comes from
+the dataset file name: ``ok`` (3 steps of a second), ``sleep-N`` (N steps), ``fail-once``
+(node 1 exits 1 in run 1, after the rendezvous; node 0 hangs like a broken collective
+until the Job controller stops it).
+``test_two_nodes_real_trainer`` runs the real ``qlora-train`` instead (``REAL_TRAINER``):
+two pods, each a ``torchrun`` agent with one gloo worker on CPU, the embedded model.
+
+The first tests are pure (the DNS stand-in's name rules) and need no cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+from kubernetes.client.exceptions import ApiException
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_operator import (  # noqa: E402,F401 - fixtures of the operator tests, reused
+    GROUP_PATH,
+    apply,
+    buckets,
+    condition,
+    crd,
+    events,
+    get_qj,
+    is_true,
+    jobs,
+    manifest,
+    s3_secret,
+    start_operator,
+    wait_condition,
+)
+
+from localcluster.podenv import DnsCandidate, dns_candidates, resolve_cluster_names  # noqa: E402
+
+# ----------------------------------------------------------------------------- the DNS stand-in (pure)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("bot-train", [DnsCandidate("ns", "bot-train", False)]),
+        ("bot-train.other", [DnsCandidate("ns", "other", True), DnsCandidate("other", "bot-train", False)]),
+        ("bot-train-0.bot-train", [DnsCandidate("ns", "bot-train", True), DnsCandidate("bot-train", "bot-train-0", False)]),
+        ("bot-train.ns.svc", [DnsCandidate("ns", "bot-train", False)]),
+        ("bot-train.ns.svc.cluster.local", [DnsCandidate("ns", "bot-train", False)]),
+        ("bot-train-0.bot-train.ns", [DnsCandidate("ns", "bot-train", True)]),
+        ("bot-train-0.bot-train.ns.svc", [DnsCandidate("ns", "bot-train", True)]),
+        ("bot-train-0.bot-train.ns.svc.cluster.local.", [DnsCandidate("ns", "bot-train", True)]),
+        ("BOT-TRAIN", [DnsCandidate("ns", "bot-train", False)]),
+        ("127.0.0.1", []),
+        ("29500", []),
+        ("/etc/qlora/config.json", []),
+        ("s3://data/x.jsonl", []),
+        ("a.b.c.d.e", []),
+        ("", []),
+    ],
+)
+def test_dns_candidates(host, expected):
+    assert dns_candidates(host, "ns") == expected
+
+
+class FakeServices:
+    """Services by (namespace, name); counts the lookups."""
+
+    def __init__(self, *services: tuple[str, str, str]):
+        self.items = {(ns, name): {"spec": {"clusterIP": ip}} for ns, name, ip in services}
+        self.calls = 0
+
+    def service(self, namespace, name):
+        self.calls += 1
+        return self.items.get((namespace, name))
+
+
+def test_resolve_cluster_names():
+    services = FakeServices(("ns", "bot-train", "None"), ("ns", "minio", "10.0.0.7"), ("other", "db", "10.0.0.8"))
+    env = {
+        "QLORA_MASTER_ADDR": "bot-train-0.bot-train",
+        "FQDN": "bot-train-0.bot-train.ns.svc.cluster.local",
+        "WITH_PORT": "minio:9000",
+        "OTHER_NS": "db.other.svc",
+        "POD_OF_NOT_HEADLESS": "x-0.minio",
+        "MISSING": "nothing-here.ns",
+        "URL": "http://minio:9000",
+        "WORD": "auto",
+        "NUMBER": "29500",
+    }
+    out = resolve_cluster_names(env, "ns", services)
+    assert out == {
+        **env,
+        "QLORA_MASTER_ADDR": "127.0.0.1",
+        "FQDN": "127.0.0.1",
+        "WITH_PORT": "127.0.0.1:9000",
+        "OTHER_NS": "127.0.0.1",
+    }
+    calls = services.calls
+    resolve_cluster_names({"A": "bot-train", "B": "bot-train"}, "ns", services)
+    assert services.calls == calls + 1  # one lookup per distinct Service
+
+
+# ----------------------------------------------------------------------------- the stand-in group trainer
+
+# argv[1] is the config path (the node agent rewrites the mount path).
+GROUP_TRAINER = r'''
+import json, os, socket, ssl, sys, time, urllib.request, zlib
+cfg = json.load(open(sys.argv[1]))
+behaviour = cfg["dataset"]["uri"].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+out = cfg["output"]["uri"].rstrip("/")
+rank, nodes = int(os.environ["QLORA_NODE_RANK"]), int(os.environ["QLORA_NNODES"])
+addr, run = os.environ["QLORA_MASTER_ADDR"], os.environ["QLORA_RUN"]
+where = "rank %d/%d run %s master %s:%s index %s host %s" % (rank, nodes, run, addr, os.environ["QLORA_MASTER_PORT"],
+                                                            os.environ.get("JOB_COMPLETION_INDEX"), os.environ.get("HOSTNAME"))
+print(where, flush=True)
+
+def finish(code, reason, message, artifacts=None):
+    with open(os.environ["QLORA_TERMINATION_MESSAGE_PATH"], "w") as f:
+        json.dump({"exitCode": code, "reason": reason, "message": message, "artifacts": artifacts or {}}, f)
+    sys.exit(code)
+
+def report(step, total):
+    tokdir = os.environ["QLORA_SA_TOKEN_DIR"]
+    ctx = ssl.create_default_context(cafile=os.path.join(tokdir, "ca.crt"))
+    url = "https://%s:%s/apis/qlora.dev/v1alpha1/namespaces/%s/qlorajobs/%s/status" % (
+        os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"],
+        os.environ["QLORA_JOB_NAMESPACE"], os.environ["QLORA_JOB_NAME"])
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    body = {"status": {"progress": {"step": step, "totalSteps": total, "progress": "%d/%d" % (step, total),
+                                    "stage": "Training", "updatedAt": now}}}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PATCH", headers={
+        "Content-Type": "application/merge-patch+json",
+        "Authorization": "Bearer " + open(os.path.join(tokdir, "token")).read().strip()})
+    urllib.request.urlopen(req, context=ctx, timeout=10).read()
+
+# Rendezvous at node 0, as torchrun does. Every pod shares the machine's loopback, and other
+# tests may use 29500 there: derive a port from the namespace and run (both nodes agree).
+port = 20000 + zlib.crc32((os.environ["QLORA_JOB_NAMESPACE"] + run).encode()) % 20000
+if rank == 0:
+    server = socket.create_server((addr, port))
+    peers = [server.accept()[0] for _ in range(nodes - 1)]
+    for peer in peers:
+        peer.sendall(b"go\n")
+else:
+    deadline = time.time() + 60
+    while True:
+        try:
+            conn = socket.create_connection((addr, port), timeout=5)
+            break
+        except OSError:
+            if time.time() > deadline:
+                finish(1, "Error", "no rendezvous at %s:%d: %s" % (addr, port, where))
+            time.sleep(0.2)
+    assert conn.makefile().readline().strip() == "go"
+
+if behaviour == "fail-once" and run == "1":
+    if rank == 1:
+        finish(1, "SimulatedFailure", "simulated failure after the rendezvous: " + where)
+    time.sleep(300)  # node 0: a collective that never completes, until the Job controller stops it
+steps = int(behaviour.split("-")[1]) if behaviour.startswith("sleep-") else 3
+for step in range(steps):
+    if rank == 0:
+        report(step, steps)
+    time.sleep(1)
+if rank == 0:
+    for peer in peers:
+        peer.makefile().readline()  # each peer says it is done
+    report(steps, steps)
+    finish(0, "Succeeded", where, {"adapterUri": out + "/adapter/", "manifestUri": out + "/adapter/manifest.json"})
+conn.sendall(b"done\n")
+finish(0, "Succeeded", where)
+'''
+GROUP_COMMAND = json.dumps(["python", "-c", GROUP_TRAINER, "/etc/qlora/config.json"])
+REAL_TRAINER = json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"])
+
+
+def pods_of(api, namespace: str, qj: str) -> list[dict]:
+    return api.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector=f"qlora.dev/job={qj}")["items"]
+
+
+def run_group(cluster, namespace, start_operator, name: str, behaviour: str, *, command: str = GROUP_COMMAND,
+              timeout: float = 180, resources: dict | None = None, **spec) -> dict:
+    """Start an operator with ``command``, apply a QLoRAJob of 2 nodes x 1 GPU (``resources``
+    adds to that), wait until it finishes; returns its body (it must have succeeded)."""
+    api = cluster.api()
+    start_operator(trainer_command=command, stalled_timeout_seconds=600)
+    body = manifest(cluster, namespace, name, behaviour, resources={"nodes": 2, "gpus": 1, **(resources or {})}, **spec)
+    apply(cluster, body)
+    done = wait_for(
+        lambda: (lambda b: b if is_true(b, "Complete") or is_true(b, "Failed") else None)(get_qj(api, namespace, name)),
+        timeout, f"{namespace}/{name} to finish", interval=0.5,
+    )
+    assert is_true(done, "Complete"), (condition(done, "Failed"), done["status"].get("attempts"))
+    return done
+
+
+# ----------------------------------------------------------------------------- on the cluster
+def test_several_nodes_need_a_dns_1035_name(cluster, namespace, crd):
+    body = manifest(cluster, namespace, "7b-group", resources={"nodes": 2})
+    with pytest.raises(ApiException) as err:
+        cluster.api().create(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs", body)
+    assert err.value.status == 422 and "DNS-1035 label" in str(err.value.body)
+    body["spec"]["resources"]["nodes"] = 1  # one node: any object name
+    cluster.api().create(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs", body)
+
+
+def test_two_nodes_indexed_job_and_service(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    started = time.monotonic()
+    body = run_group(cluster, namespace, start_operator, "duo", "ok")
+    status = body["status"]
+    assert status["phase"] == "Succeeded" and status["run"] == 1 and status["jobName"] == "duo-train"
+    assert status["artifacts"]["adapterUri"] == f"s3://artifacts/{namespace}/duo/adapter/"
+    assert status["progress"]["step"] == 3  # from node 0 only
+    attempts = status["attempts"]
+    assert [(a["index"], a["node"], a["phase"], a["reason"]) for a in attempts] == [
+        (0, 0, "Succeeded", "Succeeded"), (0, 1, "Succeeded", "Succeeded")]
+    for attempt in attempts:  # each pod saw its rank, its index, its hostname, and node 0 at the loopback
+        node = attempt["node"]
+        assert f"rank {node}/2 run 1 master 127.0.0.1:29500 index {node} host duo-train-{node}" in attempt["message"]
+
+    (job,) = jobs(api, namespace, "duo")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 2, 2, 0)
+    svc = api.get(f"/api/v1/namespaces/{namespace}/services/duo-train")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"qlora.dev/job": "duo", "qlora.dev/run": "1"}
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    pods = sorted(pods_of(api, namespace, "duo"), key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+    assert [(p["spec"]["hostname"], p["spec"]["subdomain"]) for p in pods] == [("duo-train-0", "duo-train"), ("duo-train-1", "duo-train")]
+    env = {e["name"]: e for e in pods[1]["spec"]["containers"][0]["env"]}
+    assert env["QLORA_MASTER_ADDR"]["value"] == "duo-train-0.duo-train"  # the pod spec keeps the cluster name
+    assert env["QLORA_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    reasons = [(t, r) for t, r, _ in events(api, namespace, "duo")]
+    assert ("Normal", "Completed") in reasons and not [r for t, r in reasons if t == "Warning"], reasons
+    sys.stderr.write(f"\n2-node job finished in {time.monotonic() - started:.0f}s\n")
+
+
+def test_group_restarts_as_the_next_run_after_a_retryable_failure(cluster, namespace, buckets, s3_secret, start_operator):
+    api = cluster.api()
+    started = time.monotonic()
+    body = run_group(cluster, namespace, start_operator, "retry", "fail-once", runPolicy={"backoffLimit": 2}, timeout=240)
+    status = body["status"]
+    assert status["run"] == 2 and status["jobName"] == "retry-train-r2" and status["phase"] == "Succeeded"
+    attempts = [(a["index"], a["node"], a["reason"]) for a in status["attempts"]]
+    # run 1: node 1 failed; the Job controller stopped node 0 (SIGTERM: Terminated, or Stopped when its
+    # pod was deleted before the operator saw its end); run 2: both succeeded
+    assert attempts[0][:2] == (0, 0) and attempts[0][2] in ("Terminated", "Stopped"), attempts
+    assert attempts[1:] == [(0, 1, "SimulatedFailure"), (1, 0, "Succeeded"), (1, 1, "Succeeded")], attempts
+    assert status["attempts"][1]["exitCode"] == 1 and "simulated failure" in status["attempts"][1]["message"]
+    assert all("run 2" in a["message"] for a in status["attempts"][2:])
+    assert [a["podName"].startswith("retry-train-r2-") for a in status["attempts"]] == [False, False, True, True]
+
+    by_name = {j["metadata"]["name"]: j for j in jobs(api, namespace, "retry")}
+    assert sorted(by_name) == ["retry-train", "retry-train-r2"]
+    ann = by_name["retry-train-r2"]["metadata"]["annotations"]
+    assert (ann["qlora.dev/group-attempt"], ann["qlora.dev/group-failures"], ann["qlora.dev/restart-of"]) == ("1", "1", "1")
+    failed = {c["type"]: c for c in by_name["retry-train"]["status"]["conditions"]}
+    assert failed["Failed"]["reason"] == "PodFailurePolicy" and "rule at index 2" in failed["Failed"]["message"]
+    with pytest.raises(ApiException) as err:  # the failed run's Service went when run 2 started
+        api.get(f"/api/v1/namespaces/{namespace}/services/retry-train")
+    assert err.value.status == 404
+    api.get(f"/api/v1/namespaces/{namespace}/services/retry-train-r2")
+
+    evs = events(api, namespace, "retry")
+    reasons = [(t, r) for t, r, _ in evs]
+    assert ("Warning", "SimulatedFailure") in reasons and ("Normal", "Restarting") in reasons, reasons
+    assert not {("Warning", "Terminated"), ("Warning", "Stopped")} & set(reasons)  # node 0: only a casualty
+    created = [m for t, r, m in evs if r == "JobCreated"]
+    assert len(created) == 2 and "1 of runPolicy.backoffLimit 2 retries used" in created[1], created
+    sys.stderr.write(f"\n2-node job with one group restart finished in {time.monotonic() - started:.0f}s\n")
+
+
+def running_pods(api, namespace: str, qj: str, run: int) -> list[dict]:
+    return [p for p in pods_of(api, namespace, qj)
+            if p["metadata"]["labels"].get("qlora.dev/run") == str(run) and p["status"].get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")]
+
+
+def test_disruption_restarts_the_group_without_counting(cluster, namespace, buckets, s3_secret, start_operator):
+    """An evicted pod (DisruptionTarget) restarts the group even with runPolicy.backoffLimit 0."""
+    api = cluster.api()
+    start_operator(trainer_command=GROUP_COMMAND)
+    apply(cluster, manifest(cluster, namespace, "evict", "sleep-8", resources={"nodes": 2, "gpus": 1},
+                            runPolicy={"backoffLimit": 0}))
+    wait_condition(api, namespace, "evict", "Running", 60, reason="TrainerRunning")
+    victim = wait_for(lambda: [p for p in running_pods(api, namespace, "evict", 1)
+                               if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"],
+                      30, "node 1 to run")[0]["metadata"]["name"]
+    api.create(f"/api/v1/namespaces/{namespace}/pods/{victim}/eviction",
+               {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": victim, "namespace": namespace}})
+    body = wait_for(lambda: (lambda b: b if is_true(b, "Complete") or is_true(b, "Failed") else None)(
+        get_qj(api, namespace, "evict")), 180, "the job to finish", interval=0.5)
+    assert is_true(body, "Complete"), (condition(body, "Failed"), body["status"].get("attempts"))
+    status = body["status"]
+    assert status["run"] == 2, status
+    evicted = next(a for a in status["attempts"] if a["podName"] == victim)
+    assert (evicted["index"], evicted["node"], evicted["reason"]) == (0, 1, "Disrupted")
+    assert "EvictionByEvictionAPI" in evicted["message"]
+    job2 = api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/evict-train-r2")
+    assert job2["metadata"]["annotations"]["qlora.dev/group-failures"] == "0"  # not counted
+    assert [(a["index"], a["reason"]) for a in status["attempts"][-2:]] == [(1, "Succeeded"), (1, "Succeeded")]
+
+
+def test_suspend_and_resume_a_group(cluster, namespace, buckets, s3_secret, start_operator):
+    """Suspending stops every pod of the group (the Job controller does not count that as a
+    failure); resuming starts them all again in the same run."""
+    api = cluster.api()
+    start_operator(trainer_command=GROUP_COMMAND)
+    apply(cluster, manifest(cluster, namespace, "pause", "sleep-6", resources={"nodes": 2, "gpus": 1},
+                            runPolicy={"backoffLimit": 0}))
+    wait_condition(api, namespace, "pause", "Running", 60, reason="TrainerRunning")
+    path = f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs/pause"
+    api.patch(path, {"spec": {"runPolicy": {"suspend": True}}})
+    body = wait_condition(api, namespace, "pause", "Suspended", 60, reason="SuspendedByUser")
+    assert body["status"]["phase"] == "Suspended" and body["status"]["run"] == 1
+    wait_for(lambda: not [p for p in pods_of(api, namespace, "pause") if p["status"].get("phase") in ("Pending", "Running")],
+             60, "the pods to stop")
+    api.patch(path, {"spec": {"runPolicy": {"suspend": False}}})
+    body = wait_condition(api, namespace, "pause", "Complete", 120)
+    status = body["status"]
+    assert status["run"] == 1 and [j["metadata"]["name"] for j in jobs(api, namespace, "pause")] == ["pause-train"]
+    attempts = [(a["index"], a["node"], a["reason"]) for a in status["attempts"]]
+    assert [a[:2] for a in attempts] == [(0, 0), (0, 1), (1, 0), (1, 1)], attempts
+    assert {a[2] for a in attempts[:2]} <= {"Terminated", "Stopped"} and [a[2] for a in attempts[2:]] == ["Succeeded"] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+def test_two_nodes_real_trainer(cluster, namespace, buckets, s3_secret, start_operator, tmp_path):
+    """qlora-train with nodes: 2 on CPU (gloo), the embedded model, a slice of the corpus."""
+    import embedded  # hack/embedded.py
+
+    model_dir = embedded.ensure_model(quiet=True)
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file():
+            buckets.upload_file(str(path), "models", f"smollm2/{path.relative_to(model_dir)}")
+    corpus = tmp_path / "corpus"
+    embedded.build_corpus(corpus)
+    rows = (corpus / "train.jsonl").read_text().splitlines()[:32]
+    buckets.put_object(Bucket="data", Key=f"{namespace}/train.jsonl", Body="\n".join(rows).encode() + b"\n")
+    body = run_group(
+        cluster, namespace, start_operator, "smol-duo", "ok", command=REAL_TRAINER, timeout=900,
+        resources={"cpu": "2", "memory": "4Gi"},
+        model={"uri": "s3://models/smollm2/"},
+        dataset={"uri": f"s3://data/{namespace}/train.jsonl", "format": "chat"},
+        lora={"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
+        training={"maxSteps": 4, "microBatchSize": 2, "gradientAccumulationSteps": 1, "maxSeqLength": 128,
+                  "checkpointEverySteps": 2, "optimizer": "adamw_torch", "learningRate": 1e-3},
+    )
+    assert body["status"]["progress"]["step"] == 4
+    assert [a["reason"] for a in body["status"]["attempts"]] == ["Succeeded", "Succeeded"]
+    adapter = body["status"]["artifacts"]["adapterUri"]
+    bucket, _, prefix = adapter.removeprefix("s3://").partition("/")
+    keys = {o["Key"] for o in buckets.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+    assert f"{prefix.rstrip('/')}/_SUCCESS" in keys and f"{prefix.rstrip('/')}/adapter_model.safetensors" in keys, keys
