@@ -228,3 +228,33 @@ def test_estimate_command_exits_2_for_an_unreadable_model_config(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "nope.json" in proc.stderr
+
+
+def test_estimate_command_reads_a_qlorajob_manifest_and_its_resources(tmp_path):
+    """examples/llama-70b.yaml as a user would pass it: spec read, resources.gpus/nodes the defaults.
+
+    On 48 GiB GPUs: one does not fit (about 58 GiB with DDP); eight do (FSDP, auto).
+    """
+    import yaml
+
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples/llama-70b.yaml").read_text())
+    model = tmp_path / "model-config.json"
+    model.write_text(json.dumps(LLAMA3_70B))
+
+    def run(gpus: int, *args: str) -> subprocess.CompletedProcess:
+        manifest["spec"].setdefault("resources", {})["gpus"] = gpus
+        path = tmp_path / f"job-{gpus}.yaml"
+        path.write_text(yaml.safe_dump(manifest))
+        return subprocess.run(
+            [sys.executable, "-m", "qlora_trainer.cli", "estimate", "--config", str(path), "--model-config", str(model),
+             "--gpu-memory", "48", *args],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    one = run(1)
+    assert one.returncode == 7, one.stdout + one.stderr
+    assert "on 1 GPU" in one.stdout or "1 GPU(s)" in one.stdout, one.stdout
+    eight = run(8)
+    assert eight.returncode == 0, eight.stdout + eight.stderr
+    assert "8 GPU(s)" in eight.stdout, eight.stdout
+    assert run(1, "--gpus", "8").returncode == 0  # the flag overrides the manifest

@@ -67,10 +67,13 @@ def parse_estimate_args(argv: list[str]) -> argparse.Namespace:
             "Exit 0: fits; 7: does not fit; 2: unusable config."
         ),
     )
-    parser.add_argument("--config", required=True, type=Path, help="trainer config, JSON or YAML")
+    parser.add_argument(
+        "--config", required=True, type=Path,
+        help="trainer config, or a QLoRAJob manifest (its spec; resources.gpus/nodes become the defaults), JSON or YAML",
+    )
     parser.add_argument("--model-config", required=True, type=Path, help="the model's config.json")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: the manifest's, else 1)")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes (default: the manifest's, else 1)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     return parser.parse_args(argv)
 
@@ -304,13 +307,45 @@ def launch_main(spec: LaunchSpec, argv: list[str], args: argparse.Namespace) -> 
     return int(result["exitCode"])
 
 
+#: QLoRAJob spec fields that are not part of the trainer config (the operator's runtime fields).
+_RUNTIME_FIELDS = ("resources", "image", "scheduling", "runPolicy")
+
+
+def load_config_or_manifest(path: Path) -> tuple[TrainingConfig, dict[str, Any]]:
+    """A trainer config file, or a QLoRAJob manifest: ``(config, spec.resources or {})``.
+
+    From a manifest (``kind: QLoRAJob``) the trainer reads ``spec`` without the operator's
+    runtime fields (:data:`_RUNTIME_FIELDS`, ``storage.credentialsSecretRef``).
+
+    Raises:
+        ConfigError: unreadable file or invalid fields (named as in ``spec``).
+    """
+    from .config import _yaml_loader, parse_config
+
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_yaml_loader())  # noqa: S506 - SafeLoader
+        except (OSError, yaml.YAMLError):
+            data = None
+        if isinstance(data, dict) and data.get("kind") == "QLoRAJob" and isinstance(data.get("spec"), dict):
+            spec = {k: v for k, v in data["spec"].items() if k not in _RUNTIME_FIELDS}
+            if isinstance(spec.get("storage"), dict):
+                spec["storage"] = {k: v for k, v in spec["storage"].items() if k != "credentialsSecretRef"}
+            return parse_config(spec, source=f"{path}: spec"), dict(data["spec"].get("resources") or {})
+    return load_config(path), {}
+
+
 def estimate_main(argv: list[str]) -> int:
     """``qlora-train estimate``: print the breakdown; exit 0 (fits), 7 (does not fit) or 2."""
     from .estimate import EstimateError, estimate, plan
 
     args = parse_estimate_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg, resources = load_config_or_manifest(args.config)
+        args.gpus = args.gpus if args.gpus is not None else int(resources.get("gpus", 1))
+        args.nodes = args.nodes if args.nodes is not None else int(resources.get("nodes", 1))
         try:
             model_config = json.loads(args.model_config.read_text())
         except (OSError, ValueError) as err:
