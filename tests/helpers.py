@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -54,3 +56,46 @@ def set_path(data: dict, path: str, value: object) -> dict:
     else:
         node[last] = value
     return data
+
+
+def embedded_inputs(root: Path, train_rows: int, eval_rows: int) -> dict[str, Path]:
+    """The embedded model and a slice of the embedded corpus, for real trainer runs on CPU.
+
+    Writes ``small-train.jsonl`` (the first ``train_rows`` conversations of the seeded
+    train split) and ``small-eval.jsonl`` (``eval_rows`` of the eval split) under ``root``.
+    Returns ``{"model": model dir, "train": path, "eval": path}``.
+    """
+    import embedded  # hack/embedded.py
+
+    embedded.build_corpus(root)
+    train = (root / "train.jsonl").read_text().splitlines()[:train_rows]
+    evals = (root / "eval.jsonl").read_text().splitlines()[:eval_rows]
+    (root / "small-train.jsonl").write_text("\n".join(train) + "\n")
+    (root / "small-eval.jsonl").write_text("\n".join(evals) + "\n")
+    return {"model": embedded.ensure_model(), "train": root / "small-train.jsonl", "eval": root / "small-eval.jsonl"}
+
+
+def signal_at_first_step(proc: subprocess.Popen, sig: int, timeout: float = 600) -> tuple[int, list[str]]:
+    """Send ``sig`` to ``proc`` when its stderr logs the first ``train_step`` event; wait for its exit.
+
+    ``proc`` must have ``stderr=PIPE`` in text mode. Returns ``(exit code, stderr lines)``;
+    the process is killed if it outlives the wait.
+
+    Raises:
+        AssertionError: no training step within ``timeout`` seconds.
+    """
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith('{"event": "train_step"'):
+                proc.send_signal(sig)
+                break
+            assert time.monotonic() < deadline, f"no training step within {timeout} s"
+        seen += proc.stderr.readlines()
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, seen

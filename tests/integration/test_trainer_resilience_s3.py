@@ -177,15 +177,9 @@ def multipart_uploads(s3, bucket: str) -> list[str]:
 @pytest.fixture(scope="module")
 def small_inputs(tmp_path_factory):
     """The embedded model (file://) and a small train/eval split (local files, uploaded per test)."""
-    import embedded
+    from helpers import embedded_inputs
 
-    root = tmp_path_factory.mktemp("resilience-inputs")
-    embedded.build_corpus(root)
-    train = (root / "train.jsonl").read_text().splitlines()[:64]
-    evals = (root / "eval.jsonl").read_text().splitlines()[:4]
-    (root / "small-train.jsonl").write_text("\n".join(train) + "\n")
-    (root / "small-eval.jsonl").write_text("\n".join(evals) + "\n")
-    return {"model": embedded.ensure_model(), "train": root / "small-train.jsonl", "eval": root / "small-eval.jsonl"}
+    return embedded_inputs(tmp_path_factory.mktemp("resilience-inputs"), 64, 4)
 
 
 def training_config(inputs, data_uri: str, eval_uri: str, output_uri: str, storage: dict, **training) -> dict:

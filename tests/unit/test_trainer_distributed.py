@@ -186,15 +186,9 @@ def test_ddp_and_fsdp_training_arguments():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    import embedded
+    from helpers import embedded_inputs
 
-    root = tmp_path_factory.mktemp("inputs")
-    embedded.build_corpus(root)
-    train = (root / "train.jsonl").read_text().splitlines()[:48]
-    evals = (root / "eval.jsonl").read_text().splitlines()[:4]
-    (root / "small-train.jsonl").write_text("\n".join(train) + "\n")
-    (root / "small-eval.jsonl").write_text("\n".join(evals) + "\n")
-    return {"model": embedded.ensure_model(), "train": root / "small-train.jsonl", "eval": root / "small-eval.jsonl"}
+    return embedded_inputs(tmp_path_factory.mktemp("inputs"), 48, 4)
 
 
 def config(inputs, out: Path, **training) -> dict:
@@ -347,20 +341,9 @@ def test_ddp_sigterm_checkpoints_the_same_step_on_every_rank_and_exits_143(input
         text=True,
         env=launch_env(tmp_path, "term", 2),
     )
-    seen = []
-    try:
-        deadline = time.monotonic() + 600
-        for line in proc.stderr:  # wait for the first optimizer step, then signal the launcher only
-            seen.append(line)
-            if line.startswith('{"event": "train_step"'):
-                proc.send_signal(signal.SIGTERM)
-                break
-            assert time.monotonic() < deadline, "no training step within 600 s"
-        seen += proc.stderr.readlines()
-        code = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    from helpers import signal_at_first_step
+
+    code, seen = signal_at_first_step(proc, signal.SIGTERM)  # the launcher only
     assert code == 143, "".join(seen)[-4000:]
     result = json.loads((tmp_path / "term.term").read_text())
     assert result["reason"] == "Preempted"

@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,15 +34,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    import embedded
+    from helpers import embedded_inputs
 
-    root = tmp_path_factory.mktemp("inputs")
-    embedded.build_corpus(root)
-    train = (root / "train.jsonl").read_text().splitlines()[:48]
-    evals = (root / "eval.jsonl").read_text().splitlines()[:4]
-    (root / "small-train.jsonl").write_text("\n".join(train) + "\n")
-    (root / "small-eval.jsonl").write_text("\n".join(evals) + "\n")
-    return {"model": embedded.ensure_model(), "train": root / "small-train.jsonl", "eval": root / "small-eval.jsonl"}
+    return embedded_inputs(tmp_path_factory.mktemp("inputs"), 48, 4)
 
 
 def config(inputs, out: Path, **training) -> dict:
@@ -159,20 +152,9 @@ def test_sigterm_checkpoints_the_current_step_and_exits_143(inputs, tmp_path):
         text=True,
         env=env,
     )
-    seen = []
-    try:
-        deadline = time.monotonic() + 600
-        for line in proc.stderr:  # wait for the first optimizer step
-            seen.append(line)
-            if line.startswith('{"event": "train_step"'):
-                proc.send_signal(signal.SIGTERM)
-                break
-            assert time.monotonic() < deadline, "no training step within 600 s"
-        seen += proc.stderr.readlines()
-        code = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    from helpers import signal_at_first_step
+
+    code, seen = signal_at_first_step(proc, signal.SIGTERM)
     assert code == 143, "".join(seen)[-4000:]
     result = json.loads((tmp_path / "term").read_text())
     assert result["reason"] == "Preempted"
