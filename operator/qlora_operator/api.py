@@ -333,6 +333,9 @@ class Progress(ApiModel):
     learning_rate: float | None = Field(default=None, description="Learning rate at the last logged step.")
     tokens_per_second: float | None = Field(default=None, description="Real (non-padding) tokens per second.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end of training.")
+    eta: Annotated[str, Field(max_length=16)] | None = Field(
+        default=None, description="etaSeconds for display (45s, 12m30s, 3h05m, 2d04h; printer column ETA)."
+    )
     progress: Annotated[str, Field(max_length=64)] | None = Field(
         default=None, description="step/totalSteps, for display (printer column Progress)."
     )

@@ -437,9 +437,9 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Training loss at the last logged step."},
     {
         "name": "ETA",
-        "type": "integer",
-        "jsonPath": ".status.progress.etaSeconds",
-        "description": "Estimated seconds to the end of training.",
+        "type": "string",
+        "jsonPath": ".status.progress.eta",
+        "description": "Estimated time to the end of training (status.progress.etaSeconds, formatted).",
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {

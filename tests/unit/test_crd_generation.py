@@ -80,7 +80,7 @@ def test_printer_columns(manifest: dict[str, Any]):
     assert cols["Phase"]["jsonPath"] == ".status.phase"
     assert cols["Progress"]["jsonPath"] == ".status.progress.progress"
     assert cols["Loss"]["jsonPath"] == ".status.progress.loss"
-    assert cols["ETA"]["jsonPath"] == ".status.progress.etaSeconds"
+    assert cols["ETA"]["jsonPath"] == ".status.progress.eta" and cols["ETA"]["type"] == "string"
     assert cols["Age"] == {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
 
 

@@ -66,6 +66,7 @@ def test_throttled_within_a_stage_forced_at_stage_changes():
         reporter.update(step=step, loss=1.0 / step, tokensPerSecond=100.0, etaSeconds=20)
     assert len(api.calls) == 2  # the stage change, then one after 10 s
     assert api.calls[1][5]["status"]["progress"]["step"] == 5
+    assert api.calls[1][5]["status"]["progress"]["eta"] == "20s"  # the printer column's text
     clock.now += 1
     reporter.stage("Evaluating")
     assert len(api.calls) == 3, "a stage change is reported at once"
@@ -151,3 +152,14 @@ def test_log_event_is_one_json_line(capsys):
     record = json.loads(line)
     assert record["event"] == "train_step" and record["step"] == 3 and record["loss"] is None
     assert not math.isnan(record["tokensPerSecond"])
+
+
+@pytest.mark.parametrize(
+    "seconds,text",
+    [(0, "0s"), (-3, "0s"), (44.6, "45s"), (60, "1m00s"), (750, "12m30s"), (3600, "1h00m"), (11100, "3h05m"),
+     (187200, "2d04h")],
+)
+def test_eta_is_formatted_like_kubectl_age(seconds, text):
+    from qlora_trainer.report import format_duration
+
+    assert format_duration(seconds) == text

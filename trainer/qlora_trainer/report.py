@@ -113,6 +113,24 @@ def _api_client() -> Any:
     return client.ApiClient(cfg)
 
 
+def format_duration(seconds: float) -> str:
+    """``seconds`` for display, in kubectl's AGE style: ``45s``, ``12m30s``, ``3h05m``, ``2d04h``.
+
+    Negative values count as 0. Rounded to the second, then to the two largest units.
+    """
+    total = max(0, int(round(seconds)))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
 class ProgressReporter:
     """Throttled, never-fatal merge-patches of ``.status.progress`` of one QLoRAJob.
 
@@ -167,7 +185,8 @@ class ProgressReporter:
     def update(self, *, force: bool = False, **fields: Any) -> bool:
         """Merge ``fields`` (camelCase progress keys) and patch if due; returns whether a patch was sent.
 
-        ``progress`` ("step/totalSteps") and ``updatedAt`` are filled in here.
+        ``progress`` ("step/totalSteps"), ``eta`` (``etaSeconds`` as :func:`format_duration`)
+        and ``updatedAt`` are filled in here.
         """
         with self._lock:
             for key, value in fields.items():
@@ -178,6 +197,8 @@ class ProgressReporter:
             step, total = self._progress.get("step"), self._progress.get("totalSteps")
             if step is not None and total:
                 self._progress["progress"] = f"{step}/{total}"
+            if fields.get("etaSeconds") is not None:
+                self._progress["eta"] = format_duration(fields["etaSeconds"])
             if not self.enabled:
                 return False
             now = self._clock()
