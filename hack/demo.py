@@ -26,9 +26,9 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         import embedded
 
         model_dir = embedded.ensure_model()
-        data_dir = Path(tempfile.mkdtemp(prefix="qlora-demo-data-"))
+        work = state / "demo"  # the demo's own files, next to the cluster's (no /tmp leftovers)
+        shutil.rmtree(work, ignore_errors=True)
+        data_dir = work / "data"
+        data_dir.mkdir(parents=True)
         counts = embedded.build_corpus(data_dir)
         s3 = s3_client(env)
         n = upload_dir(s3, model_dir, MODEL_URI)
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         before, after = metrics.get("evalLossBefore"), metrics.get("evalLossAfter")
         print(f"    eval loss before training: {before}")
         print(f"    eval loss after training:  {after}")
-        adapter_local = Path(tempfile.mkdtemp(prefix="qlora-demo-adapter-"))
+        adapter_local = work / "adapter"
+        adapter_local.mkdir(parents=True)
         a_bucket, a_prefix = split_uri(artifacts["adapterUri"])
         for item in s3.list_objects_v2(Bucket=a_bucket, Prefix=a_prefix).get("Contents", []):
             rel = item["Key"][len(a_prefix):]
