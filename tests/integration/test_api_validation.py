@@ -177,13 +177,13 @@ def test_get_shows_printer_columns(installed, namespace):
     demo = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
     assert apply(installed, namespace, demo).returncode == 0
     status = {"status": {"phase": "Running", "progress": {"step": 20, "totalSteps": 60, "progress": "20/60",
-                                                          "loss": 1.25, "etaSeconds": 42}}}
+                                                          "loss": 1.25, "etaSeconds": 42, "eta": "42s"}}}
     installed.kubectl("patch", "qj", "demo", "-n", namespace, "--subresource=status", "--type=merge",
                       "-p", json.dumps(status))
     out = installed.kubectl("get", "qj", "-n", namespace).stdout
     header, row = out.splitlines()[:2]
     assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "AGE"], out
-    assert row.split()[:5] == ["demo", "Running", "20/60", "1.25", "42"], out
+    assert row.split()[:5] == ["demo", "Running", "20/60", "1.25", "42s"], out
     wide = installed.kubectl("get", "qlora", "-n", namespace, "-o", "wide").stdout  # the category works too
     assert "MODEL" in wide.splitlines()[0] and "s3://models/smollm2-135m-instruct/" in wide
 
