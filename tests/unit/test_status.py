@@ -55,10 +55,19 @@ def qj(status: dict | None = None, generation: int = 1, spec: dict | None = None
     return out
 
 
-def job(*conditions: tuple[str, str, str], suspend: bool = False, run: int = 1, spec: dict | None = None, **status) -> dict:
+def job(
+    *conditions: tuple[str, str, str],
+    suspend: bool = False,
+    run: int = 1,
+    spec: dict | None = None,
+    group: render.GroupAttempt | None = None,
+    **status,
+) -> dict:
+    """The rendered Job of run ``run`` with ``status`` and ``conditions`` ((type, reason, message) triples)."""
     body = qj(spec=spec)
-    parsed, _ = plan.validate(body["spec"], SETTINGS)
-    out = render.render_job(body, parsed, SETTINGS, run)
+    parsed, invalid = plan.validate(body["spec"], SETTINGS, body["metadata"]["name"])
+    assert invalid is None, invalid
+    out = render.render_job(body, parsed, SETTINGS, run, group)
     out["metadata"]["uid"] = f"job-uid-{run}"
     out["spec"]["suspend"] = suspend
     out["status"] = {"startTime": ts(0), **status}
@@ -755,18 +764,8 @@ GROUP_SPEC = {**SPEC, "resources": {"nodes": 2, "gpus": 1}}
 
 
 def gjob(*conditions, run: int = 1, group: render.GroupAttempt | None = None, suspend: bool = False, **status) -> dict:
-    body = qj(spec=GROUP_SPEC)
-    parsed, invalid = plan.validate(body["spec"], SETTINGS, "bot")
-    assert invalid is None, invalid
-    out = render.render_job(body, parsed, SETTINGS, run, group)
-    out["metadata"]["uid"] = f"job-uid-{run}"
-    out["spec"]["suspend"] = suspend
-    out["status"] = {"startTime": ts(0), **status}
-    if conditions:
-        out["status"]["conditions"] = [
-            {"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": ts(100)} for t, r, m in conditions
-        ]
-    return out
+    """:func:`job` of the two-node :data:`GROUP_SPEC`."""
+    return job(*conditions, suspend=suspend, run=run, spec=GROUP_SPEC, group=group, **status)
 
 
 def gpod(index: int, run: int = 1, created: float = 1, **kw) -> dict:
