@@ -34,6 +34,7 @@ from kubernetes.client.exceptions import ApiException
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_operator import (  # noqa: E402,F401 - fixtures of the operator tests, reused
     GROUP_PATH,
+    STAND_IN_LIB,
     apply,
     buckets,
     condition,
@@ -117,36 +118,14 @@ def test_resolve_cluster_names():
 
 # ----------------------------------------------------------------------------- the stand-in group trainer
 
-# argv[1] is the config path (the node agent rewrites the mount path).
-GROUP_TRAINER = r'''
-import json, os, socket, ssl, sys, time, urllib.request, zlib
-cfg = json.load(open(sys.argv[1]))
-behaviour = cfg["dataset"]["uri"].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
-out = cfg["output"]["uri"].rstrip("/")
+# The stand-in trainer of one node of a group (test_operator.STAND_IN_LIB: cfg, behaviour, finish, report).
+GROUP_TRAINER = STAND_IN_LIB + r'''
+import socket, zlib
 rank, nodes = int(os.environ["QLORA_NODE_RANK"]), int(os.environ["QLORA_NNODES"])
 addr, run = os.environ["QLORA_MASTER_ADDR"], os.environ["QLORA_RUN"]
 where = "rank %d/%d run %s master %s:%s index %s host %s" % (rank, nodes, run, addr, os.environ["QLORA_MASTER_PORT"],
                                                             os.environ.get("JOB_COMPLETION_INDEX"), os.environ.get("HOSTNAME"))
 print(where, flush=True)
-
-def finish(code, reason, message, artifacts=None):
-    with open(os.environ["QLORA_TERMINATION_MESSAGE_PATH"], "w") as f:
-        json.dump({"exitCode": code, "reason": reason, "message": message, "artifacts": artifacts or {}}, f)
-    sys.exit(code)
-
-def report(step, total):
-    tokdir = os.environ["QLORA_SA_TOKEN_DIR"]
-    ctx = ssl.create_default_context(cafile=os.path.join(tokdir, "ca.crt"))
-    url = "https://%s:%s/apis/qlora.dev/v1alpha1/namespaces/%s/qlorajobs/%s/status" % (
-        os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"],
-        os.environ["QLORA_JOB_NAMESPACE"], os.environ["QLORA_JOB_NAME"])
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    body = {"status": {"progress": {"step": step, "totalSteps": total, "progress": "%d/%d" % (step, total),
-                                    "stage": "Training", "updatedAt": now}}}
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PATCH", headers={
-        "Content-Type": "application/merge-patch+json",
-        "Authorization": "Bearer " + open(os.path.join(tokdir, "token")).read().strip()})
-    urllib.request.urlopen(req, context=ctx, timeout=10).read()
 
 # Rendezvous at node 0, as torchrun does. Every pod shares the machine's loopback, and other
 # tests may use 29500 there: derive a port from the namespace and run (both nodes agree).
@@ -181,7 +160,7 @@ if rank == 0:
     for peer in peers:
         peer.makefile().readline()  # each peer says it is done
     report(steps, steps)
-    finish(0, "Succeeded", where, {"adapterUri": out + "/adapter/", "manifestUri": out + "/adapter/manifest.json"})
+    finish(0, "Succeeded", where, done)
 conn.sendall(b"done\n")
 finish(0, "Succeeded", where)
 '''

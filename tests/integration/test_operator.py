@@ -32,14 +32,15 @@ from kubernetes.client.exceptions import ApiException
 REPO = Path(__file__).resolve().parents[2]
 GROUP_PATH = "/apis/qlora.dev/v1alpha1"
 
-# The stand-in trainer. Its argv[1] is the config path (the node agent rewrites the mount path).
-FAKE_TRAINER = r'''
+# What every stand-in trainer program shares: its config (argv[1], the path the node agent
+# rewrites), the behaviour named by the dataset file, finish() (termination message + exit
+# code) and report() (a status PATCH with the trainer's ServiceAccount token).
+STAND_IN_LIB = r'''
 import json, os, signal, ssl, sys, time, urllib.request
 cfg = json.load(open(sys.argv[1]))
 behaviour = cfg["dataset"]["uri"].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
 out = cfg["output"]["uri"].rstrip("/")
 done = {"adapterUri": out + "/adapter/", "manifestUri": out + "/adapter/manifest.json"}
-REASONS = {2: "InvalidConfig", 3: "InvalidData", 4: "StorageError", 5: "CudaOutOfMemory", 6: "NonFiniteLoss"}
 
 def finish(code, reason, message, artifacts=None, resumed=None):
     path = os.environ.get("QLORA_TERMINATION_MESSAGE_PATH")
@@ -49,26 +50,33 @@ def finish(code, reason, message, artifacts=None, resumed=None):
                        "resumedFromStep": resumed, "metrics": {}}, f)
     sys.exit(code)
 
-def report(step, total):
+def report(step, total, loss=None):
     tokdir = os.environ["QLORA_SA_TOKEN_DIR"]
     ctx = ssl.create_default_context(cafile=os.path.join(tokdir, "ca.crt"))
     url = "https://%s:%s/apis/qlora.dev/v1alpha1/namespaces/%s/qlorajobs/%s/status" % (
         os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"],
         os.environ["QLORA_JOB_NAMESPACE"], os.environ["QLORA_JOB_NAME"])
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    body = {"status": {"progress": {"step": step, "totalSteps": total, "progress": "%d/%d" % (step, total),
-                                    "loss": 2.0 / (step + 1), "stage": "Training", "updatedAt": now}}}
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PATCH", headers={
-        "Content-Type": "application/merge-patch+json",
-        "Authorization": "Bearer " + open(os.path.join(tokdir, "token")).read().strip()})
+    progress = {"step": step, "totalSteps": total, "progress": "%d/%d" % (step, total), "stage": "Training",
+                "updatedAt": now}
+    if loss is not None:
+        progress["loss"] = loss
+    req = urllib.request.Request(url, data=json.dumps({"status": {"progress": progress}}).encode(), method="PATCH",
+                                 headers={"Content-Type": "application/merge-patch+json",
+                                          "Authorization": "Bearer " + open(os.path.join(tokdir, "token")).read().strip()})
     urllib.request.urlopen(req, context=ctx, timeout=10).read()
+'''
+
+# The stand-in trainer of one node.
+FAKE_TRAINER = STAND_IN_LIB + r'''
+REASONS = {2: "InvalidConfig", 3: "InvalidData", 4: "StorageError", 5: "CudaOutOfMemory", 6: "NonFiniteLoss"}
 
 if behaviour.startswith("sleep-"):
     total = int(behaviour.split("-")[1])
     for step in range(total):
-        report(step, total)
+        report(step, total, 2.0 / (step + 1))
         time.sleep(1)
-    report(total, total)
+    report(total, total, 2.0 / (total + 1))
     finish(0, "Succeeded", "slept", done)
 if behaviour.startswith("exit-"):
     code = int(behaviour.split("-")[1])
