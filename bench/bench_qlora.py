@@ -349,28 +349,17 @@ def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
                     out_dir: Path, callbacks: list[Any], overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The product's trainer on the bench data, built from a ``TrainingConfig`` through the product's own code.
 
-    Preferred: the product exposes ``qlora_trainer.train.build_trainer(cfg, model_dir, train_dataset, *,
-    hw, output_dir, callbacks, eval_dataset=None)`` returning ``(trainer, info)``, the exact code path
-    ``train()`` uses (model load, LoRA, speed switches such as Liger kernels or no fp32 upcast, SFTConfig,
-    SFTTrainer and post-construction fixes). When it exists it is called and nothing below is needed.
-
-    TODO(lead / product trainer): until then this adapter mirrors ``qlora_trainer.train.train`` step by
-    step with the functions of ``qlora_trainer.model`` (``Hardware``, ``compute_dtype``, ``load_tokenizer``,
-    ``load_base_4bit``, ``lora_config``, ``adapter_to_float32``, ``sft_config``). Anything ``train()``
-    does outside those functions (e.g. a switch applied in ``train.py``, an extra callback, a custom
-    collator) is NOT measured here until ``build_trainer`` exists. Only ``qlora_trainer.config`` and
-    ``qlora_trainer.model`` are imported here (no boto3 / kubernetes needed); ``qlora_trainer.train``
-    is imported only to look for ``build_trainer``.
+    ``qlora_trainer.assemble.build_trainer`` is the code path ``qlora-train`` runs (model load with the
+    speed switches, the LoRA adapter seeded with ``training.seed``, SFTConfig, SFTTrainer and its
+    post-construction fixes). Only modules without boto3 / kubernetes imports are loaded.
     """
     import torch
-    from peft import get_peft_model
-    from transformers import PrinterCallback, set_seed
-    from trl import SFTTrainer
 
     if str(TRAINER_SRC) not in sys.path:
         sys.path.insert(0, str(TRAINER_SRC))
     from qlora_trainer import config as qconfig
     from qlora_trainer import model as qmodel
+    from qlora_trainer.assemble import build_trainer
 
     raw = deep_merge(product_config_dict(model_dir, setting, total_steps, seed, out_dir), overrides)
     cfg = qconfig.parse_config(raw, source="bench product config")
@@ -379,41 +368,12 @@ def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
     else:
         hw = qmodel.Hardware("cpu", False, "cpu")
     info: dict[str, Any] = {"config": cfg.model_dump(mode="json", by_alias=True)}
-
-    build_trainer = None
-    try:
-        from qlora_trainer import assemble as qassemble
-
-        build_trainer = getattr(qassemble, "build_trainer", None)
-    except ImportError as err:  # an older product without the assembly module: report it, fall back
-        info["train_import_error"] = f"{type(err).__name__}: {err}"
-
     t0 = time.time()
-    if build_trainer is not None:
-        set_seed(seed)
-        trainer, extra = build_trainer(cfg, Path(model_dir), dataset, hw=hw, output_dir=out_dir / "run",
-                                       callbacks=callbacks, eval_dataset=None)
-        info.update(extra or {})
-        info["api"] = "qlora_trainer.assemble.build_trainer"
-        info["build_s"] = round(time.time() - t0, 1)
-        return trainer, info
-
-    # ---- adapter: the sequence of qlora_trainer.train.train(), without storage, reporter, eval and back-off.
-    t = cfg.training
-    dtype = qmodel.compute_dtype(cfg.quantization.compute_dtype, hw)
-    tokenizer = qmodel.load_tokenizer(Path(model_dir))
-    model = qmodel.load_base_4bit(Path(model_dir), cfg.quantization, dtype, hw,
-                                  gradient_checkpointing=t.gradient_checkpointing)
-    info["load_s"] = round(time.time() - t0, 1)
-    set_seed(seed)  # bench harness: same LoRA init in every variant
-    model = get_peft_model(model, qmodel.lora_config(cfg.lora))
-    qmodel.adapter_to_float32(model)
-    args = qmodel.sft_config(cfg, out_dir / "run", hw, dtype, with_eval=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=callbacks)
-    qmodel.adapter_to_float32(trainer.model)  # as train(): TRL casts a quantised model's adapter to bf16
-    trainer.remove_callback(PrinterCallback)
-    info["api"] = "bench adapter over qlora_trainer.model (no build_trainer yet)"
+    trainer, extra = build_trainer(cfg, Path(model_dir), dataset, hw=hw, output_dir=out_dir / "run",
+                                   callbacks=callbacks, eval_dataset=None)
+    info.update(extra)
+    info["api"] = "qlora_trainer.assemble.build_trainer"
+    info["build_s"] = round(time.time() - t0, 1)
     return trainer, info
 
 

@@ -35,13 +35,12 @@ log = logging.getLogger(__name__)
 #: Name under which :func:`varlen_attention` is registered with transformers.
 VARLEN_ATTENTION = "qlora_varlen"
 
-#: Architectures (``config.model_type``) Liger Kernel 0.8 patches (``liger_kernel.transformers``
-#: ``MODEL_TYPE_TO_APPLY_LIGER_FN``); others train without it.
-_LIGER_MODEL_TYPES_FALLBACK = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
-
-
 def liger_available(model_type: str | None) -> bool:
-    """Whether Liger Kernel is importable, CUDA is present and it knows ``model_type``."""
+    """Whether Liger Kernel is importable, CUDA is present and it knows ``model_type``.
+
+    Known architectures: Liger's ``MODEL_TYPE_TO_APPLY_LIGER_FN`` (llama, mistral, qwen2, gemma, ...);
+    others train without it.
+    """
     if not torch.cuda.is_available():
         return False
     try:
