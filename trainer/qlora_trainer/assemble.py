@@ -68,9 +68,13 @@ def build_sft_trainer(
 
     TRL casts a quantised model's adapter to bf16 and installs its console printer; both
     are undone here (float32 master weights; the JSON progress lines replace the prints).
+    ``training.activationOffloading`` with gradient checkpointing on a GPU adds the callback of
+    :func:`qlora_trainer.offload.offload_callback`; on CPU activations are in host memory already.
     """
     from transformers import PrinterCallback
     from trl import SFTTrainer
+
+    callbacks = list(callbacks) + speed_callbacks(cfg, hw)
 
     args = sft_config(
         cfg,
@@ -95,6 +99,16 @@ def build_sft_trainer(
     adapter_to_float32(trainer.model)
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def speed_callbacks(cfg: TrainingConfig, hw: Hardware) -> list[Any]:
+    """Trainer callbacks of the speed switches: the activation offloader (GPU, with gradient checkpointing)."""
+    t = cfg.training
+    if t.activation_offloading and t.gradient_checkpointing and hw.device == "cuda":
+        from .offload import offload_callback
+
+        return [offload_callback("cuda")]
+    return []
 
 
 def build_trainer(

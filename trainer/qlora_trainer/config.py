@@ -401,9 +401,9 @@ class TrainingSettings(ApiModel):
     liger_kernels: bool = Field(
         default=True,
         description=(
-            "Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy (the logits are never "
-            "materialised) on CUDA GPUs, for the architectures Liger supports (llama, mistral, qwen2, gemma, ...); "
-            "ignored on CPU. Default true."
+            "Liger Kernel's fused RMSNorm, RoPE and SwiGLU on CUDA GPUs, for the architectures Liger supports "
+            "(llama, mistral, qwen2, gemma, ...); ignored on CPU. The loss is TRL's fused, chunked LM head either "
+            "way (the logits are never materialised). Default true."
         ),
     )
     upcast_frozen_weights: bool = Field(
@@ -417,8 +417,9 @@ class TrainingSettings(ApiModel):
     activation_offloading: bool = Field(
         default=False,
         description=(
-            "With gradient checkpointing, keep the checkpointed layer inputs in pinned host memory instead of GPU "
-            "memory (layers x tokens x hidden x 2 bytes), at the cost of host-device copies. Default false."
+            "With gradient checkpointing on a GPU, keep the checkpointed layer inputs in pinned host memory instead "
+            "of GPU memory (layers x tokens x hidden x 2 bytes, which the pod's memory request must cover); the "
+            "copies run on a side stream, overlapping compute. Ignored on CPU. Default false."
         ),
     )
     optimizer: Optimizer = Field(default=Optimizer.paged_adamw_8bit, description="Optimizer. Default paged_adamw_8bit.")

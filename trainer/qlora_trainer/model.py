@@ -321,7 +321,8 @@ def sft_config(
         "eval_packing": False,
         "completion_only_loss": None,  # labels are built by ``encode``; TRL keeps a given labels column
         "gradient_checkpointing": t.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False, "offload": t.activation_offloading},
+        # activationOffloading is not transformers' ``offload`` (synchronous copies): see qlora_trainer.offload
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "padding_free": padding_free,
         "use_liger_kernel": liger,
         # Layer kernels only: TRL 1.x computes the loss with its own fused, chunked LM head (the logits are

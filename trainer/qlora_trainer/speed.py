@@ -20,7 +20,9 @@ default on where it pays off on a GPU; all are no-ops on CPU except padding-free
   ``2 x vocab x hidden x 2`` bytes) and a cast per forward. Off keeps them in the compute
   dtype; norms still compute in float32 internally (``LlamaRMSNorm`` and Liger's).
 * ``activationOffloading``: with gradient checkpointing, the checkpointed layer inputs
-  live in pinned host memory (transformers' ``gradient_checkpointing_enable(offload=True)``).
+  live in pinned host memory, copied on a side stream that overlaps compute
+  (:mod:`qlora_trainer.offload`). Off by default: it moves ``layers x tokens x hidden x 2``
+  bytes from GPU memory to the pod's (pinned) host memory, which its memory request must cover.
 """
 
 from __future__ import annotations
