@@ -90,6 +90,21 @@ def test_7b_estimate_is_within_the_stated_error_of_measurements(name, vocab, lor
     assert -0.01 <= error <= 0.08, f"{name}: estimated {est.allocated_gib:.2f} GiB vs measured {measured} ({error:+.1%})"
 
 
+# The product path of bench/RESULTS.md (issue 9): no upcast, Liger, FlashAttention varlen, q/k/v/o,
+# micro-batch 16 x 512, fused AdamW, vocabulary 49,152; peak allocated GiB on an H200.
+MEASURED_PRODUCT = [("micro-batch 16", False, 8.02), ("micro-batch 16, activation offloading", True, 6.25)]
+
+
+@pytest.mark.parametrize("name,offload,measured", MEASURED_PRODUCT, ids=[m[0] for m in MEASURED_PRODUCT])
+def test_product_path_estimate_is_within_2_percent_below_to_8_above(name, offload, measured):
+    cfg = config(lora={"targetModules": QKVO}, microBatchSize=16, gradientAccumulationSteps=1, maxSeqLength=512,
+                 optimizer="adamw_torch_fused", activationOffloading=offload)
+    est = estimate({**MISTRAL_7B, "vocab_size": 49152}, cfg, world_size=1, gpu_gib=141, attention="varlen")
+    error = est.allocated_gib / measured - 1
+    assert -0.02 <= error <= 0.08, f"{name}: estimated {est.allocated_gib:.2f} GiB vs measured {measured} ({error:+.1%})"
+    assert any("pinned host memory" in n for n in est.notes) == offload
+
+
 def test_weights_match_the_measured_4bit_load():
     # Loaded and upcast as the trainer does: 4.3668 GiB allocated (buffers included).
     est = estimate(MISTRAL_7B, config(upcastFrozenWeights=True), world_size=1, gpu_gib=141)
