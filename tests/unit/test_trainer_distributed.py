@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 
 from qlora_trainer.config import ConfigError
-from qlora_trainer.distributed import LaunchSpec, final_result, reason_for
+from qlora_trainer.distributed import LaunchSpec, final_result, reason_for, single_gpu_visible
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "hack") not in sys.path:
@@ -141,6 +141,31 @@ def test_other_nodes_report_success_when_their_workers_finished():
 )
 def test_reasons_of_exit_codes(code, reason):
     assert reason_for(code) == reason
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({}, "0"),  # all GPUs of the machine visible: the first (no DataParallel, which SFTTrainer refuses)
+        ({"CUDA_VISIBLE_DEVICES": "2,3"}, "2"),
+        ({"CUDA_VISIBLE_DEVICES": "1"}, None),  # already one
+        ({"CUDA_VISIBLE_DEVICES": ""}, None),  # none: left alone
+        ({"QLORA_NPROC_PER_NODE": "2"}, None),  # the launcher: torchrun places the workers
+        ({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "0,1"}, None),  # a torchrun worker
+    ],
+)
+def test_a_one_process_run_sees_one_gpu(env, expected):
+    assert single_gpu_visible(LaunchSpec.from_env(env), env) == expected
+
+
+def test_bitsandbytes_optimizers_become_adamw_torch_under_fsdp_only():
+    from qlora_trainer.model import optimizer_for
+
+    assert optimizer_for("paged_adamw_8bit", "fsdp") == "adamw_torch"
+    assert optimizer_for("adamw_8bit", "fsdp") == "adamw_torch"
+    assert optimizer_for("adamw_torch_fused", "fsdp") == "adamw_torch_fused"
+    assert optimizer_for("paged_adamw_8bit", "ddp") == "paged_adamw_8bit"
+    assert optimizer_for("paged_adamw_8bit", "single") == "paged_adamw_8bit"
 
 
 def test_ddp_and_fsdp_training_arguments():

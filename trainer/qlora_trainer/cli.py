@@ -41,7 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainingConfig, load_config
-from .distributed import Dist, LaunchSpec, classify, is_worker, needs_launch, write_worker_result
+from .distributed import (
+    Dist,
+    LaunchSpec,
+    classify,
+    is_worker,
+    needs_launch,
+    single_gpu_visible,
+    write_worker_result,
+)
 from .errors import EXIT_CUDA_OOM, EXIT_DOES_NOT_FIT, EXIT_INVALID_CONFIG, EXIT_OK, TrainerError
 from .report import ProgressReporter, log_event, now_rfc3339, set_rank, write_termination_message
 
@@ -419,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID_CONFIG
     if needs_launch(spec):
         return launch_main(spec, argv, args)
+    one_gpu = single_gpu_visible(spec)
+    if one_gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = one_gpu
     return train_main(args)
 
 

@@ -183,6 +183,26 @@ def needs_launch(spec: LaunchSpec) -> bool:
     return spec.world_size > 1 and not is_worker()
 
 
+def single_gpu_visible(spec: LaunchSpec, env: dict[str, str] | None = None) -> str | None:
+    """The ``CUDA_VISIBLE_DEVICES`` that keeps a one-process run on one GPU, or None to leave it.
+
+    With one process per job and several GPUs visible, transformers' Trainer would wrap the
+    model in ``nn.DataParallel``, which TRL's ``SFTTrainer`` refuses (seen on two H200s with
+    ``QLORA_NPROC_PER_NODE`` unset). The operator sets ``QLORA_NPROC_PER_NODE`` to the pod's GPUs;
+    a process started by hand with more GPUs than that trains on the first visible one. Set
+    before CUDA is initialised (the variable is read once). Workers of torchrun and multi-process
+    jobs: None (torchrun gives each worker its ``LOCAL_RANK``).
+    """
+    env = dict(os.environ if env is None else env)
+    if spec.world_size > 1 or "LOCAL_RANK" in env:
+        return None
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return "0"
+    first = visible.split(",")[0].strip()
+    return first if (first and first != visible.strip()) else None
+
+
 # --------------------------------------------------------------------------- launcher side
 
 

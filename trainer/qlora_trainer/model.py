@@ -45,7 +45,11 @@ Every name that changed across library versions is mapped here and nowhere else
   checkpoints (written by rank 0 alone, so its node's checkpoint directory is complete
   for the storage sync). Gradient checkpointing stays the Trainer's non-reentrant one
   (FSDP's ``activation_checkpointing`` does not preserve the RNG state, so LoRA dropout
-  would draw a different mask in the recomputation).
+  would draw a different mask in the recomputation). bitsandbytes' optimizers (the
+  default ``paged_adamw_8bit``) cannot step FSDP2's DTensor parameters (seen on two
+  H200s: "optimizer_update_8bit_blockwise got mixed torch.Tensor and DTensor"), so under
+  FSDP they become ``adamw_torch`` (:func:`optimizer_for`; the adapter is small, so its
+  32-bit states cost little, and sharded).
 """
 
 from __future__ import annotations
@@ -250,6 +254,18 @@ def fsdp_settings(wrap_classes: list[str]) -> dict[str, Any]:
     }
 
 
+#: Optimizers implemented by bitsandbytes (they take plain tensors, not FSDP2's DTensors).
+BNB_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
+
+
+def optimizer_for(optimizer: str, parallelism: str) -> str:
+    """The ``optim`` of ``TrainingArguments``: ``optimizer``, or ``adamw_torch`` for a bitsandbytes one under FSDP."""
+    name = getattr(optimizer, "value", optimizer)
+    if parallelism == "fsdp" and name in BNB_OPTIMIZERS:
+        return "adamw_torch"
+    return str(name)
+
+
 def parallel_settings(parallelism: str, device: str, fsdp_wrap: list[str] | None = None) -> dict[str, Any]:
     """``TrainingArguments`` fields of ``parallelism`` (``single``: none; see the module docstring).
 
@@ -305,7 +321,7 @@ def sft_config(
         "learning_rate": t.learning_rate,
         "lr_scheduler_type": t.lr_scheduler,
         "warmup_steps": float(t.warmup_ratio),  # a float in [0, 1) is a ratio of the total steps
-        "optim": t.optimizer,
+        "optim": optimizer_for(t.optimizer, parallelism),
         "max_grad_norm": t.max_grad_norm,
         "weight_decay": t.weight_decay,
         "seed": t.seed,

@@ -57,7 +57,7 @@ from .errors import DoesNotFitError, OutOfMemoryError, Preempted
 from .estimate import GIB, EstimateError, plan
 from .inputs import DataInput, ModelInput
 from .assemble import build_model, build_sft_trainer
-from .model import Hardware, compute_dtype, mixed_precision
+from .model import Hardware, compute_dtype, mixed_precision, optimizer_for
 from .report import ProgressReporter, log_event
 from .storage import Storage, join_uri
 
@@ -184,12 +184,16 @@ def train(
         "resumedFrom": run_state.get("resumedFrom", []) + ([resumed_from] if resumed_from else []),
     }
 
+    optim, requested = optimizer_for(t.optimizer, parallelism), str(getattr(t.optimizer, "value", t.optimizer))
+    if optim != requested:
+        log_event("optimizer", requested=requested, using=optim,
+                  reason=f"bitsandbytes optimizers cannot step {parallelism.upper()} (DTensor) parameters")
     log_event("load_model", uri=base.uri, computeDtype=str(dtype).removeprefix("torch."), device=hw.device, **precision)
     t0 = time.monotonic()
     model = build_model(cfg, base.path, dtype, hw, fsdp=parallelism == "fsdp")
     initial_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log_event("model_ready", seconds=round(time.monotonic() - t0, 1), trainableParams=trainable)
+    log_event("model_ready", seconds=round(time.monotonic() - t0, 1), trainableParams=trainable, **gpu_memory_gib())
 
     train_ds, eval_ds = data.train.to_dataset(), data.eval.to_dataset()
     before = EvalBeforeTraining(reporter, run_state, len(eval_ds))
