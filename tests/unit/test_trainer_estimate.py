@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qlora_trainer.config import TrainingConfig
-from qlora_trainer.estimate import EstimateError, ModelShape, estimate, plan
+from qlora_trainer.estimate import CUDA_CONTEXT_GIB, NCCL_GIB, EstimateError, ModelShape, estimate, plan
 
 MISTRAL_7B = {
     "model_type": "mistral",
@@ -132,10 +132,23 @@ def test_70b_fits_fsdp_on_two_80_gib_gpus_and_auto_prefers_ddp_when_a_replica_fi
 
 
 def test_auto_picks_fsdp_when_a_replica_does_not_fit_but_shards_do():
-    auto = plan(LLAMA3_70B, config(), world_size=4, gpu_gib=40)
+    # 8 GPUs: the FSDP load peak (the whole 4-bit model + an eighth, ~43.5 GiB) fits 44 GiB, a DDP replica
+    # (~45.8 GiB) does not. On 4 such GPUs the load peak (whole + a quarter) would not fit either.
+    auto = plan(LLAMA3_70B, config(), world_size=8, gpu_gib=44)
     assert auto.fits and auto.parallelism == "fsdp"
-    ddp = plan(LLAMA3_70B, config(parallelism="ddp"), world_size=4, gpu_gib=40)
+    assert not plan(LLAMA3_70B, config(), world_size=4, gpu_gib=44).fits
+    ddp = plan(LLAMA3_70B, config(parallelism="ddp"), world_size=8, gpu_gib=44)
     assert not ddp.fits and "training.parallelism fsdp (or auto) on the same GPUs" in ddp.message
+
+
+def test_fsdp_load_peak_matches_the_two_h200_measurement():
+    # bench/RESULTS.md: Llama-3-70B widths, 10 of 80 layers, all-linear r16, FSDP on 2 H200s: 12.22 GiB
+    # allocated after FSDP wrapping (the whole 4-bit model, 8.42 GiB, plus its shard), above the training steps.
+    shape = {**LLAMA3_70B, "num_hidden_layers": 10}
+    est = estimate(shape, config(parallelism="fsdp", microBatchSize=4), world_size=2, gpu_gib=139.8,
+                   parallelism="fsdp", compute_dtype="bfloat16")
+    allocator_part = est.load_peak_gib - CUDA_CONTEXT_GIB - NCCL_GIB  # outside torch.cuda.max_memory_allocated
+    assert -0.02 <= allocator_part / 12.22 - 1 <= 0.08
 
 
 def test_fsdp_load_peak_refuses_70b_on_two_24_gib_gpus():

@@ -99,11 +99,13 @@ class EvalBeforeTraining(TrainerCallback):
         if self.loss is not None or self.trainer is None:
             return
         t0 = time.monotonic()
+        prepared = gpu_memory_gib()  # the model as training holds it (after DDP/FSDP wrapping), before any batch
         self.reporter.stage("Evaluating")
         self.loss = float(self.trainer.evaluate()["eval_loss"])
         self.run_state["evalLossBefore"] = self.loss
         self.seconds = time.monotonic() - t0
-        log_event("eval_before", evalLoss=self.loss, examples=self.examples)
+        log_event("eval_before", evalLoss=self.loss, examples=self.examples,
+                  **{f"{k}BeforeEval": v for k, v in prepared.items()}, **gpu_memory_gib())
 
 
 class ProgressCallback(TrainerCallback):

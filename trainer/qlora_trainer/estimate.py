@@ -45,10 +45,15 @@ worst case: packing fills every row):
   5-11 % in the calibration runs).
 * **Loading under FSDP**: each rank loads the whole 4-bit model onto its GPU before
   ``fully_shard`` splits it (accelerate 1.15 cannot load bitsandbytes 4-bit weights on
-  the meta device; see ``fsdp2_prepare_model``), so the unsharded weights must fit one
-  GPU too. This is why the estimate refuses a 70B model on 2 x 24 GiB, which Answer.AI's
-  own FSDP-QLoRA script does (it quantises layer by layer on the CPU and shards before
-  moving to the GPU); with the Hugging Face stack a 70B needs about 36 GiB GPUs.
+  the meta device; see ``fsdp2_prepare_model``), and the sharded copies are made while
+  the whole model is still allocated: the peak is the whole model times
+  ``1 + 1/world_size``. Measured on two H200s, Llama-3-70B widths with 10 of its 80
+  layers (bench/RESULTS.md): 8.42 GiB allocated after loading (8.12 estimated for the
+  whole model with the adapter), 12.22 GiB after wrapping (12.18 estimated), the
+  training steps below that. So the unsharded weights and a shard must fit one GPU. This
+  is why the estimate refuses a 70B model on 2 x 24 GiB, which Answer.AI's own
+  FSDP-QLoRA script does (it quantises layer by layer on the CPU and shards before moving
+  to the GPU); with the Hugging Face stack a 70B on 2 GPUs needs about 58 GiB GPUs.
 
 Calibration (one H200, torch 2.11, transformers 5.17, bitsandbytes 0.50.2, PEFT 0.21,
 TRL 1.16, the product's own loader and SFTConfig, random-weight Mistral-7B shape: hidden
@@ -443,9 +448,11 @@ def estimate(
     rows.append(Row("CUDA context" + (" + NCCL" if world_size > 1 else ""), outside, "outside the PyTorch allocator"))
     peak = allocated * (1 + FRAGMENTATION) + outside
     if fsdp:
-        load_peak = (packed + constants + shape.other_params * c) / GIB + CUDA_CONTEXT_GIB + NCCL_GIB
+        full = packed + constants + shape.other_params * c + lora_params * 4
+        load_peak = full * (1 + 1 / world_size) / GIB + CUDA_CONTEXT_GIB + NCCL_GIB
         notes.append(
-            f"FSDP loads the whole 4-bit model onto each GPU before sharding it: {load_peak:.1f} GiB while loading"
+            f"FSDP loads the whole 4-bit model onto each GPU and shards it while the whole copy is still "
+            f"there: {load_peak:.1f} GiB while loading"
         )
     else:
         load_peak = 0.0
