@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,9 +27,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def config(model_dir: Path, data: Path, output: Path, steps: int, merge: bool) -> dict:
-    """The trainer config of the run: the product's defaults except the length of the run."""
-    return {
+def config(model_dir: Path, data: Path, output: Path, steps: int, merge: bool,
+           training: dict | None = None) -> dict:
+    """The trainer config of the run: the product's defaults except the length of the run.
+
+    ``training``: fields merged over the ``training`` section (camelCase, as in a QLoRAJob).
+    """
+    doc = {
         "model": {"uri": f"file://{model_dir}"},
         "dataset": {
             "uri": f"file://{data / 'train.jsonl'}",
@@ -48,6 +53,8 @@ def config(model_dir: Path, data: Path, output: Path, steps: int, merge: bool) -
         },
         "output": {"uri": f"file://{output}", "merge": {"enabled": merge}},
     }
+    doc["training"].update(training or {})
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,13 +65,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/qlora-trainer-run"))
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="GPUs (worker processes): QLORA_NPROC_PER_NODE, the operator's contract")
+    parser.add_argument("--training", default="{}",
+                        help="JSON merged over the config's training section, e.g. '{\"parallelism\": \"fsdp\"}'")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     args = parser.parse_args(argv)
+    summary = run(args)
+    print("summary:", json.dumps(summary))
+    return summary["exit_code"]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the CLI once as ``args`` say; print its steps and events; return a summary dict.
+
+    The summary: exit code, wall seconds, the final ``tokensPerSecond`` (all ranks' real tokens
+    over the training time, as the trainer reports it), the last logged step's peak allocated /
+    reserved GiB (rank 0's GPU) and the losses of the logged steps.
+    """
     args.out.mkdir(parents=True, exist_ok=True)
     output = args.work / "output"
+    shutil.rmtree(output, ignore_errors=True)  # a fresh run, not a resume from an earlier run's checkpoints
     cfg_path = args.work / "config.json"
     args.work.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(json.dumps(config(args.model_dir.resolve(), args.data.resolve(), output, args.steps, args.merge)))
-    env = dict(os.environ, QLORA_CACHE_DIR=str(args.work / "cache"),
+    cfg_path.write_text(json.dumps(config(args.model_dir.resolve(), args.data.resolve(), output, args.steps, args.merge,
+                                          json.loads(args.training))))
+    env = dict(os.environ, QLORA_CACHE_DIR=str(args.work / "cache"), QLORA_NPROC_PER_NODE=str(args.nproc),
                QLORA_TERMINATION_MESSAGE_PATH=str(args.work / "termination-log"),
                PYTHONPATH=os.pathsep.join([str(REPO / "trainer"), str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]))
     t0 = time.time()
@@ -80,6 +106,21 @@ def main(argv: list[str] | None = None) -> int:
             except json.JSONDecodeError:
                 pass
     steps = [e for e in events if e.get("event") == "train_step"]
+    manifest_path = output / "adapter" / "manifest.json"
+    metrics = json.loads(manifest_path.read_text()).get("metrics", {}) if manifest_path.exists() else {}
+    steady = sorted(e["tokensPerSecond"] for e in steps[2:] if e.get("tokensPerSecond"))
+    summary = {
+        "exit_code": proc.returncode, "wall_s": round(wall, 1), "nproc": args.nproc,
+        "training": json.loads(args.training),
+        # the median of the logged steps after the first two (one step each with logEverySteps 1)
+        "tokens_per_s": steady[len(steady) // 2] if steady else None,
+        "tokens_per_s_whole_run": metrics.get("tokensPerSecond"),
+        "peak_alloc_gib": steps[-1].get("peakAllocatedGiB") if steps else None,
+        "peak_reserved_gib": steps[-1].get("peakReservedGiB") if steps else None,
+        "losses": [e.get("loss") for e in steps],
+    }
+    if args.quiet:
+        return summary
     print(f"exit code {proc.returncode}, wall {wall:.0f} s")
     print("| step | loss | tokens/s | peak alloc GiB | peak reserved GiB |")
     print("|---:|---:|---:|---:|---:|")
@@ -98,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     term = args.work / "termination-log"
     if term.exists():
         print("termination message:", term.read_text()[:4000])
-    return proc.returncode
+    return summary
 
 
 if __name__ == "__main__":
