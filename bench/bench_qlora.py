@@ -504,13 +504,13 @@ def idle_gaps(events: Any, wall_ms: float, floor_us: float = 50.0) -> dict[str, 
     }
 
 
-def make_profiler(device: str, warmup: int, out_dir: Path, trace: bool = False) -> Any:
+def make_profiler(device: str, warmup: int, out_dir: Path, trace: Path | None = None) -> Any:
     """A callback that profiles optimizer steps 2..``warmup - 1`` (excluded from timing) with ``torch.profiler``.
 
     ``result``: GPU kernel time per category (:data:`PROFILE_CATEGORIES`), the top kernels, total GPU
     busy time against the wall time of the profiled steps (the rest is the GPU waiting on the host:
     Python, launch overhead, synchronisation; :func:`idle_gaps` says during which host ops), and the
-    25 ops with the most self GPU time. ``trace``: also write ``trace.json.gz`` (Chrome trace).
+    25 ops with the most self GPU time. ``trace``: also write the Chrome trace there (gzipped JSON).
     """
     import torch
     from transformers import TrainerCallback
@@ -563,12 +563,13 @@ def make_profiler(device: str, warmup: int, out_dir: Path, trace: bool = False) 
             }
             if device == "cuda":
                 self.result["gpu_idle"] = idle_gaps(self.prof.events(), wall * 1e3)
-            if trace:
+            if trace is not None:
                 import gzip
 
                 raw = out_dir / "trace.json"
                 self.prof.export_chrome_trace(str(raw))
-                with raw.open("rb") as src, gzip.open(out_dir / "trace.json.gz", "wb") as dst:
+                trace.parent.mkdir(parents=True, exist_ok=True)
+                with raw.open("rb") as src, gzip.open(trace, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 raw.unlink()
             try:
@@ -642,8 +643,8 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
                                         [meter], spec.get("overrides") or {})
     build_s = time.time() - t0
     install_token_counter(trainer, meter)
-    profiler = make_profiler(device, spec["warmup"], out_dir, trace=bool(spec.get("trace"))) \
-        if spec.get("profile") else None
+    trace = Path(spec["trace"]) if spec.get("trace") else None
+    profiler = make_profiler(device, spec["warmup"], out_dir, trace) if spec.get("profile") else None
     if profiler is not None:
         trainer.add_callback(profiler)
     load_peak = gib(torch.cuda.max_memory_allocated()) if device == "cuda" else None
@@ -877,7 +878,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated variants (or 'all') whose warm-up steps 2..warmup-1 are profiled with "
                         "torch.profiler (GPU time per kernel category, busy fraction); needs --warmup >= 3")
     p.add_argument("--trace", default="", metavar="VARIANTS",
-                   help="comma-separated profiled variants that also write a Chrome trace (work dir trace.json.gz)")
+                   help="comma-separated profiled variants that also write a Chrome trace (OUT/trace-DATA-VARIANT.json.gz)")
     p.add_argument("--out", type=Path, default=Path("/tmp/qlora-bench-out"),
                    help="results directory: results.md, results.json, runs/*.json, logs/*.log")
     return p.parse_args(argv)
@@ -1001,7 +1002,7 @@ def main(argv: list[str]) -> int:
                     "work_dir": str(work_root / name), "peak_tflops": args.peak_tflops,
                     "max_train_s": args.max_train_s, "overrides": product_variants.get(variant, {}),
                     "profile": variant in profiled or "all" in profiled,
-                    "trace": variant in traced}
+                    "trace": str(out / f"trace-{name}.json.gz") if variant in traced else None}
             log(f"{name}: starting")
             r = run_child(spec, name, out, min(args.run_timeout, left))
             rows.append(r)
