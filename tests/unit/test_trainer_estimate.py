@@ -240,6 +240,22 @@ def test_estimate_command_exits_0_when_it_fits_and_prints_the_table(tmp_path):
         assert text in proc.stdout
 
 
+def test_estimate_command_notes_the_host_memory_of_offloading_at_the_configured_micro_batch(tmp_path):
+    cfg = tmp_path / "config.json"
+    offload = config(microBatchSize=16, gradientAccumulationSteps=1, activationOffloading=True)
+    cfg.write_text(json.dumps(offload.model_dump(mode="json", by_alias=True)))
+    model = tmp_path / "model-config.json"
+    model.write_text(json.dumps(MISTRAL_7B))
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_trainer.cli", "estimate", "--config", str(cfg), "--model-config", str(model),
+         "--gpu-memory", "80"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # 32 layers x 16 x 512 tokens x 4096 x 2 bytes = 2 GiB (not the micro-batch-1 figure, 0.12)
+    assert "keeps 2.00 GiB of pinned host memory per GPU" in proc.stdout
+
+
 def test_estimate_command_exits_7_when_it_does_not_fit(tmp_path):
     proc = run_estimate(tmp_path, "--gpus", "1", "--gpu-memory", "24")
     assert proc.returncode == 7, proc.stdout + proc.stderr

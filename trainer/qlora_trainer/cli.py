@@ -397,16 +397,18 @@ def _print_estimate(configured: Any, decision: Any) -> None:
             table.add_row(name, f"{gib:.2f}", f"{one:.2f}", detail)
         table.add_row("total", f"{configured.peak_gib:.2f}", f"{at_one.peak_gib:.2f}", "training peak per GPU", end_section=True)
         if at_one.load_peak_gib:
-            table.add_row("load peak", f"{configured.load_peak_gib:.2f}", f"{at_one.load_peak_gib:.2f}", "whole 4-bit model, before sharding")
+            table.add_row("load peak", f"{configured.load_peak_gib:.2f}", f"{at_one.load_peak_gib:.2f}",
+                          "whole 4-bit model and its shard, while sharding")
         Console(width=140).print(table)
-    for note in at_one.notes:
+    for note in configured.notes:  # at the configured micro-batch (host memory for offloading grows with it)
         print(f"note: {note}")
     if decision.fits:
         more = "" if configured.fits else (
             f" (at micro-batch {configured.micro_batch_size}: {configured.needed_gib:.1f} GiB, more than the GPU: "
             "the single-GPU trainer backs the micro-batch off)"
         )
-        print(f"fits: {at_one.needed_gib:.1f} GiB at micro-batch 1 with {decision.parallelism}{more}")
+        when = "while loading and sharding" if at_one.load_peak_gib > at_one.peak_gib else "at micro-batch 1"
+        print(f"fits: {at_one.needed_gib:.1f} GiB per GPU {when} with {decision.parallelism}{more}")
     else:
         print(decision.message)
 
