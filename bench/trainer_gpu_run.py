@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> dict:
     """Run the CLI once as ``args`` say; print its steps and events; return a summary dict.
 
-    The summary: exit code, wall seconds, the final ``tokensPerSecond`` (all ranks' real tokens
-    over the training time, as the trainer reports it), the last logged step's peak allocated /
-    reserved GiB (rank 0's GPU) and the losses of the logged steps.
+    The summary: exit code, wall seconds, ``tokens_per_s`` (the median of the logged steps'
+    ``tokensPerSecond`` after the first two: all ranks' real tokens), ``tokens_per_s_whole_run``
+    (the adapter manifest's, over the whole training time), the last logged step's peak allocated /
+    reserved GiB (rank 0's GPU, since the process started) and the losses of the logged steps.
     """
     args.out.mkdir(parents=True, exist_ok=True)
     output = args.work / "output"
