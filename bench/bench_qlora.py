@@ -1009,7 +1009,7 @@ def main(argv: list[str]) -> int:
             if r.get("ok"):
                 log(f"{name}: {fmt(r.get('tokens_per_s'), ',.0f')} tokens/s over {r.get('steps_timed')} steps, "
                     f"peak {fmt(r.get('peak_alloc_gib'))} GiB alloc / {fmt(r.get('peak_reserved_gib'))} GiB reserved, "
-                    f"load {r.get('load_s')} s, build {r.get('build_s')} s, train {r.get('train_s')} s, wall {r.get('wall_s')} s "
+                    f"load {fmt(r.get('load_s'))} s, build {r.get('build_s')} s, train {r.get('train_s')} s, wall {r.get('wall_s')} s "
                     f"[{r.get('api')}]")
             summarize(final=False)
 

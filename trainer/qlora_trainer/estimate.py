@@ -381,9 +381,10 @@ def estimate(
     mlp = 8 if liger else 12  # Liger's SwiGLU recomputes the activation instead of saving it
     layer_saved = (mlp * shape.intermediate + 12 * shape.hidden + 12 * shape.q_dim) * resid / 4 + lora_inputs
     layer_backward = (4 * shape.intermediate + 4 * shape.hidden) * resid / 4
+    layer_input = tokens * shape.hidden * resid  # what a checkpointed layer keeps for the backward pass
     if t.gradient_checkpointing:
         in_gpu = min(OFFLOAD_IN_FLIGHT_LAYERS, shape.layers) if offload else shape.layers
-        stored = in_gpu * tokens * shape.hidden * resid
+        stored = in_gpu * layer_input
         stored_detail = f"{shape.layers} checkpointed layer inputs of {mb}x{seq} tokens" + (
             f" (offloaded to host memory; up to {in_gpu} in flight on the GPU)" if offload else ""
         )
@@ -426,7 +427,7 @@ def estimate(
         )
     rows.append(Row("stored activations", stored / GIB, stored_detail))
     if offload:
-        host = shape.layers * tokens * shape.hidden * resid
+        host = shape.layers * layer_input
         notes.append(f"activation offloading keeps {host / GIB:.2f} GiB of pinned host memory per GPU; "
                      "resources.memory must cover it")
     if logits_phase >= layer_phase:

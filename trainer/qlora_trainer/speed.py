@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 #: Name under which :func:`varlen_attention` is registered with transformers.
 VARLEN_ATTENTION = "qlora_varlen"
 
+
 def liger_available(model_type: str | None) -> bool:
     """Whether Liger Kernel is importable, CUDA is present and it knows ``model_type``.
 
