@@ -141,6 +141,10 @@ OWNED_FIELDS = (
 MAX_ATTEMPTS = 100
 MAX_MESSAGE = 2000
 _SECRET_NOT_FOUND = re.compile(r'secret "?([^"\s]+)"? not found', re.IGNORECASE)
+# The Job controller's message when a podFailurePolicy rule fails the Job (kubernetes
+# pkg/controller/job/pod_failure_policy.go): it names the pod, and the exit code or condition.
+_RULE_EXIT_CODE = re.compile(r"^Container \S+ for pod [^/\s]+/(\S+) failed with exit code (-?\d+) matching")
+_RULE_CONDITION = re.compile(r"^Pod [^/\s]+/(\S+) has condition (\S+) matching")
 
 
 # --- time -----------------------------------------------------------------------
@@ -455,6 +459,34 @@ def merge_attempts(
         by_pod[name] = new
     attempts = sorted(by_pod.values(), key=lambda a: (a.get("index", 0), a.get("node") or 0, a.get("podName", "")))
     return attempts[-MAX_ATTEMPTS:]
+
+
+def attempts_with_job_failure(attempts: Sequence[Mapping[str, Any]], job: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Attempts completed from the Job's failure message where the pods were not seen ending.
+
+    A pod can end and be deleted (the Job controller removes the remaining pods of a failed
+    Job) between two reconciles; its attempt is then closed as Stopped, or Terminated when
+    only the SIGTERM was seen. The Job's ``FailureTarget``/``Failed`` condition still names
+    the pod the podFailurePolicy matched and why: a ``DisruptionTarget`` condition makes that
+    attempt Disrupted, an exit code gives it its exit code and reason. Attempts seen with a
+    reason of their own are left as they are. Pure: returns new dicts.
+    """
+    out = [dict(a) for a in attempts]
+    outcome, reason, message = job_result(job)
+    if outcome != "failed" or reason != "PodFailurePolicy":
+        return out
+    by_condition, by_exit = _RULE_CONDITION.match(message), _RULE_EXIT_CODE.match(message)
+    pod_name = (by_condition or by_exit).group(1) if (by_condition or by_exit) else None
+    for attempt in out:
+        if attempt.get("podName") != pod_name or attempt.get("reason") not in (STOPPED, TERMINATED, None):
+            continue
+        if by_condition and by_condition.group(2) == "DisruptionTarget":
+            attempt.update(phase="Failed", reason=DISRUPTED, message=_truncate(f"the Job controller saw: {message}"))
+        elif by_exit and attempt.get("reason") != TERMINATED:
+            code = int(by_exit.group(2))
+            attempt.update(phase="Failed", exitCode=code, reason=classify_exit(code, None, None),
+                           message=_truncate(f"the pod was deleted before its end was seen; the Job controller saw: {message}"))
+    return out
 
 
 def artifacts_from_pods(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -900,9 +932,9 @@ def compute_status(
     carry = same_run or continuing
     progress = old.get("progress") if carry else None
 
-    attempts = merge_attempts(
+    attempts = attempts_with_job_failure(merge_attempts(
         old.get("attempts") or [] if carry else [], obs.pods, group.attempt if nodes > 1 else None
-    )
+    ), obs.job)
     artifacts = artifacts_from_pods(obs.pods) or (old.get("artifacts") if same_run else None)
 
     sticky = (

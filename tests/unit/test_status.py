@@ -889,6 +889,42 @@ def test_group_disruption_restarts_without_counting():
     assert ("Warning", "Disrupted") in [(e.type, e.reason) for e in r.events]
 
 
+def _running_group_then_vanished(job_failure):
+    """A two-node run seen running, then (next reconcile) its pods gone and the Job failed with ``job_failure``."""
+    body = qj(spec=GROUP_SPEC)
+    body = apply(body, compute_status(body, gobserve(gjob(), [gpod(0, running=5), gpod(1, running=5)]), at(10), SETTINGS).patch)
+    return compute_status(body, gobserve(gjob(job_failure), [], backoff_limit=0), at(20), SETTINGS)
+
+
+def test_group_disruption_is_read_from_the_job_when_the_pods_vanished():
+    """Evicted pod ended and deleted between two reconciles: the Job's message names the rule."""
+    r = _running_group_then_vanished(
+        ("Failed", "PodFailurePolicy", "Pod ns/bot-train-1-x1 has condition DisruptionTarget matching FailJob rule at index 0"))
+    assert [(a["node"], a["reason"]) for a in r.status["attempts"]] == [(0, "Stopped"), (1, "Disrupted")]
+    assert "DisruptionTarget" in r.status["attempts"][1]["message"]
+    assert r.restart is not None and r.restart.group == render.GroupAttempt(1, 0, 1)  # not counted, even with backoffLimit 0
+    assert "disrupted" in r.restart.why and "not counted" in r.restart.why
+    assert [(e.type, e.reason) for e in r.events][0] == ("Warning", "Disrupted")
+
+
+def test_group_permanent_exit_code_is_read_from_the_job_when_the_pods_vanished():
+    r = _running_group_then_vanished(
+        ("Failed", "PodFailurePolicy", "Container trainer for pod ns/bot-train-1-x1 failed with exit code 3 matching FailJob rule at index 1"))
+    failed = conds(r.status)["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", "InvalidData") and "not retried" in failed["message"]
+    assert r.restart is None and r.terminal
+    assert r.status["attempts"][1]["exitCode"] == 3 and r.status["attempts"][0]["reason"] == "Stopped"
+
+
+def test_job_failure_message_does_not_override_what_the_pod_showed():
+    attempts = [{"index": 0, "node": 1, "podName": "p", "phase": "Failed", "exitCode": 1, "reason": "ExitCode1"}]
+    job_obj = gjob(("Failed", "PodFailurePolicy", "Pod ns/p has condition DisruptionTarget matching FailJob rule at index 0"))
+    assert status_mod.attempts_with_job_failure(attempts, job_obj) == attempts
+    other = gjob(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"))
+    stopped = [{"index": 0, "node": 1, "podName": "p", "phase": "Failed", "reason": "Stopped"}]
+    assert status_mod.attempts_with_job_failure(stopped, other) == stopped
+
+
 @pytest.mark.parametrize(
     ("backoff", "failures", "reason", "fragment"),
     [
