@@ -421,20 +421,20 @@ def merge_attempts(
     One node (``group_attempt`` None): each new pod is the next attempt. Several nodes:
     each pod has its ``node``, and a new pod is attempt ``group_attempt`` (the run's group
     attempt) or, when that node already had an attempt there (the Job was suspended and
-    resumed), the node's next; an unfinished attempt whose pod is gone (deleted before its
-    end was seen) is closed as Stopped. Sorted by attempt, then node; the newest
-    :data:`MAX_ATTEMPTS` kept.
+    resumed), the node's next. Either way an unfinished attempt whose pod is gone (it
+    ended and was deleted between two reconciles, or the Job went) is closed as Stopped,
+    never left Running; :func:`attempts_with_job_failure` may say more from the Job.
+    Sorted by attempt, then node; the newest :data:`MAX_ATTEMPTS` kept.
     """
     group = group_attempt is not None
     by_pod: dict[str, dict[str, Any]] = {a["podName"]: dict(a) for a in previous if a.get("podName")}
-    if group:
-        listed = {(p.get("metadata") or {}).get("name") for p in pods}
-        for attempt in by_pod.values():
-            if attempt["podName"] not in listed and not _attempt_finished(attempt):
-                attempt.update(
-                    phase="Failed", reason=STOPPED,
-                    message="stopped with its group: the pod was deleted before its end was seen",
-                )
+    listed = {(p.get("metadata") or {}).get("name") for p in pods}
+    for attempt in by_pod.values():
+        if attempt["podName"] not in listed and not _attempt_finished(attempt):
+            attempt.update(
+                phase="Failed", reason=STOPPED,
+                message=("stopped with its group: " if group else "stopped: ") + "the pod was deleted before its end was seen",
+            )
     next_index = max((a.get("index", -1) for a in by_pod.values()), default=-1) + 1
     for pod in sorted(pods, key=_pod_sort_key):
         name = (pod.get("metadata") or {}).get("name")

@@ -290,7 +290,9 @@ def test_disruption_restarts_the_group_without_counting(cluster, namespace, buck
     assert status["run"] == 2, status
     evicted = next(a for a in status["attempts"] if a["podName"] == victim)
     assert (evicted["index"], evicted["node"], evicted["reason"]) == (0, 1, "Disrupted")
-    assert "EvictionByEvictionAPI" in evicted["message"]
+    # The pod's condition when the operator saw the pod end; the Job's failure message when the
+    # pod ended and was deleted between two reconciles.
+    assert "EvictionByEvictionAPI" in evicted["message"] or "has condition DisruptionTarget" in evicted["message"]
     job2 = api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/evict-train-r2")
     assert job2["metadata"]["annotations"]["qlora.dev/group-failures"] == "0"  # not counted
     assert [(a["index"], a["reason"]) for a in status["attempts"][-2:]] == [(1, "Succeeded"), (1, "Succeeded")]

@@ -889,6 +889,15 @@ def test_group_disruption_restarts_without_counting():
     assert ("Warning", "Disrupted") in [(e.type, e.reason) for e in r.events]
 
 
+def test_single_node_attempt_whose_pod_vanished_is_closed_as_stopped():
+    """An evicted pod ended and was deleted between two reconciles; the Job made a new one."""
+    previous = [{"index": 0, "podName": "bot-train-a", "phase": "Running", "startTime": ts(5)}]
+    merged = merge_attempts(previous, [pod("bot-train-b", 9, running=10)])
+    assert [(a["index"], a["podName"], a["phase"], a.get("reason")) for a in merged] == [
+        (0, "bot-train-a", "Failed", "Stopped"), (1, "bot-train-b", "Running", None)]
+    assert merged[0]["message"] == "stopped: the pod was deleted before its end was seen"
+
+
 def _running_group_then_vanished(job_failure):
     """A two-node run seen running, then (next reconcile) its pods gone and the Job failed with ``job_failure``."""
     body = qj(spec=GROUP_SPEC)
