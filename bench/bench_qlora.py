@@ -352,6 +352,22 @@ def product_config_dict(model_dir: Path, setting: str, total_steps: int, seed: i
     }
 
 
+def compile_decoder_layers(model: Any) -> int:
+    """Probe (not a product switch yet): ``torch.compile`` each decoder layer in place; returns how many.
+
+    Every ``transformers.modeling_layers.GradientCheckpointingLayer`` gets ``nn.Module.compile()``:
+    its forward runs compiled inside gradient checkpointing (the checkpoint wrapper stays eager,
+    the recompute calls the same compiled code); the layers share their code, so one graph serves
+    all of them. Compilation happens at the first forward, in the warm-up steps.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: int, device: str, seed: int,
                     out_dir: Path, callbacks: list[Any], overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The product's trainer on the bench data, built from a ``TrainingConfig`` through the product's own code.
@@ -368,6 +384,8 @@ def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
     from qlora_trainer import model as qmodel
     from qlora_trainer.assemble import build_trainer
 
+    overrides = dict(overrides)
+    compile_layers = bool(overrides.pop("benchCompileLayers", False))  # probe: torch.compile per decoder layer
     raw = deep_merge(product_config_dict(model_dir, setting, total_steps, seed, out_dir), overrides)
     cfg = qconfig.parse_config(raw, source="bench product config")
     if device == "cuda":
@@ -379,6 +397,8 @@ def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
     trainer, extra = build_trainer(cfg, Path(model_dir), dataset, hw=hw, output_dir=out_dir / "run",
                                    callbacks=callbacks, eval_dataset=None)
     info.update(extra)
+    if compile_layers:
+        info["compiled_layers"] = compile_decoder_layers(trainer.model)
     info["api"] = "qlora_trainer.assemble.build_trainer"
     info["build_s"] = round(time.time() - t0, 1)
     return trainer, info
@@ -677,6 +697,10 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
     offloaders = [cb.offloader for cb in trainer.callback_handler.callbacks if hasattr(cb, "offloader")]
     if offloaders:
         res["offload_stats"] = dict(offloaders[0].stats)
+    if info.get("compiled_layers"):
+        from torch._dynamo.utils import counters
+
+        res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "graph_break", "recompiles") if counters.get(k)}
     if variant != "reference":
         from qlora_trainer import speed as qspeed
 
