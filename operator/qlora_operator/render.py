@@ -458,7 +458,9 @@ def group_pod_failure_policy() -> dict[str, Any]:
     The rule that matched (the Job's ``FailureTarget`` message names its index) says why:
     0 a disruption (restarted without counting), 1 a permanent exit code (not restarted),
     2 any other failure (counted against ``runPolicy.backoffLimit``). The operator reads
-    the same from the pods; ``backoffLimit: 0`` covers a pod that fails without an exit code.
+    the same from the pods, or from that message when the pod ended and was deleted before
+    the operator saw it (``status.attempts_with_job_failure``); ``backoffLimit: 0`` covers a
+    pod that fails without an exit code.
     """
     return {
         "rules": [
