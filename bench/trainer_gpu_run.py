@@ -84,13 +84,14 @@ def run(args: argparse.Namespace) -> dict:
     (the adapter manifest's, over the whole training time), the last logged step's peak allocated /
     reserved GiB (rank 0's GPU, since the process started) and the losses of the logged steps.
     """
+    training = json.loads(args.training)
     args.out.mkdir(parents=True, exist_ok=True)
     output = args.work / "output"
     shutil.rmtree(output, ignore_errors=True)  # a fresh run, not a resume from an earlier run's checkpoints
     cfg_path = args.work / "config.json"
     args.work.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(json.dumps(config(args.model_dir.resolve(), args.data.resolve(), output, args.steps, args.merge,
-                                          json.loads(args.training))))
+                                          training)))
     env = dict(os.environ, QLORA_CACHE_DIR=str(args.work / "cache"), QLORA_NPROC_PER_NODE=str(args.nproc),
                QLORA_TERMINATION_MESSAGE_PATH=str(args.work / "termination-log"),
                PYTHONPATH=os.pathsep.join([str(REPO / "trainer"), str(REPO / "operator"), os.environ.get("PYTHONPATH", "")]))
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     steady = sorted(e["tokensPerSecond"] for e in steps[2:] if e.get("tokensPerSecond"))
     summary = {
         "exit_code": proc.returncode, "wall_s": round(wall, 1), "nproc": args.nproc,
-        "training": json.loads(args.training),
+        "training": training,
         # the median of the logged steps after the first two (one step each with logEverySteps 1)
         "tokens_per_s": steady[len(steady) // 2] if steady else None,
         "tokens_per_s_whole_run": metrics.get("tokensPerSecond"),

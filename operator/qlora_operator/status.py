@@ -476,9 +476,11 @@ def attempts_with_job_failure(attempts: Sequence[Mapping[str, Any]], job: Mappin
     if outcome != "failed" or reason != "PodFailurePolicy":
         return out
     by_condition, by_exit = _RULE_CONDITION.match(message), _RULE_EXIT_CODE.match(message)
-    pod_name = (by_condition or by_exit).group(1) if (by_condition or by_exit) else None
+    rule = by_condition or by_exit
+    if rule is None:
+        return out
     for attempt in out:
-        if attempt.get("podName") != pod_name or attempt.get("reason") not in (STOPPED, TERMINATED, None):
+        if attempt.get("podName") != rule.group(1) or attempt.get("reason") not in (STOPPED, TERMINATED, None):
             continue
         if by_condition and by_condition.group(2) == "DisruptionTarget":
             attempt.update(phase="Failed", reason=DISRUPTED, message=_truncate(f"the Job controller saw: {message}"))

@@ -90,7 +90,6 @@ def test_install_wraps_each_checkpointed_layer_once() -> None:
     offloader = ActivationOffloader("cpu")
     assert install(model, offloader) == LAYERS
     assert install(model, offloader) == 0  # already wrapped
-    model.model.layers[0].gradient_checkpointing = False
     fresh = tiny_llama("cpu")
     fresh.model.layers[0].gradient_checkpointing = False
     assert install(fresh, ActivationOffloader("cpu")) == LAYERS - 1
