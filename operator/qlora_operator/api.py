@@ -322,6 +322,23 @@ class Condition(ApiModel):
     )
 
 
+class CheckpointDecision(ApiModel):
+    """What one trainer pod resumed from (decided before any weight loads; the trainer's ``runs`` module)."""
+
+    pod_name: _Str253 | None = Field(default=None, description="The trainer pod that decided.")
+    decision: Literal["Resumed", "StartedFresh"] = Field(
+        description="Resumed: from a checkpoint of this run; StartedFresh: from step 0."
+    )
+    from_step: int | None = Field(default=None, description="The checkpoint step resumed from.")
+    message: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None,
+        description=(
+            "One line, e.g. 'started fresh: previous checkpoints belong to run 1; run 2 started fresh at step 0', "
+            "naming any checkpoint of this run refused (other run, other QLoRAJob, config fingerprint differs)."
+        ),
+    )
+
+
 class Progress(ApiModel):
     """Live training progress, written by the trainer (throttled)."""
 
@@ -343,6 +360,9 @@ class Progress(ApiModel):
         default=None, description="Trainer stage: Loading, Training, Merging, Uploading, Done."
     )
     updated_at: _Time | None = Field(default=None, description="When the trainer last reported (RFC 3339).")
+    checkpoint: CheckpointDecision | None = Field(
+        default=None, description="What the reporting pod resumed from, or why it started fresh."
+    )
 
 
 class Attempt(ApiModel):
@@ -374,13 +394,27 @@ class Attempt(ApiModel):
     )
     message: _Message | None = Field(default=None, description="The trainer's termination message or pod reason.")
     resumed_from_step: int | None = Field(default=None, description="Checkpoint step this attempt resumed from.")
+    checkpoint: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None,
+        description="What this attempt resumed from, or why it started fresh (the trainer's progress.checkpoint.message).",
+    )
 
 
 class Artifacts(ApiModel):
     """Artifact URIs; each is listed only after its _SUCCESS marker exists."""
 
-    adapter_uri: _Uri | None = Field(default=None, description="<output>/adapter/: the LoRA adapter.")
-    merged_uri: _Uri | None = Field(default=None, description="<output>/merged/: the merged model, when asked for.")
+    run: int | None = Field(
+        default=None,
+        description=(
+            "The run that wrote them. They stay listed (and valid in storage) while a later run trains, "
+            "until that run completes: every run writes under its own <output>/run-<N>/."
+        ),
+    )
+    generation: int | None = Field(default=None, description="metadata.generation the run started from.")
+    adapter_uri: _Uri | None = Field(default=None, description="<output>/run-<N>/adapter/: the LoRA adapter.")
+    merged_uri: _Uri | None = Field(
+        default=None, description="<output>/run-<N>/merged/: the merged model, when asked for."
+    )
     manifest_uri: _Uri | None = Field(default=None, description="The lineage manifest.json.")
     last_checkpoint_uri: _Uri | None = Field(default=None, description="Newest complete checkpoint.")
 
@@ -401,7 +435,10 @@ class QLoRAJobStatus(ApiModel):
             "restarted from, ordered by attempt and node (the newest 100 are kept)."
         ),
     )
-    artifacts: Artifacts | None = Field(default=None, description="Complete artifacts of the last successful run.")
+    artifacts: Artifacts | None = Field(
+        default=None,
+        description="Complete artifacts of the last successful run (artifacts.run names it; kept while a later run trains).",
+    )
     job_name: _Str253 | None = Field(default=None, description="The batch/v1 Job of the current run.")
     run: int | None = Field(
         default=None,
@@ -503,6 +540,32 @@ def training_fields_changed(
     return sorted(f"spec.{path}" for path in changed)
 
 
+#: Fields fixed during a run whose change on a finished or suspended job still starts no
+#: new run: they decide how the operator retries a run and which Secret holds the keys,
+#: not what is trained (a new ``backoffLimit`` applies from the next run).
+NOT_STARTING_A_RUN = ("runPolicy", "storage.credentialsSecretRef")
+
+
+def run_fields_changed(
+    old_spec: QLoRAJobSpec | dict[str, Any] | None, new_spec: QLoRAJobSpec | dict[str, Any] | None
+) -> list[str]:
+    """Paths of changed fields that start a new run: :func:`training_fields_changed` without
+    :data:`NOT_STARTING_A_RUN`.
+
+    What starts a run: model, dataset, quantization, lora, training, output, the storage
+    endpoint, resources (the world size shapes the optimisation; more memory is how an
+    OOMKilled run is retried) and image (the program that trains). What does not: the
+    identical manifest again, a reordering of keys (specs compare as parsed values, with
+    defaults filled in), labels and annotations (not in the spec), and every
+    ``runPolicy`` and ``scheduling`` field.
+    """
+    return [
+        path
+        for path in training_fields_changed(old_spec, new_spec)
+        if not any(path == f"spec.{p}" or path.startswith(f"spec.{p}.") for p in NOT_STARTING_A_RUN)
+    ]
+
+
 def run_is_active(status: QLoRAJobStatus | dict[str, Any] | None) -> bool:
     """True when the ``Running`` condition is ``True`` (the CRD's transition rule tests the same)."""
     if status is None:
@@ -519,6 +582,7 @@ __all__ = [
     "Artifacts",
     "Attempt",
     "CATEGORIES",
+    "CheckpointDecision",
     "Condition",
     "ConditionType",
     "DatasetSource",
@@ -528,6 +592,7 @@ __all__ = [
     "LoraSettings",
     "MAX_NAME_LENGTH",
     "MUTABLE_WHILE_ACTIVE",
+    "NOT_STARTING_A_RUN",
     "ModelSource",
     "OutputTarget",
     "PLURAL",
@@ -547,6 +612,7 @@ __all__ = [
     "VERSION",
     "multinode_name_problem",
     "parse_spec",
+    "run_fields_changed",
     "run_is_active",
     "training_fields_changed",
 ]

@@ -13,10 +13,12 @@ Actions:
 ``invalid``     the spec cannot be run (checks only the operator can make, e.g.
                 ``resources.gpus`` above the operator's limit): Failed/InvalidSpec.
 ``create``      the current run has no Job yet: create its children.
-``start-next``  the current run finished (or is suspended) and training fields
-                changed since it started: start run N+1 (GitOps retraining). A
-                suspended run's Job is deleted first (it holds no pod; checkpoints
-                stay in storage, and the next run resumes from them).
+``start-next``  the current run finished (or is suspended) and fields that start a
+                run (``api.run_fields_changed``: not runPolicy, scheduling or the
+                credentials Secret) changed since it started: start run N+1 (GitOps
+                retraining). A suspended run's Job is deleted first (it holds no pod;
+                its checkpoints stay in storage under ``<output>/run-<N>/``, and run
+                N+1 starts from step 0 under its own prefix).
 ``observe``     translate the current run's Job and pods into status. A change of
                 training fields while the run is active is refused
                 (``spec_rejected``): the active run keeps its spec, and the change
@@ -30,7 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlora_operator import render
-from qlora_operator.api import QLoRAJobSpec, multinode_name_problem, parse_spec, training_fields_changed
+from qlora_operator.api import (
+    QLoRAJobSpec,
+    multinode_name_problem,
+    parse_spec,
+    run_fields_changed,
+    training_fields_changed,
+)
 from qlora_operator.settings import OperatorSettings
 from qlora_operator.status import job_result, job_suspended, status_terminal
 from qlora_trainer.config import ConfigError
@@ -120,23 +128,25 @@ def decide(
         return Plan("create", 1)
     raw = dict(body.get("spec") or {})
     changes = tuple(training_fields_changed(dict(recorded_spec), raw)) if recorded_spec is not None else ()
+    starting = tuple(run_fields_changed(dict(recorded_spec), raw)) if changes else ()
     if run_finished(status, run, job):
-        if not changes:
+        if not starting:
             return Plan("observe", run, job)
         if invalid:
-            return Plan("invalid", run, job, invalid=invalid, changed_fields=changes)
-        return Plan("start-next", run + 1, None, changed_fields=changes)
+            return Plan("invalid", run, job, invalid=invalid, changed_fields=starting)
+        return Plan("start-next", run + 1, None, changed_fields=starting)
     if job is None:
         if invalid:
             return Plan("invalid", run, None, invalid=invalid)
         return Plan("create", run)
-    if changes and job_suspended(job) and not invalid:
+    if starting and job_suspended(job) and not invalid:
         # A suspended run (by the user or a Kueue queue) holds no pod: the changed spec
-        # replaces it. The next run resumes from the checkpoints under spec.output.uri.
-        return Plan("start-next", run + 1, None, changed_fields=changes, retire=job["metadata"]["name"])
+        # replaces it. The next run starts from step 0 under <output>/run-<N+1>/ (the
+        # trainer resumes only checkpoints of its own run).
+        return Plan("start-next", run + 1, None, changed_fields=starting, retire=job["metadata"]["name"])
     rejected = None
-    if changes:
-        listed = ", ".join(changes[:8]) + (", ..." if len(changes) > 8 else "")
+    if starting:  # runPolicy / credentials changes apply from the next run; nothing to refuse
+        listed = ", ".join(starting[:8]) + (", ..." if len(starting) > 8 else "")
         rejected = (
             f"{listed} changed while run {run} is active: training fields are immutable during a run. "
             f"Run {run} continues with the spec it started with; the changed spec starts run {run + 1} "
@@ -144,4 +154,4 @@ def decide(
         )
         if invalid:
             rejected += f" The changed spec is also invalid: {invalid}"
-    return Plan("observe", run, job, spec_rejected=rejected, changed_fields=changes)
+    return Plan("observe", run, job, spec_rejected=rejected, changed_fields=starting)

@@ -87,6 +87,9 @@ ANN_GROUP_ATTEMPT = "qlora.dev/group-attempt"
 ANN_GROUP_FAILURES = "qlora.dev/group-failures"
 #: The run whose failed group this run restarts (its attempts and progress carry on).
 ANN_RESTART_OF = "qlora.dev/restart-of"
+#: The run a chain of group restarts began with: the training run whose checkpoints and
+#: artifacts (``<output>/run-<N>/``) every Job of the chain continues.
+ANN_TRAINING_RUN = "qlora.dev/training-run"
 
 
 def _digest(text: str, size: int = 8) -> str:
@@ -185,17 +188,22 @@ class GroupAttempt:
     ``attempt``: 0-based group attempt (the ``index`` of its pods' attempts).
     ``failures``: failed group attempts counted against ``runPolicy.backoffLimit`` before it.
     ``restart_of``: the run it restarts (None for a run started by a spec change).
+    ``training_run``: the first run of the chain (None: this run itself), whose checkpoint
+    and artifact prefix the restart continues.
     """
 
     attempt: int = 0
     failures: int = 0
     restart_of: int | None = None
+    training_run: int | None = None
 
     def annotations(self) -> dict[str, str]:
         """The Job annotations that record it."""
         out = {ANN_GROUP_ATTEMPT: str(self.attempt), ANN_GROUP_FAILURES: str(self.failures)}
         if self.restart_of is not None:
             out[ANN_RESTART_OF] = str(self.restart_of)
+        if self.training_run is not None:
+            out[ANN_TRAINING_RUN] = str(self.training_run)
         return out
 
 
@@ -213,6 +221,7 @@ def group_attempt_of(job: Mapping[str, Any] | None) -> GroupAttempt:
         attempt=number(ANN_GROUP_ATTEMPT) or 0,
         failures=number(ANN_GROUP_FAILURES) or 0,
         restart_of=number(ANN_RESTART_OF),
+        training_run=number(ANN_TRAINING_RUN),
     )
 
 
@@ -352,12 +361,15 @@ def distributed_env(job: str, spec: QLoRAJobSpec, run: int) -> list[dict[str, An
     ]
 
 
-def _env(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int) -> list[dict[str, Any]]:
+def _env(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int, training_run: int | None = None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "QLORA_JOB_NAME", "value": body["metadata"]["name"]},
         {"name": "QLORA_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "QLORA_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "QLORA_RUN", "value": str(run)},
+        {"name": "QLORA_TRAINING_RUN", "value": str(training_run or run)},
+        {"name": "QLORA_GENERATION", "value": str(body["metadata"].get("generation", 1))},
+        {"name": "QLORA_JOB_UID", "value": str(body["metadata"].get("uid", ""))},
         {"name": "QLORA_TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
         {"name": "QLORA_CACHE_DIR", "value": CACHE_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
@@ -373,7 +385,9 @@ def _env(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int) -> list[dict[str
     return env
 
 
-def render_pod_spec(body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int = 1) -> dict[str, Any]:
+def render_pod_spec(
+    body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int = 1, training_run: int | None = None
+) -> dict[str, Any]:
     """The trainer pod spec; passes the ``restricted`` Pod Security level."""
     job = body["metadata"]["name"]
     gpu = gpu_resource(spec, settings)
@@ -383,7 +397,7 @@ def render_pod_spec(body: Mapping[str, Any], spec: QLoRAJobSpec, settings: Opera
         "image": trainer_image(spec, settings),
         "imagePullPolicy": settings.image_pull_policy,
         "command": list(settings.trainer_command),
-        "env": _env(body, spec, run),
+        "env": _env(body, spec, run, training_run),
         "resources": {"requests": dict(quantities), "limits": dict(quantities)},
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -525,7 +539,7 @@ def render_job(
                 "labels": labels(job, run),
                 "annotations": {ANN_JOB: job, "kubectl.kubernetes.io/default-container": CONTAINER},
             },
-            "spec": render_pod_spec(body, spec, settings, run),
+            "spec": render_pod_spec(body, spec, settings, run, (group or GroupAttempt()).training_run),
         },
     }
     if nodes > 1:

@@ -84,6 +84,8 @@ STORAGE_ERROR = "StorageError"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 DISRUPTED = "Disrupted"
+#: An exception the trainer has no name for (exit 1); the message is its last line.
+TRAINER_ERROR = "TrainerError"
 SUCCEEDED = "Succeeded"
 TRAINER_RUNNING = "TrainerRunning"
 PENDING = "Pending"
@@ -338,6 +340,8 @@ def classify_exit(exit_code: int | None, container_reason: str | None, message: 
         return message["reason"]
     if container_reason and container_reason not in ("Error", "Completed"):
         return container_reason
+    if exit_code == 1:  # an exception the trainer has no name for (or a crash before it could report)
+        return TRAINER_ERROR
     return f"ExitCode{exit_code}" if exit_code is not None else "Error"
 
 
@@ -367,8 +371,11 @@ def attempt_from_pod(pod: Mapping[str, Any], index: int, *, group: bool = False)
             if isinstance(tmsg.get("resumedFromStep"), int):
                 attempt["resumedFromStep"] = tmsg["resumedFromStep"]
         elif term.get("message"):
-            # FallbackToLogsOnError: the tail of the log; keep its end, where the error is.
+            # FallbackToLogsOnError: the tail of the log; keep its end, where the error is
+            # (for a crash the trainer could not report: the traceback's last line).
             text = str(term["message"]).strip()
+            if attempt["reason"] == TRAINER_ERROR:
+                text = [line for line in text.splitlines() if line.strip()][-1].strip()
             attempt["message"] = text[-MAX_MESSAGE:]
     elif pstatus.get("phase") == "Failed":
         attempt["startTime"] = start
@@ -453,7 +460,7 @@ def merge_attempts(
                 next_index += 1
         new = attempt_from_pod(pod, index, group=group)
         if old is not None:
-            for key in ("resumedFromStep", "startTime"):
+            for key in ("resumedFromStep", "startTime", "checkpoint"):
                 if key not in new and key in old:
                     new[key] = old[key]
         by_pod[name] = new
@@ -504,6 +511,48 @@ def artifacts_from_pods(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | N
             if keep:
                 return keep
     return None
+
+
+def run_artifacts(obs: Observed, group: render.GroupAttempt) -> dict[str, Any] | None:
+    """:func:`artifacts_from_pods` of the run, with the training ``run`` and the ``generation`` it started from."""
+    arts = artifacts_from_pods(obs.pods)
+    if arts is None:
+        return None
+    out: dict[str, Any] = {"run": group.training_run or obs.run, **arts}
+    try:
+        out["generation"] = int(((obs.job or {}).get("metadata") or {}).get("annotations", {})[render.ANN_GENERATION])
+    except (KeyError, TypeError, ValueError):
+        pass
+    return out
+
+
+def attach_checkpoint_decision(
+    attempts: Sequence[Mapping[str, Any]], progress: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Attempts with the trainer's ``progress.checkpoint`` (what the pod resumed from, or why it
+    started fresh) copied into the attempt of the pod that reported it, once. Pure."""
+    out = [dict(a) for a in attempts]
+    decision = (progress or {}).get("checkpoint") or {}
+    pod, message = decision.get("podName"), decision.get("message")
+    if not pod or not message:
+        return out
+    for attempt in out:
+        if attempt.get("podName") == pod and "checkpoint" not in attempt:
+            attempt["checkpoint"] = _truncate(message, 1024)
+            if decision.get("decision") == "Resumed" and isinstance(decision.get("fromStep"), int):
+                attempt.setdefault("resumedFromStep", decision["fromStep"])
+    return out
+
+
+def checkpoint_event(attempt: Mapping[str, Any]) -> EventSpec:
+    """The Event of an attempt's checkpoint decision: CheckpointRefused (Warning) when the trainer
+    refused checkpoints of its run, else ResumedFromCheckpoint or StartedFresh (Normal)."""
+    message = f"pod {attempt.get('podName')}: {attempt.get('checkpoint')}"
+    if "refused" in (attempt.get("checkpoint") or ""):
+        return EventSpec("Warning", "CheckpointRefused", _truncate(message))
+    if "resumedFromStep" in attempt:
+        return EventSpec("Normal", "ResumedFromCheckpoint", _truncate(message))
+    return EventSpec("Normal", "StartedFresh", _truncate(message))
 
 
 def quota_event(events: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -659,7 +708,9 @@ def _group_failed(
         msg = f"{why}; waiting for {len(stopping)} pod(s) to stop ({', '.join(sorted(stopping)[:4])}) before run {run + 1}"
     else:
         msg = f"{why}; restarting all {nodes} nodes as run {run + 1} from the newest checkpoint"
-        restart = GroupRestart(run=run + 1, group=GroupAttempt(group.attempt + 1, failures, run), why=why)
+        restart = GroupRestart(
+            run=run + 1, group=GroupAttempt(group.attempt + 1, failures, run, group.training_run or run), why=why
+        )
     if suspended:
         state = _suspended_state(obs)
         state.restart = restart
@@ -934,10 +985,15 @@ def compute_status(
     carry = same_run or continuing
     progress = old.get("progress") if carry else None
 
-    attempts = attempts_with_job_failure(merge_attempts(
+    attempts = attach_checkpoint_decision(attempts_with_job_failure(merge_attempts(
         old.get("attempts") or [] if carry else [], obs.pods, group.attempt if nodes > 1 else None
-    ), obs.job)
-    artifacts = artifacts_from_pods(obs.pods) or (old.get("artifacts") if same_run else None)
+    ), obs.job), progress)
+    # This run's artifacts (a pod exited 0), else the ones recorded for this run; the
+    # earlier run's recorded ones stay listed until this run completes (below).
+    training_run = group.training_run or obs.run
+    recorded = old.get("artifacts") or None
+    recorded_here = bool(recorded) and same_run and recorded.get("run") in (None, training_run)
+    artifacts = run_artifacts(obs, group) or (recorded if recorded_here else None)
 
     sticky = (
         same_run
@@ -982,7 +1038,10 @@ def compute_status(
     if terminal:
         completion = (old.get("completionTime") if same_run else None) or job_status.get("completionTime") or now_s
     if not _is_true(conds, "Complete"):
-        artifacts = None  # artifacts are listed only for a run that completed
+        # Until this run completes, status.artifacts keeps the last successful run's
+        # (artifacts.run names it; every run writes under its own <output>/run-<N>/, so
+        # those stay valid in storage while this one trains).
+        artifacts = None if recorded_here else recorded
     if sticky and _is_true(conds, "Failed") and obs.job is not None:
         # Failed by the operator (e.g. ImagePullFailed) while the Job is still active: stop it (again).
         if job_result(obs.job)[0] is None and not job_suspended(obs.job):
@@ -1032,6 +1091,8 @@ def transition_events(
     attempt failed for a reason.
     """
     events: list[EventSpec] = []
+    decided_before = {a.get("podName") for a in old_attempts if a.get("checkpoint")}
+    events += [checkpoint_event(a) for a in new_attempts if a.get("checkpoint") and a.get("podName") not in decided_before]
     finished_before = {a.get("podName") for a in old_attempts if _attempt_finished(a)}
     casualty = (TERMINATED, STOPPED)
     real_failure = {

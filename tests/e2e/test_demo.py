@@ -42,7 +42,7 @@ def test_demo_runs_end_to_end(tmp_path):
         result = json.loads((state / "demo-result.json").read_text())
         assert result["evalLossAfter"] < result["evalLossBefore"], result
         assert result["adapterAnswer"] != result["baseAnswer"], result
-        assert result["artifacts"]["adapterUri"] == "s3://artifacts/demo/adapter/"
+        assert result["artifacts"]["adapterUri"] == "s3://artifacts/demo/run-1/adapter/"
     finally:
         down = subprocess.run([sys.executable, "-m", "localcluster", "down", "--dir", str(state)],
                               env=env, capture_output=True, text=True, timeout=120)

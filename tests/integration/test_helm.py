@@ -70,10 +70,10 @@ for step in range(1, total + 1):
 out = cfg["output"]["uri"].rstrip("/")
 bucket, _, prefix = out[len("s3://"):].partition("/")
 s3 = boto3.client("s3", endpoint_url=cfg["storage"]["endpoint"], region_name=cfg["storage"]["region"])
-s3.put_object(Bucket=bucket, Key=prefix + "/adapter/_SUCCESS", Body=b"")
+s3.put_object(Bucket=bucket, Key=prefix + "/run-1/adapter/_SUCCESS", Body=b"")
 with open(os.environ["QLORA_TERMINATION_MESSAGE_PATH"], "w") as f:
     json.dump({"exitCode": 0, "reason": "Succeeded", "message": "stand-in trainer done",
-               "artifacts": {"adapterUri": out + "/adapter/", "manifestUri": out + "/adapter/manifest.json"},
+               "artifacts": {"adapterUri": out + "/run-1/adapter/", "manifestUri": out + "/run-1/adapter/manifest.json"},
                "metrics": {"steps": total}}, f)
 '''
 
@@ -215,9 +215,9 @@ def run_job_to_complete(cluster, api, namespace: str, name: str) -> dict:
 
     body = wait_for(finished, 120, f"QLoRAJob {namespace}/{name} to complete", interval=0.5)
     status = body["status"]
-    assert status["artifacts"]["adapterUri"] == f"s3://artifacts/{namespace}/{name}/adapter/", status
+    assert status["artifacts"]["adapterUri"] == f"s3://artifacts/{namespace}/{name}/run-1/adapter/", status
     assert status["progress"]["step"] == 3, status  # patched by the trainer with its per-job Role
-    cluster.s3_client().head_object(Bucket="artifacts", Key=f"{namespace}/{name}/adapter/_SUCCESS")
+    cluster.s3_client().head_object(Bucket="artifacts", Key=f"{namespace}/{name}/run-1/adapter/_SUCCESS")
     events = api.get(f"/api/v1/namespaces/{namespace}/events")["items"]
     assert not [e for e in events if e.get("reason") == "FailedCreate"], "a pod was refused (Pod Security?)"
     return body
@@ -492,9 +492,9 @@ def test_real_trainer_under_the_chart(cluster, helm, make_namespace, tmp_path):
 
         got = wait_for(finished, 600, "the real training run to complete", interval=1)
         assert got["status"]["progress"]["step"] == 2, got["status"]  # reported by qlora-train itself
-        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="artifacts", Prefix=f"{jobs_ns}/smol/adapter/")
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="artifacts", Prefix=f"{jobs_ns}/smol/run-1/adapter/")
                 .get("Contents", [])}
-        assert f"{jobs_ns}/smol/adapter/_SUCCESS" in keys and any(k.endswith(".safetensors") for k in keys), keys
+        assert f"{jobs_ns}/smol/run-1/adapter/_SUCCESS" in keys and any(k.endswith(".safetensors") for k in keys), keys
         assert_no_rbac_denial(cluster.pod_log(release_ns, pod["metadata"]["name"]),
                               f"system:serviceaccount:{release_ns}:{SA}")
     finally:

@@ -204,7 +204,7 @@ def test_two_nodes_indexed_job_and_service(cluster, namespace, buckets, s3_secre
     body = run_group(cluster, namespace, start_operator, "duo", "ok")
     status = body["status"]
     assert status["phase"] == "Succeeded" and status["run"] == 1 and status["jobName"] == "duo-train"
-    assert status["artifacts"]["adapterUri"] == f"s3://artifacts/{namespace}/duo/adapter/"
+    assert status["artifacts"]["adapterUri"] == f"s3://artifacts/{namespace}/duo/run-1/adapter/"
     assert status["progress"]["step"] == 3  # from node 0 only
     attempts = status["attempts"]
     assert [(a["index"], a["node"], a["phase"], a["reason"]) for a in attempts] == [

@@ -40,7 +40,8 @@ import json, os, signal, ssl, sys, time, urllib.request
 cfg = json.load(open(sys.argv[1]))
 behaviour = cfg["dataset"]["uri"].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
 out = cfg["output"]["uri"].rstrip("/")
-done = {"adapterUri": out + "/adapter/", "manifestUri": out + "/adapter/manifest.json"}
+run_prefix = out + "/run-" + os.environ.get("QLORA_TRAINING_RUN", "1")
+done = {"adapterUri": run_prefix + "/adapter/", "manifestUri": run_prefix + "/adapter/manifest.json"}
 
 def finish(code, reason, message, artifacts=None, resumed=None):
     path = os.environ.get("QLORA_TERMINATION_MESSAGE_PATH")
@@ -318,7 +319,7 @@ def test_children_status_progress_and_events(cluster, namespace, buckets, s3_sec
     status = body["status"]
     assert status["phase"] == "Succeeded"
     assert status["observedGeneration"] == body["metadata"]["generation"]
-    assert status["artifacts"]["adapterUri"] == f"s3://artifacts/{namespace}/tiny/adapter/"
+    assert status["artifacts"]["adapterUri"] == f"s3://artifacts/{namespace}/tiny/run-1/adapter/"
     assert [a["reason"] for a in status["attempts"]] == ["Succeeded"]
     assert status["startTime"] and status["completionTime"]
     assert status["progress"]["step"] == 4
@@ -445,7 +446,7 @@ def test_storage_error_then_retry_succeeds(cluster, namespace, buckets, s3_secre
     attempts = body["status"]["attempts"]
     assert [(a["index"], a["reason"]) for a in attempts] == [(0, "StorageError"), (1, "Succeeded")]
     assert attempts[1]["resumedFromStep"] == 10
-    assert body["status"]["artifacts"]["adapterUri"].endswith("/flaky/adapter/")
+    assert body["status"]["artifacts"]["adapterUri"].endswith("/flaky/run-1/adapter/")
 
 
 def test_invalid_spec_only_the_operator_sees(cluster, namespace, buckets, s3_secret, start_operator):
@@ -736,8 +737,8 @@ def test_real_trainer_end_to_end(cluster, namespace, buckets, s3_secret, start_o
     assert with_loss, lines
     sys.stderr.write("\nkubectl get qj -w:\n" + "\n".join(lines) + "\n")
     adapter = b["status"]["artifacts"]["adapterUri"]
-    assert adapter == f"s3://artifacts/{namespace}/smol/adapter/"
-    keys = {o["Key"] for o in buckets.list_objects_v2(Bucket="artifacts", Prefix=f"{namespace}/smol/adapter/").get("Contents", [])}
-    assert f"{namespace}/smol/adapter/_SUCCESS" in keys
+    assert adapter == f"s3://artifacts/{namespace}/smol/run-1/adapter/"
+    keys = {o["Key"] for o in buckets.list_objects_v2(Bucket="artifacts", Prefix=f"{namespace}/smol/run-1/adapter/").get("Contents", [])}
+    assert f"{namespace}/smol/run-1/adapter/_SUCCESS" in keys
     assert any(k.endswith("adapter_model.safetensors") for k in keys), keys
     assert b["status"]["progress"]["step"] == 6

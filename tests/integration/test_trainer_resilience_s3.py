@@ -255,7 +255,7 @@ def kill_then_resume(s3_run, name: str, sig: int, kill_steps: range) -> tuple[Ru
     try:
         first = run.wait_event(lambda e: e["event"] == "checkpoint", RUN_TIMEOUT, "first checkpoint")
         assert first["step"] == CHECKPOINT_EVERY
-        assert f"step-{CHECKPOINT_EVERY}/_SUCCESS" in keys(s3, bucket, f"{name}/checkpoints/")
+        assert f"step-{CHECKPOINT_EVERY}/_SUCCESS" in keys(s3, bucket, f"{name}/run-1/checkpoints/")
         run.wait_event(lambda e: e["event"] == "train_step" and e["step"] >= kill_at, RUN_TIMEOUT, f"step {kill_at}")
         run.proc.send_signal(sig)
         code, result = run.finish()
@@ -271,7 +271,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(s3_run):
     name = "killed"
     run, code, _, kill_at = kill_then_resume(s3_run, name, signal.SIGKILL, range(CHECKPOINT_EVERY + 1, MAX_STEPS))
     assert code == -signal.SIGKILL, run.tail()
-    prefix = f"{name}/checkpoints/"
+    prefix = f"{name}/run-1/checkpoints/"
     complete = complete_steps(s3, bucket, prefix)
     assert complete and max(complete) <= kill_at, (complete, kill_at)
     newest = max(complete)
@@ -289,9 +289,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(s3_run):
     assert result["resumedFromStep"] == newest
     assert [e["step"] for e in rerun.events if e["event"] == "resume"] == [newest]
     assert [e["step"] for e in rerun.events if e["event"] == "train_step"] == list(range(newest + 1, MAX_STEPS + 1))
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{name}/adapter/manifest.json")["Body"].read())
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{name}/run-1/adapter/manifest.json")["Body"].read())
     assert manifest["run"]["resumedFromStep"] == newest and manifest["metrics"]["steps"] == MAX_STEPS
-    assert "_SUCCESS" in keys(s3, bucket, f"{name}/adapter/")
+    assert "_SUCCESS" in keys(s3, bucket, f"{name}/run-1/adapter/")
     assert not any(k.startswith("step-100/") for k in keys(s3, bucket, prefix)), "the incomplete checkpoint is pruned"
     assert_same_result(reference, result)
 
@@ -308,8 +308,8 @@ def test_sigterm_checkpoints_exits_143_then_resumes(s3_run):
     assert result["reason"] == "Preempted", result
     saved = [e["step"] for e in run.events if e["event"] == "checkpoint"][-1]
     assert kill_at <= saved < MAX_STEPS
-    assert saved in complete_steps(s3, bucket, f"{name}/checkpoints/")
-    assert "_SUCCESS" not in keys(s3, bucket, f"{name}/adapter/")
+    assert saved in complete_steps(s3, bucket, f"{name}/run-1/checkpoints/")
+    assert "_SUCCESS" not in keys(s3, bucket, f"{name}/run-1/adapter/")
 
     rerun = Run(cli_argv(s3_run["config"](name)), trainer_env(cluster.s3_environ(), tmp, f"{name}-2"), tmp, f"{name}-2")
     code, result = rerun.finish()

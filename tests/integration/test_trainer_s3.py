@@ -134,12 +134,12 @@ def test_qlora_train_fine_tunes_from_s3_to_s3(cluster, s3_inputs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-6000:]
 
     # ---- artifacts in S3, marker last
-    adapter = list_keys(s3, bucket, "runs/chatterbot/adapter/")
+    adapter = list_keys(s3, bucket, "runs/chatterbot/run-1/adapter/")
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "manifest.json", "_SUCCESS"):
         assert name in adapter, sorted(adapter)
     marker_time = adapter["_SUCCESS"]["LastModified"]
     assert all(obj["LastModified"] <= marker_time for obj in adapter.values())
-    checkpoints = list_keys(s3, bucket, "runs/chatterbot/checkpoints/")
+    checkpoints = list_keys(s3, bucket, "runs/chatterbot/run-1/checkpoints/")
     steps = {key.split("/")[0] for key in checkpoints}
     assert steps == {f"step-{STEPS}"}, "keepCheckpoints=1 keeps only the newest checkpoint"
     for name in (
@@ -154,7 +154,7 @@ def test_qlora_train_fine_tunes_from_s3_to_s3(cluster, s3_inputs, tmp_path):
         assert f"step-{STEPS}/{name}" in checkpoints, sorted(checkpoints)
 
     # ---- manifest: lineage, counts, config, metrics, versions
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key="runs/chatterbot/adapter/manifest.json")["Body"].read())
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="runs/chatterbot/run-1/adapter/manifest.json")["Body"].read())
     metrics = manifest["metrics"]
     before, after = metrics["evalLossBefore"], metrics["evalLossAfter"]
     print(
@@ -179,9 +179,9 @@ def test_qlora_train_fine_tunes_from_s3_to_s3(cluster, s3_inputs, tmp_path):
 
     # ---- termination message and structured log lines
     assert result["exitCode"] == 0 and result["reason"] == "Succeeded"
-    assert result["artifacts"]["adapterUri"] == out + "adapter/"
-    assert result["artifacts"]["manifestUri"] == out + "adapter/manifest.json"
-    assert result["artifacts"]["lastCheckpointUri"] == out + f"checkpoints/step-{STEPS}"
+    assert result["artifacts"]["adapterUri"] == out + "run-1/adapter/"
+    assert result["artifacts"]["manifestUri"] == out + "run-1/adapter/manifest.json"
+    assert result["artifacts"]["lastCheckpointUri"] == out + f"run-1/checkpoints/step-{STEPS}"
     assert len((tmp_path / "termination").read_bytes()) < 4096
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"event"')]
     print(
@@ -211,7 +211,7 @@ def test_qlora_train_fine_tunes_from_s3_to_s3(cluster, s3_inputs, tmp_path):
     for key in adapter:
         target = adapter_dir / key
         target.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file(bucket, f"runs/chatterbot/adapter/{key}", str(target))
+        s3.download_file(bucket, f"runs/chatterbot/run-1/adapter/{key}", str(target))
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     base = AutoModelForCausalLM.from_pretrained(str(s3_inputs["model_dir"]), dtype=torch.float32)
     prompt = s3_inputs["eval"][0]["messages"][:1]

@@ -24,6 +24,7 @@ from qlora_operator.api import (
     QLoRAJobStatus,
     parse_spec,
     run_is_active,
+    run_fields_changed,
     training_fields_changed,
 )
 from qlora_trainer.config import (
@@ -315,6 +316,36 @@ def test_training_fields_changed(change: dict[str, Any], expected: list[str]):
         new[key] = value if not isinstance(value, dict) else {**new.get(key, {}), **value}
     assert training_fields_changed(BASE, new) == expected
     assert training_fields_changed(parse_spec(BASE), parse_spec(new)) == expected
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"lora": {"r": 8}}, ["spec.lora.r"]),
+        ({"dataset": {"uri": "s3://data/v2.jsonl"}}, ["spec.dataset.uri"]),
+        ({"resources": {"memory": "64Gi"}}, ["spec.resources.memory"]),  # how an OOMKilled run is retried
+        ({"image": "trainer:2"}, ["spec.image"]),
+        ({"runPolicy": {"backoffLimit": 5}}, []),  # fixed during a run, but it starts none
+        ({"runPolicy": {"suspend": True, "ttlSecondsAfterFinished": 5}}, []),
+        ({"scheduling": {"priorityClassName": "high"}}, []),
+        ({"storage": {"credentialsSecretRef": {"name": "rotated"}}}, []),
+    ],
+)
+def test_run_fields_changed(change: dict[str, Any], expected: list[str]):
+    new = copy.deepcopy(BASE)
+    for key, value in change.items():
+        new[key] = value if not isinstance(value, dict) else {**new.get(key, {}), **value}
+    assert run_fields_changed(BASE, new) == expected
+
+
+def test_reordered_keys_are_no_change():
+    def reverse(value):
+        if isinstance(value, dict):
+            return {k: reverse(value[k]) for k in reversed(list(value))}
+        return value
+
+    assert list(reverse(BASE)) != list(BASE)
+    assert run_fields_changed(BASE, reverse(BASE)) == [] and training_fields_changed(BASE, reverse(BASE)) == []
 
 
 def test_training_fields_changed_on_invalid_spec_compares_raw():

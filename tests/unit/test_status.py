@@ -321,7 +321,8 @@ def test_status_table(case, obs, now, phase, expected, fragment, events, effects
         (7, "Error", "InsufficientGPUMemory"),
         (137, "OOMKilled", "OOMKilled"),
         (137, "Error", "OOMKilled"),
-        (1, "Error", "ExitCode1"),
+        (1, "Error", "TrainerError"),
+        (139, "Error", "ExitCode139"),
         (143, "Error", "Terminated"),
         (128, "StartError", "StartError"),
     ],
@@ -387,6 +388,7 @@ def test_retry_after_storage_error_then_success():
     assert [a["reason"] for a in r2.status["attempts"]] == ["StorageError", "Succeeded"]
     assert r2.status["attempts"][1]["resumedFromStep"] == 10
     assert r2.status["artifacts"] == {
+        "run": 1, "generation": 1,
         "adapterUri": "s3://out/a/adapter/", "manifestUri": "s3://out/a/adapter/manifest.json",
         "lastCheckpointUri": "s3://out/a/checkpoints/step-20/",
     }
@@ -484,7 +486,7 @@ def test_merge_attempts_keeps_finished_history():
     assert merge_attempts(old, [changed]) == old
 
 
-def test_new_run_resets_the_status():
+def test_new_run_resets_the_status_but_keeps_the_last_published_artifacts():
     done = {
         "run": 1, "jobName": "bot-train", "phase": "Succeeded", "observedGeneration": 1,
         "conditions": [
@@ -500,8 +502,10 @@ def test_new_run_resets_the_status():
     r = compute_status(body, observe(None, [], run=2), at(100), SETTINGS)
     assert r.patch["run"] == 2 and r.patch["jobName"] == "bot-train-r2"
     assert r.patch["attempts"] == []
-    for key in ("artifacts", "progress", "startTime", "completionTime"):
+    for key in ("progress", "startTime", "completionTime"):
         assert key in r.patch and r.patch[key] is None
+    # Run 1's adapter stays listed (its own prefix is untouched) until run 2 completes.
+    assert "artifacts" not in r.patch and r.status["artifacts"] == {"adapterUri": "s3://out/a/adapter/"}
     c = conds(r.status)
     assert c["Complete"]["status"] == "False" and c["Complete"]["lastTransitionTime"] == ts(100)
     assert c["Running"]["observedGeneration"] == 2
@@ -583,6 +587,9 @@ PLAN_CASES = [
     ("complete-unchanged", complete_status(), SPEC, [job(("Complete", "CompletionsReached", ""))], SPEC, "observe", 1, False),
     ("complete-dataset-changed", complete_status(), changed_spec(dataset={"uri": "s3://data/b.jsonl"}), [job(("Complete", "CompletionsReached", ""))], SPEC, "start-next", 2, False),
     ("failed-job-lr-changed", {"run": 1}, changed_spec(training={"learningRate": 0.001}), [job(("Failed", "BackoffLimitExceeded", ""))], SPEC, "start-next", 2, False),
+    ("complete-backoff-limit-changed", complete_status(), changed_spec(runPolicy={"backoffLimit": 7}), [job(("Complete", "CompletionsReached", ""))], SPEC, "observe", 1, False),
+    ("complete-secret-rotated", complete_status(), changed_spec(storage={**SPEC.get("storage", {}), "credentialsSecretRef": {"name": "rotated"}}), [job(("Complete", "CompletionsReached", ""))], SPEC, "observe", 1, False),
+    ("suspended-backoff-limit-changed", {"run": 1}, changed_spec(runPolicy={"suspend": True, "backoffLimit": 7}), [job(suspend=True)], SPEC, "observe", 1, False),
     ("ttl-deleted-unchanged", complete_status(), SPEC, [], SPEC, "observe", 1, False),
     ("ttl-deleted-changed", complete_status(), changed_spec(lora={"r": 8}), [], SPEC, "start-next", 2, False),
     ("crash-before-job-of-run-2", {"run": 2}, SPEC, [job(("Complete", "CompletionsReached", ""))], None, "create", 2, False),
@@ -596,7 +603,7 @@ def test_plan_table(case, status, spec, jobs, rec, action, run, rejected):
     parsed, invalid = plan.validate(body["spec"], SETTINGS)
     result = plan.decide(body, parsed, invalid, jobs, recorded(rec) if rec else None)
     assert (result.action, result.run) == (action, run)
-    assert result.retire == ("bot-train" if case.startswith("suspended") else None)
+    assert result.retire == ("bot-train" if action == "start-next" and case.startswith("suspended") else None)
     assert bool(result.spec_rejected) is rejected
     if rejected:
         assert "spec.dataset.uri" in result.spec_rejected and "run 2" in result.spec_rejected
@@ -814,19 +821,19 @@ def test_group_failure_waits_for_every_pod_then_restarts():
     r1 = compute_status(body, gobserve(gjob(("FailureTarget", "PodFailurePolicy", "x")), failing), at(60), SETTINGS)
     running = conds(r1.status)["Running"]
     assert (running["status"], running["reason"]) == ("True", "Restarting")
-    assert "run 1 failed: attempt 0 (node 1, pod bot-train-1-x1) exited with code 1 (ExitCode1)" in running["message"]
+    assert "run 1 failed: attempt 0 (node 1, pod bot-train-1-x1) exited with code 1 (TrainerError)" in running["message"]
     assert "waiting for 1 pod(s) to stop" in running["message"]
     assert r1.restart is None and not r1.terminal
-    assert [(e.type, e.reason) for e in r1.events] == [("Warning", "ExitCode1"), ("Normal", "Restarting")]
+    assert [(e.type, e.reason) for e in r1.events] == [("Warning", "TrainerError"), ("Normal", "Restarting")]
     assert "the group restarts" in r1.events[0].message
     body = apply(body, r1.patch)
     stopped = [gpod(0, terminated=SIGTERM), gpod(1, terminated=EXIT1)]
     r2 = compute_status(body, gobserve(gjob(FAIL_POLICY), stopped), at(70), SETTINGS)
-    assert r2.restart == status_mod.GroupRestart(run=2, group=render.GroupAttempt(1, 1, 1), why=r2.restart.why)
+    assert r2.restart == status_mod.GroupRestart(run=2, group=render.GroupAttempt(1, 1, 1, 1), why=r2.restart.why)
     assert "1 of runPolicy.backoffLimit 3 retries used" in r2.restart.why
     assert "restarting all 2 nodes as run 2" in r2.status["message"]
     assert r2.events == []  # node 0's SIGTERM (the group being torn down) is no failure of its own
-    assert [(a["node"], a["reason"]) for a in r2.status["attempts"]] == [(0, "Terminated"), (1, "ExitCode1")]
+    assert [(a["node"], a["reason"]) for a in r2.status["attempts"]] == [(0, "Terminated"), (1, "TrainerError")]
 
 
 def test_group_restart_continues_attempts_and_progress():
@@ -834,7 +841,7 @@ def test_group_restart_continues_attempts_and_progress():
     body = apply(body, compute_status(body, gobserve(gjob(FAIL_POLICY), [gpod(0, terminated=SIGTERM), gpod(1, terminated=EXIT1)]), at(70), SETTINGS).patch)
     body["status"]["progress"] = {"step": 12, "totalSteps": 40, "updatedAt": ts(50)}
     start = body["status"]["startTime"]
-    run2 = gjob(run=2, group=render.GroupAttempt(1, 1, 1))
+    run2 = gjob(run=2, group=render.GroupAttempt(1, 1, 1, 1))
     r = compute_status(body, gobserve(run2, [], run=2), at(80), SETTINGS)
     assert r.status["run"] == 2 and r.status["jobName"] == "bot-train-r2"
     assert "progress" not in r.patch and r.status["startTime"] == start
@@ -844,18 +851,18 @@ def test_group_restart_continues_attempts_and_progress():
     pods = [gpod(0, run=2, created=81, running=85), gpod(1, run=2, created=81, running=86)]
     r = compute_status(body, gobserve(run2, pods, run=2), at(90), SETTINGS)
     assert [(a["index"], a["node"], a.get("reason")) for a in r.status["attempts"]] == [
-        (0, 0, "Terminated"), (0, 1, "ExitCode1"), (1, 0, None), (1, 1, None)]
+        (0, 0, "Terminated"), (0, 1, "TrainerError"), (1, 0, None), (1, 1, None)]
     assert conds(r.status)["Running"]["reason"] == "TrainerRunning"
     done = [gpod(0, run=2, created=81, terminated=TERM_OK), gpod(1, run=2, created=81, terminated={"exitCode": 0, "reason": "Completed"})]
     body = apply(body, r.patch)
-    r = compute_status(body, gobserve(gjob(("Complete", "CompletionsReached", ""), run=2, group=render.GroupAttempt(1, 1, 1)), done, run=2), at(200), SETTINGS)
+    r = compute_status(body, gobserve(gjob(("Complete", "CompletionsReached", ""), run=2, group=render.GroupAttempt(1, 1, 1, 1)), done, run=2), at(200), SETTINGS)
     assert r.status["phase"] == "Succeeded" and r.status["artifacts"]["adapterUri"] == "s3://out/a/adapter/"
     assert [a["reason"] for a in r.status["attempts"]][-2:] == ["Succeeded", "Succeeded"]
 
 
 def test_group_attempt_whose_pod_vanished_is_closed_as_stopped():
     previous = [{"index": 0, "node": 0, "podName": "bot-train-0-a", "phase": "Running"},
-                {"index": 0, "node": 1, "podName": "bot-train-1-a", "exitCode": 1, "reason": "ExitCode1", "finishTime": ts(5)}]
+                {"index": 0, "node": 1, "podName": "bot-train-1-a", "exitCode": 1, "reason": "TrainerError", "finishTime": ts(5)}]
     merged = merge_attempts(previous, [gpod(0, run=2, created=9, running=10)], group_attempt=1)
     assert merged[0]["reason"] == "Stopped" and merged[0]["phase"] == "Failed"
     assert [(a["index"], a["node"]) for a in merged] == [(0, 0), (0, 1), (1, 0)]
@@ -884,7 +891,7 @@ def test_group_disruption_restarts_without_counting():
     job = gjob(("Failed", "PodFailurePolicy", "Pod ns/x has condition DisruptionTarget matching FailJob rule at index 0"),
                group=render.GroupAttempt(2, 3, None))
     r = compute_status(qj(spec=GROUP_SPEC), gobserve(job, pods, backoff_limit=3), at(100), SETTINGS)
-    assert r.restart is not None and r.restart.group == render.GroupAttempt(3, 3, 1)
+    assert r.restart is not None and r.restart.group == render.GroupAttempt(3, 3, 1, 1)
     assert "disrupted" in r.restart.why and "not counted" in r.restart.why
     assert ("Warning", "Disrupted") in [(e.type, e.reason) for e in r.events]
 
@@ -911,7 +918,7 @@ def test_group_disruption_is_read_from_the_job_when_the_pods_vanished():
         ("Failed", "PodFailurePolicy", "Pod ns/bot-train-1-x1 has condition DisruptionTarget matching FailJob rule at index 0"))
     assert [(a["node"], a["reason"]) for a in r.status["attempts"]] == [(0, "Stopped"), (1, "Disrupted")]
     assert "DisruptionTarget" in r.status["attempts"][1]["message"]
-    assert r.restart is not None and r.restart.group == render.GroupAttempt(1, 0, 1)  # not counted, even with backoffLimit 0
+    assert r.restart is not None and r.restart.group == render.GroupAttempt(1, 0, 1, 1)  # not counted, even with backoffLimit 0
     assert "disrupted" in r.restart.why and "not counted" in r.restart.why
     assert [(e.type, e.reason) for e in r.events][0] == ("Warning", "Disrupted")
 
@@ -926,7 +933,7 @@ def test_group_permanent_exit_code_is_read_from_the_job_when_the_pods_vanished()
 
 
 def test_job_failure_message_does_not_override_what_the_pod_showed():
-    attempts = [{"index": 0, "node": 1, "podName": "p", "phase": "Failed", "exitCode": 1, "reason": "ExitCode1"}]
+    attempts = [{"index": 0, "node": 1, "podName": "p", "phase": "Failed", "exitCode": 1, "reason": "TrainerError"}]
     job_obj = gjob(("Failed", "PodFailurePolicy", "Pod ns/p has condition DisruptionTarget matching FailJob rule at index 0"))
     assert status_mod.attempts_with_job_failure(attempts, job_obj) == attempts
     other = gjob(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"))
@@ -937,8 +944,8 @@ def test_job_failure_message_does_not_override_what_the_pod_showed():
 @pytest.mark.parametrize(
     ("backoff", "failures", "reason", "fragment"),
     [
-        (3, 3, "BackoffLimitExceeded", "ExitCode1: 4 group attempts failed (runPolicy.backoffLimit 3)"),
-        (0, 0, "ExitCode1", "runPolicy.backoffLimit is 0 (no retries)"),
+        (3, 3, "BackoffLimitExceeded", "TrainerError: 4 group attempts failed (runPolicy.backoffLimit 3)"),
+        (0, 0, "TrainerError", "runPolicy.backoffLimit is 0 (no retries)"),
     ],
 )
 def test_group_backoff_limit(backoff, failures, reason, fragment):
@@ -955,7 +962,7 @@ def test_group_suspended_restarts_suspended_without_counting():
     job = gjob(FAIL_POLICY, suspend=True)
     r = compute_status(qj(spec=GROUP_SPEC), gobserve(job, pods, suspend_requested=True), at(100), SETTINGS)
     assert conds(r.status)["Suspended"]["reason"] == "SuspendedByUser" and r.status["phase"] == "Suspended"
-    assert r.restart is not None and r.restart.group == render.GroupAttempt(1, 0, 1)
+    assert r.restart is not None and r.restart.group == render.GroupAttempt(1, 0, 1, 1)
     assert not r.terminal
 
 
@@ -1005,7 +1012,7 @@ def test_reconcile_restarts_a_failed_group_as_the_next_run():
     for i in range(3):  # again and again: exactly one next run
         reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(10 + i))
     run2 = api.objects[("Job", "bot-train-r2")]
-    assert render.group_attempt_of(run2) == render.GroupAttempt(1, 1, 1)
+    assert render.group_attempt_of(run2) == render.GroupAttempt(1, 1, 1, 1)
     assert ("Service", "bot-train-r2") in api.objects and ("Service", "bot-train") not in api.objects
     assert ("ConfigMap", "bot-config-r2") in api.objects
     assert not [k for k in api.objects if k[1] == "bot-train-r3"]
@@ -1015,3 +1022,57 @@ def test_reconcile_restarts_a_failed_group_as_the_next_run():
     assert conds(status)["Running"]["status"] == "True"
     created = [e for e in api.events if e[1] == "JobCreated"]
     assert len(created) == 2
+
+
+# --- runs: the published artifacts of the last successful run, checkpoint decisions -----------------
+
+
+def test_artifacts_of_run_1_stay_listed_while_run_2_trains_and_are_replaced_when_it_completes():
+    body = qj(status=complete_status(), generation=1)
+    r1 = compute_status(body, observe(job(("Complete", "CompletionsReached", "")), [pod("bot-train-a", 1, terminated=TERM_OK)]),
+                        at(60), SETTINGS)
+    assert r1.status["artifacts"]["run"] == 1
+    body = apply(qj(status=None, generation=2), r1.status)
+    run2_pod = pod("bot-train-r2-a", 70, running=72)
+    run2_pod["metadata"]["labels"][render.LABEL_RUN] = "2"
+    r2 = compute_status(body, observe(job(run=2), [run2_pod], run=2), at(80), SETTINGS)
+    assert r2.status["run"] == 2 and r2.status["artifacts"] == r1.status["artifacts"] and "artifacts" not in r2.patch
+    body = apply(body, r2.patch)
+    failed = pod("bot-train-r2-a", 70, terminated={"exitCode": 1, "reason": "Error", "message": "boom"})
+    r3 = compute_status(body, observe(job(("Failed", "BackoffLimitExceeded", ""), run=2), [failed], run=2), at(90), SETTINGS)
+    assert conds(r3.status)["Failed"]["status"] == "True"
+    assert r3.status["artifacts"] == r1.status["artifacts"], "a failed run publishes nothing and hides nothing"
+    done = copy.deepcopy(TERM_OK)
+    done["message"]["artifacts"] = {"adapterUri": "s3://out/a/run-2/adapter/", "manifestUri": "s3://out/a/run-2/adapter/manifest.json"}
+    ok = pod("bot-train-r2-a", 70, terminated=done)
+    r4 = compute_status(apply(body, {}), observe(job(("Complete", "CompletionsReached", ""), run=2), [ok], run=2), at(95), SETTINGS)
+    assert r4.status["artifacts"]["run"] == 2 and r4.status["artifacts"]["adapterUri"] == "s3://out/a/run-2/adapter/"
+
+
+def test_checkpoint_decision_is_copied_to_its_attempt_once_with_one_event():
+    decision = {"podName": "bot-train-a", "decision": "StartedFresh", "fromStep": None,
+                "message": "started fresh: previous checkpoints belong to run 1; run 2 started fresh at step 0"}
+    body = qj(status={"run": 1, "progress": {"step": 1, "totalSteps": 4, "checkpoint": decision}})
+    pods = [pod("bot-train-a", 1, running=3)]
+    r1 = compute_status(body, observe(job(), pods), at(10), SETTINGS)
+    assert r1.status["attempts"][0]["checkpoint"] == decision["message"]
+    assert ("Normal", "StartedFresh") in [(e.type, e.reason) for e in r1.events]
+    r2 = compute_status(apply(body, r1.patch), observe(job(), pods), at(20), SETTINGS)
+    assert not [e for e in r2.events if e.reason == "StartedFresh"]
+    refused = dict(decision, podName="bot-train-b", decision="Resumed", fromStep=4,
+                   message="resumed run 1 from its checkpoint at step 4; refused 1 checkpoint(s) under run 1: step-6: "
+                           "config fingerprint differs in lora")
+    body = apply(body, r2.patch)
+    body["status"]["progress"]["checkpoint"] = refused
+    pods = [pod("bot-train-a", 1, terminated={"exitCode": 143, "reason": "Error"}), pod("bot-train-b", 30, running=32)]
+    r3 = compute_status(body, observe(job(), pods), at(40), SETTINGS)
+    second = r3.status["attempts"][1]
+    assert second["resumedFromStep"] == 4 and "differs in lora" in second["checkpoint"]
+    assert ("Warning", "CheckpointRefused") in [(e.type, e.reason) for e in r3.events]
+
+
+def test_an_unnamed_trainer_crash_is_a_trainer_error_with_the_traceback_last_line():
+    log_tail = "Traceback (most recent call last):\n  File x\nRuntimeError: size mismatch for lora_A [16, 576] vs [8, 576]\n"
+    attempt = status_mod.attempt_from_pod(pod(terminated={"exitCode": 1, "reason": "Error", "message": log_tail}), 0)
+    assert attempt["reason"] == "TrainerError"
+    assert attempt["message"] == "RuntimeError: size mismatch for lora_A [16, 576] vs [8, 576]"

@@ -137,7 +137,7 @@ def test_other_nodes_report_success_when_their_workers_finished():
 @pytest.mark.parametrize(
     "code,reason",
     [(0, "Succeeded"), (2, "InvalidConfig"), (3, "InvalidData"), (4, "StorageError"), (5, "CudaOutOfMemory"),
-     (6, "NonFiniteLoss"), (7, "InsufficientGPUMemory"), (143, "Preempted"), (137, "OOMKilled"), (1, "Error"), (9, "Error")],
+     (6, "NonFiniteLoss"), (7, "InsufficientGPUMemory"), (143, "Preempted"), (137, "OOMKilled"), (1, "TrainerError"), (9, "Error")],
 )
 def test_reasons_of_exit_codes(code, reason):
     assert reason_for(code) == reason

@@ -83,7 +83,7 @@ def test_oom_backoff_keeps_the_effective_batch_and_finishes_then_merges(inputs, 
     assert proc.returncode == 0, proc.stderr[-4000:]
     backoffs = [e for e in events if e["event"] == "oom_backoff"]
     assert [(e["previousMicroBatch"], e["microBatch"], e["gradientAccumulationSteps"]) for e in backoffs] == [(2, 1, 2)]
-    manifest = json.loads((tmp_path / "out/adapter/manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out/run-1/adapter/manifest.json").read_text())
     assert manifest["run"]["oomBackoffs"] == [
         {"atStep": 0, "fromMicroBatch": 2, "toMicroBatch": 1, "gradientAccumulationSteps": 2}
     ]
@@ -91,11 +91,11 @@ def test_oom_backoff_keeps_the_effective_batch_and_finishes_then_merges(inputs, 
     assert (metrics["microBatchSize"], metrics["gradientAccumulationSteps"], metrics["effectiveBatchSize"]) == (1, 2, 2)
     assert metrics["steps"] == 2
     # merged copy: full precision, marker last, equivalent to base+adapter
-    merged = tmp_path / "out/merged"
+    merged = tmp_path / "out/run-1/merged"
     assert (merged / "_SUCCESS").exists() and (merged / "model.safetensors").exists()
     check = json.loads((merged / "manifest.json").read_text())["merge"]["check"]
     assert check["greedyAgree"] and check["maxAbsLogitDiff"] < 1e-3  # float32: only summation order differs
-    assert result["artifacts"]["mergedUri"] == f"file://{tmp_path}/out/merged/"
+    assert result["artifacts"]["mergedUri"] == f"file://{tmp_path}/out/run-1/merged/"
 
 
 def test_oom_at_micro_batch_one_exits_5_naming_what_was_tried(inputs, tmp_path):
@@ -104,7 +104,7 @@ def test_oom_at_micro_batch_one_exits_5_naming_what_was_tried(inputs, tmp_path):
     )
     assert proc.returncode == 5, proc.stderr[-4000:]
     assert result["reason"] == "CudaOutOfMemory" and "micro-batch tried (2, 1" in result["message"]
-    assert not (tmp_path / "out/adapter").exists()
+    assert not (tmp_path / "out/run-1/adapter").exists()
 
 
 def test_non_finite_loss_exits_6_without_an_adapter(inputs, tmp_path):
@@ -113,7 +113,7 @@ def test_non_finite_loss_exits_6_without_an_adapter(inputs, tmp_path):
     assert proc.returncode == 6, proc.stderr[-4000:]
     assert result["reason"] == "NonFiniteLoss" and "2 consecutive logged steps" in result["message"]
     assert [e["streak"] for e in events if e["event"] == "non_finite"] == [1, 2]
-    assert not (tmp_path / "out/adapter").exists()
+    assert not (tmp_path / "out/run-1/adapter").exists()
     assert "adapterUri" not in result.get("artifacts", {})
 
 
@@ -123,9 +123,9 @@ def test_resume_ignores_an_incomplete_checkpoint_and_matches_an_uninterrupted_ru
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert full.get("resumedFromStep") is None
     # As if the pod died while uploading step-4: its files are there, its marker is not.
-    ckpts = tmp_path / "out/checkpoints"
+    ckpts = tmp_path / "out/run-1/checkpoints"
     (ckpts / "step-4" / "_SUCCESS").unlink()
-    shutil.rmtree(tmp_path / "out/adapter")
+    shutil.rmtree(tmp_path / "out/run-1/adapter")
     proc, resumed, events = train(tmp_path, cfg, "resumed")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert resumed["resumedFromStep"] == 2
@@ -158,7 +158,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_143(inputs, tmp_path):
     assert code == 143, "".join(seen)[-4000:]
     result = json.loads((tmp_path / "term").read_text())
     assert result["reason"] == "Preempted"
-    steps = [c.name for c in (tmp_path / "out/checkpoints").iterdir()]
-    assert len(steps) == 1 and (tmp_path / "out/checkpoints" / steps[0] / "_SUCCESS").exists()
+    steps = [c.name for c in (tmp_path / "out/run-1/checkpoints").iterdir()]
+    assert len(steps) == 1 and (tmp_path / "out/run-1/checkpoints" / steps[0] / "_SUCCESS").exists()
     assert int(steps[0].removeprefix("step-")) < 50
-    assert not (tmp_path / "out/adapter").exists()
+    assert not (tmp_path / "out/run-1/adapter").exists()

@@ -50,7 +50,8 @@ from .distributed import (
     single_gpu_visible,
     write_worker_result,
 )
-from .errors import EXIT_CUDA_OOM, EXIT_DOES_NOT_FIT, EXIT_INVALID_CONFIG, EXIT_OK, TrainerError
+from .errors import EXIT_CUDA_OOM, EXIT_DOES_NOT_FIT, EXIT_INVALID_CONFIG, EXIT_OK, OutputInUseError, TrainerError
+from .runs import RunIdentity, RunLayout
 from .report import ProgressReporter, log_event, now_rfc3339, set_rank, write_termination_message
 
 log = logging.getLogger("qlora_trainer")
@@ -122,6 +123,34 @@ def check_writable(storage: Any, output_uri: str) -> None:
     storage.delete(probe)
 
 
+def check_run_prefix_owner(storage: Any, layout: Any, identity: Any) -> None:
+    """Refuse (exit 2, reason InvalidConfig) to write into ``<output>/run-<N>/`` when its published
+    adapter belongs to another QLoRAJob (a deleted and re-created job, or two jobs sharing one
+    ``spec.output.uri``): nothing there is overwritten or pruned. Jobs without a uid (standalone
+    ``qlora-train``) are not checked.
+
+    Raises:
+        OutputInUseError: the adapter's manifest names another QLoRAJob uid.
+        StorageError: the manifest could not be read.
+    """
+    from .artifacts import MANIFEST
+    from .storage import join_uri
+
+    if not identity.uid or not storage.is_complete(layout.adapter):
+        return
+    try:
+        manifest = json.loads(storage.read_bytes(join_uri(layout.adapter, MANIFEST)))
+    except ValueError:
+        return
+    job = ((manifest.get("run") or {}).get("job") or {}) if isinstance(manifest, dict) else {}
+    if job.get("uid") and job["uid"] != identity.uid:
+        raise OutputInUseError(
+            f"spec.output.uri: {layout.root}/ already holds run {identity.run} of another QLoRAJob "
+            f"({job.get('namespace')}/{job.get('name')}, uid {job['uid']}): nothing was written; give this job "
+            "its own spec.output.uri (or move that prefix away)"
+        )
+
+
 def stage_inputs(cfg: TrainingConfig, storage: Any, cache: Path, dist: Dist) -> tuple[Any, Any, Any]:
     """Base model, tokenizer and encoded data; each node's local rank 0 fetches first, the others then
     find the files in the node's cache. A failure on any rank stops every rank (``Dist.agree``)."""
@@ -154,19 +183,22 @@ def run(
     """
     from .artifacts import build_manifest, publish, save_adapter
     from .model import Hardware
-    from .storage import Storage, join_uri
+    from .storage import Storage
     from .train import preflight, train
 
     dist = dist or Dist.single()
     started = now_rfc3339()
     hw = Hardware.detect()
     storage = Storage(cfg.storage)
+    identity = RunIdentity.from_env()
+    layout = RunLayout(cfg.output.uri, identity.run)
 
     reporter.stage("Loading")
     error = None
     if dist.is_main:
         try:
             check_writable(storage, cfg.output.uri)
+            check_run_prefix_owner(storage, layout, identity)
         except Exception as err:  # noqa: BLE001
             error = err
     dist.agree(error)
@@ -176,7 +208,9 @@ def run(
     if dist.active:
         log_event("distributed", worldSize=dist.world_size, parallelism=parallelism, backend=hw.device)
 
-    trained = train(cfg, base, tokenizer, data, storage, reporter, cache, hw, dist=dist, parallelism=parallelism)
+    trained = train(
+        cfg, base, tokenizer, data, storage, reporter, cache, hw, dist=dist, parallelism=parallelism, identity=identity
+    )
     result["resumedFromStep"] = trained.resumed_from_step
     result["artifacts"]["lastCheckpointUri"] = trained.last_checkpoint_uri
     if not dist.is_main:
@@ -187,13 +221,14 @@ def run(
         trained.model, tokenizer, cache / "artifacts" / "adapter", base.uri, state_dict=trained.adapter_state
     )
     run_info = {
+        **identity.record(),
+        "checkpoints": trained.resume,
         "startedAt": started,
         "finishedAt": now_rfc3339(),
         "resumedFromStep": trained.resumed_from_step,
         "oomBackoffs": trained.backoffs,
         "hardware": {"device": hw.device, "name": hw.name},
         "distributed": {"worldSize": dist.world_size, "parallelism": parallelism},
-        "job": {"name": os.environ.get("QLORA_JOB_NAME"), "namespace": os.environ.get("QLORA_JOB_NAMESPACE")},
     }
     manifest = build_manifest(
         kind="adapter",
@@ -204,7 +239,7 @@ def run(
         metrics=trained.metrics,
         run=run_info,
     )
-    adapter = publish(storage, adapter_dir, join_uri(cfg.output.uri, "adapter"), manifest)
+    adapter = publish(storage, adapter_dir, layout.adapter, manifest)
     result["artifacts"].update(adapterUri=adapter["uri"], manifestUri=adapter["manifestUri"])
     result["metrics"] = {
         k: trained.metrics.get(k)
@@ -218,7 +253,9 @@ def run(
         trained.model = None  # free the 4-bit training model before loading the base again
 
         reporter.stage("Merging")
-        merged = merge_and_publish(cfg, base, adapter_dir, tokenizer, storage, cache, manifest)
+        merged = merge_and_publish(
+            cfg, base, adapter_dir, tokenizer, storage, cache, manifest, adapter_uri=adapter["uri"], merged_uri=layout.merged
+        )
         result["artifacts"]["mergedUri"] = merged["uri"]
         log_event("merged", uri=merged["uri"])
     reporter.stage("Done", evalLoss=trained.metrics.get("evalLossAfter"))

@@ -436,7 +436,7 @@ class TrainingSettings(ApiModel):
     )
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(default=42, description="Random seed. Default 42.")
     checkpoint_every_steps: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
-        default=100, description="Optimizer steps between checkpoints to <output>/checkpoints/. Default 100."
+        default=100, description="Optimizer steps between checkpoints to <output>/run-<N>/checkpoints/. Default 100."
     )
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = Field(
         default=2, description="Newest complete checkpoints kept in storage. Default 2."
@@ -478,19 +478,19 @@ class TrainingSettings(ApiModel):
 class MergeSettings(ApiModel):
     """Optional merge of the adapter into a dequantised copy of the base."""
 
-    enabled: bool = Field(default=False, description="Also write <output>/merged/ (base + adapter merged).")
+    enabled: bool = Field(default=False, description="Also write <output>/run-<N>/merged/ (base + adapter merged).")
     dtype: MergeDtype = Field(default=MergeDtype.bfloat16, description="Dtype of the merged weights. Default bfloat16.")
 
 
 class OutputTarget(ApiModel):
-    """Where artifacts go: ``<uri>/adapter/``, ``<uri>/merged/``, ``<uri>/checkpoints/``."""
+    """Where artifacts go: ``<uri>/run-<N>/adapter/``, ``.../merged/``, ``.../checkpoints/`` (``runs``: one prefix per run)."""
 
     uri: DataUri = Field(
         description="Output prefix (s3:// or file://); each artifact is complete when its _SUCCESS marker exists."
     )
     merge: MergeSettings = Field(
         default_factory=MergeSettings,
-        description="Optionally merge the adapter into a dequantised copy of the base (<uri>/merged/).",
+        description="Optionally merge the adapter into a dequantised copy of the base (<uri>/run-<N>/merged/).",
     )
 
 
@@ -530,7 +530,10 @@ class TrainingConfig(ApiModel):
         description="The optimisation loop (TRL SFTConfig): length, batch, learning rate, precision, checkpoints.",
     )
     output: OutputTarget = Field(
-        description="Where artifacts go: <uri>/adapter/, <uri>/merged/, <uri>/checkpoints/. Must not overlap model or data."
+        description=(
+            "Where artifacts go, one prefix per run N: <uri>/run-<N>/adapter/, <uri>/run-<N>/merged/, "
+            "<uri>/run-<N>/checkpoints/. Must not overlap model or data."
+        )
     )
     storage: StorageSettings = Field(
         default_factory=StorageSettings, description="How the trainer reaches S3 (endpoint, region, addressing)."

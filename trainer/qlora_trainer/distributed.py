@@ -70,7 +70,9 @@ from .errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
     EXIT_STORAGE,
+    UNEXPECTED_REASON,
     TrainerError,
+    describe_unexpected,
 )
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ FAILED_EXIT_WAIT_S = 60
 #: Termination reasons of exit codes (``errors``); 137: killed by SIGKILL (the kernel's OOM killer).
 REASONS = {
     EXIT_OK: "Succeeded",
-    1: "Error",
+    1: UNEXPECTED_REASON,
     EXIT_INVALID_CONFIG: "InvalidConfig",
     EXIT_INVALID_DATA: "InvalidData",
     EXIT_STORAGE: "StorageError",
@@ -303,7 +305,7 @@ def classify(err: BaseException) -> tuple[int, str, str]:
         return err.exit_code, err.reason, str(err)
     if isinstance(err, ConfigError):
         return EXIT_INVALID_CONFIG, "InvalidConfig", str(err)
-    return 1, "Error", f"{type(err).__name__}: {err}"
+    return 1, UNEXPECTED_REASON, describe_unexpected(err)
 
 
 class Dist:

@@ -7,7 +7,9 @@ Job's ``podFailurePolicy``:
 code  reason                 meaning
 ====  =====================  =====================================================
 0     Succeeded              adapter (and merged model) written, markers last
+1     TrainerError           an unexpected exception; the message is its type and last line
 2     InvalidConfig          the config cannot be used (``config.ConfigError``)
+2     InvalidConfig          also: ``<output>/run-<N>/`` holds the result of another QLoRAJob
 3     InvalidData            a dataset file is malformed or has no usable rows
 4     StorageError           an S3 or file operation failed (retryable)
 5     CudaOutOfMemory        CUDA out of memory at micro-batch 1, after back-offs
@@ -40,7 +42,29 @@ class TrainerError(Exception):
     """Base of the trainer's own failures; ``exit_code`` and ``reason`` name the outcome."""
 
     exit_code: int = 1
-    reason: str = "Error"
+    reason: str = "TrainerError"
+
+
+#: Reason of an exception the trainer has no name for (exit code 1).
+UNEXPECTED_REASON = "TrainerError"
+
+
+def describe_unexpected(err: BaseException, limit: int = 1000) -> str:
+    """``"<ExceptionType>: <last non-empty line of its message>"`` (what a traceback ends with),
+    cut to ``limit`` characters; e.g. ``RuntimeError: size mismatch for lora_A.weight ...``."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
+    return text[:limit]
+
+
+class OutputInUseError(TrainerError):
+    """``<output>/run-<N>/`` already holds the published adapter of another QLoRAJob (its uid differs).
+
+    Nothing is written; not retryable with the same spec.
+    """
+
+    exit_code = EXIT_INVALID_CONFIG
+    reason = "InvalidConfig"
 
 
 class DataError(TrainerError):

@@ -1,4 +1,4 @@
-"""Merge the adapter into a full-precision copy of the base: ``<output>/merged/`` (``output.merge.enabled``).
+"""Merge the adapter into a full-precision copy of the base: ``<output>/run-<N>/merged/`` (``output.merge.enabled``).
 
 The base is loaded again in ``output.merge.dtype`` (bfloat16 by default), never in
 4-bit: merging into quantised weights would re-quantise the sum and quietly change
@@ -75,7 +75,7 @@ from .artifacts import publish
 from .config import QuantizationConfig, TrainingConfig
 from .inputs import ModelInput
 from .report import log_event
-from .storage import Storage, join_uri
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,15 @@ def merge_and_publish(
     work_dir: Path,
     adapter_manifest: dict[str, Any],
     onto: str = DEFAULT_ONTO,
+    *,
+    adapter_uri: str,
+    merged_uri: str,
 ) -> dict[str, str]:
-    """Merge, save sharded safetensors + tokenizer + manifest, upload to ``<output>/merged/`` (marker last)."""
+    """Merge, save sharded safetensors + tokenizer + manifest, upload to ``merged_uri`` (marker last).
+
+    ``adapter_uri`` / ``merged_uri``: the run's ``<output>/run-<N>/adapter`` and ``.../merged``
+    (``runs.RunLayout``).
+    """
     from .model import Hardware, compute_dtype
 
     gc.collect()
@@ -371,8 +378,8 @@ def merge_and_publish(
     manifest = copy.deepcopy(adapter_manifest)
     manifest["kind"] = "merged"
     manifest["merge"] = {
-        "adapterUri": join_uri(cfg.output.uri, "adapter") + "/",
+        "adapterUri": adapter_uri.rstrip("/") + "/",
         "onto": onto,
         "check": check,
     }
-    return publish(storage, local, join_uri(cfg.output.uri, "merged"), manifest)
+    return publish(storage, local, merged_uri, manifest)

@@ -592,6 +592,37 @@ class Storage:
                 ),
             )
 
+    def move_prefix(self, uri: str, dest: str) -> int:
+        """Move everything under the prefix ``uri`` to the prefix ``dest``; returns the objects moved.
+
+        Copies first (S3 server-side copy, multipart for large objects; files with
+        ``shutil``), the ``_SUCCESS`` marker last, then deletes the source marker-first: a
+        move cut short leaves the source or the destination complete, never neither.
+        """
+        src, dst = as_prefix(uri), as_prefix(dest)
+        objects = sorted(self.list(src), key=lambda o: o.relpath == SUCCESS_MARKER)
+        for obj in objects:
+            target = parse_uri(dst + obj.relpath)
+            source = parse_uri(obj.uri)
+            if target.scheme == "file":
+
+                def copy(source: Location = source, target: Location = target) -> None:
+                    target.path.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source.path, target.path)
+
+                self._retry("copy", obj.uri, copy)
+            else:
+                self._retry(
+                    "copy",
+                    obj.uri,
+                    lambda source=source, target=target: self.client.copy(
+                        {"Bucket": source.bucket, "Key": source.key}, target.bucket, target.key,
+                        Config=self._transfer_config(),
+                    ),
+                )
+        self.delete_prefix(src)
+        return len(objects)
+
     def abort_multipart_uploads(self, uri: str) -> int:
         """Abort unfinished multipart uploads whose key starts with ``uri``'s key; returns how many.
 

@@ -2,8 +2,11 @@
 
 :func:`train` does, in order:
 
-1. Looks for the newest *complete* checkpoint under ``<output>/checkpoints/`` (one with
-   ``_SUCCESS``; incomplete ones are ignored) and, if there is one, downloads it; the
+1. Looks for the newest *complete* checkpoint of this run under
+   ``<output>/run-<N>/checkpoints/`` (one with ``_SUCCESS``; incomplete ones are
+   ignored) whose run, QLoRAJob and config fingerprint match (``runs``; decided from
+   ``qlora_state.json`` before any weight loads; refused ones are moved aside and named
+   in the log, the progress report and the manifest) and, if there is one, downloads it; the
    Trainer then restores adapter, optimizer, scheduler, RNG and trainer state and skips
    the batches already seen (same seed, same order), so the learning-rate schedule
    and the data position continue. ``resumedFromStep`` is reported.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +57,14 @@ from .callbacks import (
 )
 from .config import TrainingConfig
 from .distributed import Dist
-from .errors import DoesNotFitError, OutOfMemoryError, Preempted
+from .errors import DoesNotFitError, OutOfMemoryError, Preempted, StorageError
 from .estimate import GIB, EstimateError, plan
 from .inputs import DataInput, ModelInput
 from .assemble import build_model, build_sft_trainer
 from .model import Hardware, compute_dtype, mixed_precision, optimizer_for
-from .report import ProgressReporter, log_event
-from .storage import Storage, join_uri
+from .report import ProgressReporter, log_event, now_rfc3339
+from .runs import ResumeDecision, RunIdentity, RunLayout, decide_resume, fingerprint
+from .storage import Checkpoint, Storage, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,8 @@ class TrainOutcome:
     last_checkpoint_uri: str | None = None
     #: FSDP: the full adapter state dict gathered from the shards (what ``save_pretrained`` writes); else ``None``.
     adapter_state: dict[str, Any] | None = None
+    #: What the run resumed from or why it started fresh (``runs.ResumeDecision.record``).
+    resume: dict[str, Any] = field(default_factory=dict)
 
 
 def backoff(micro_batch: int, accumulation: int) -> tuple[int, int]:
@@ -95,39 +102,82 @@ def backoff(micro_batch: int, accumulation: int) -> tuple[int, int]:
     return new, effective // new
 
 
+def _checkpoint_states(storage: Storage, checkpoints: list[Checkpoint]) -> list[tuple[Checkpoint, dict[str, Any] | None]]:
+    """Each complete checkpoint with its ``qlora_state.json`` (``None`` when missing or not JSON)."""
+    out = []
+    for ckpt in checkpoints:
+        try:
+            state = json.loads(storage.read_bytes(join_uri(ckpt.uri, RUN_STATE_FILE)))
+        except (StorageError, ValueError):
+            state = None
+        out.append((ckpt, state if isinstance(state, dict) else None))
+    return out
+
+
+def choose_checkpoint(
+    storage: Storage, layout: RunLayout, identity: RunIdentity, expected: dict[str, Any]
+) -> ResumeDecision:
+    """Decide what this run resumes from, reading only the checkpoints' ``qlora_state.json``.
+
+    Refused checkpoints under this run's prefix are moved to ``<run>/refused/`` (kept,
+    never loaded, pruned or overwritten). For a fresh start of run N > 1 the decision
+    also names run N-1 when it left checkpoints ("started fresh: previous checkpoints
+    belong to run N-1").
+
+    Raises:
+        StorageError: listing, reading or moving failed.
+    """
+    candidates = _checkpoint_states(storage, storage.complete_checkpoints(layout.checkpoints))
+    previous = None
+    if identity.run > 1 and storage.complete_checkpoints(layout.of_run(identity.run - 1).checkpoints):
+        previous = identity.run - 1
+    decision = decide_resume(candidates, identity, expected, previous)
+    for refused in decision.refused:
+        stamp = now_rfc3339().replace(":", "").replace("-", "")
+        dest = join_uri(layout.refused, f"step-{refused.step}-{stamp}")
+        storage.move_prefix(refused.uri, dest)
+        log_event("checkpoint_refused", step=refused.step, uri=refused.uri, movedTo=dest + "/", why=refused.why)
+    return decision
+
+
 def _restore_checkpoint(
-    storage: Storage, checkpoints_uri: str, local_root: Path, dist: Dist | None = None
-) -> tuple[int, Path, dict[str, Any]] | None:
-    """Download the newest complete checkpoint to ``local_root/checkpoint-N``; ``None`` when there is none.
+    storage: Storage,
+    layout: RunLayout,
+    identity: RunIdentity,
+    expected: dict[str, Any],
+    local_root: Path,
+    dist: Dist | None = None,
+) -> tuple[ResumeDecision, Path | None]:
+    """:func:`choose_checkpoint`, then download the chosen one to ``local_root/checkpoint-N``.
 
     Multi-GPU: rank 0 lists and decides, every rank gets its choice; each node's local
     rank 0 downloads into the node's cache while the others wait.
     """
     dist = dist or Dist.single()
-    latest, error = None, None
+    decision, error = None, None
     if dist.is_main:
         try:
-            complete = storage.complete_checkpoints(checkpoints_uri)
-            latest = complete[-1] if complete else None
+            decision = choose_checkpoint(storage, layout, identity, expected)
         except Exception as err:  # noqa: BLE001 - shared with every rank by agree()
             error = err
     dist.agree(error)
-    latest = dist.broadcast(latest)
-    if latest is None:
-        return None
-    local = local_root / f"checkpoint-{latest.step}"
+    decision = dist.broadcast(decision)
+    assert decision is not None
+    log_event(
+        "checkpoint_decision", decision=decision.decision, run=identity.run,
+        step=decision.checkpoint.step if decision.checkpoint else 0, message=decision.message(identity),
+    )
+    if decision.checkpoint is None:
+        return decision, None
+    local = local_root / f"checkpoint-{decision.checkpoint.step}"
     if dist.is_local_main:
         try:
-            storage.download_prefix(latest.uri, local)
+            storage.download_prefix(decision.checkpoint.uri, local)
         except Exception as err:  # noqa: BLE001
             error = err
     dist.agree(error)
-    try:
-        run_state = json.loads((local / RUN_STATE_FILE).read_text())
-    except (OSError, ValueError):
-        run_state = {}
-    log_event("resume", step=latest.step, uri=latest.uri)
-    return latest.step, local, run_state
+    log_event("resume", step=decision.checkpoint.step, uri=decision.checkpoint.uri)
+    return decision, local
 
 
 def _free_memory() -> None:
@@ -148,11 +198,14 @@ def train(
     *,
     dist: Dist | None = None,
     parallelism: str = "single",
+    identity: RunIdentity | None = None,
 ) -> TrainOutcome:
     """Run QLoRA fine-tuning (see the module docstring); returns the trained model and metrics.
 
     ``dist``: this rank's place in a multi-GPU job (default: a single process);
-    ``parallelism``: ``single``, ``ddp`` or ``fsdp`` (from :func:`preflight`).
+    ``parallelism``: ``single``, ``ddp`` or ``fsdp`` (from :func:`preflight`);
+    ``identity``: the run (default :meth:`RunIdentity.from_env`), whose own prefix
+    ``<output>/run-<N>/checkpoints/`` is the only place checkpoints are resumed from.
 
     Raises:
         ConfigError: precision not possible on this hardware (exit 2).
@@ -170,10 +223,18 @@ def train(
     precision = mixed_precision(t.precision, dtype, hw)  # refuse impossible precision before loading anything
     out_dir = Path(work_dir) / "run"
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints_uri = join_uri(cfg.output.uri, "checkpoints")
+    identity = identity or RunIdentity.from_env()
+    layout = RunLayout(cfg.output.uri, identity.run)
+    checkpoints_uri = layout.checkpoints
+    expected = fingerprint(cfg, base.lineage, data.lineage)
 
-    restored = _restore_checkpoint(storage, checkpoints_uri, out_dir, dist)
-    resumed_from, local_ckpt, run_state = restored if restored else (None, None, {})
+    decision, local_ckpt = _restore_checkpoint(storage, layout, identity, expected, out_dir, dist)
+    resumed_from = decision.checkpoint.step if decision.checkpoint else None
+    run_state = decision.state
+    reporter.update(force=True, checkpoint={
+        "podName": os.environ.get("QLORA_POD_NAME"), "decision": decision.decision,
+        "fromStep": resumed_from, "message": decision.message(identity)[:1000],
+    })
     micro_batch = int(run_state.get("microBatchSize") or t.micro_batch_size)
     accumulation = int(run_state.get("gradientAccumulationSteps") or t.gradient_accumulation_steps)
     eval_before = run_state.get("evalLossBefore")
@@ -182,6 +243,8 @@ def train(
         "microBatchSize": micro_batch,
         "gradientAccumulationSteps": accumulation,
         "resumedFrom": run_state.get("resumedFrom", []) + ([resumed_from] if resumed_from else []),
+        "owner": identity.record(),
+        "fingerprint": expected,
     }
 
     optim, requested = optimizer_for(t.optimizer, parallelism), str(getattr(t.optimizer, "value", t.optimizer))
@@ -322,6 +385,7 @@ def train(
         last_checkpoint_uri=sync.last_uri
         or (join_uri(checkpoints_uri, f"step-{resumed_from}") if resumed_from else None),
         adapter_state=adapter_state,
+        resume=decision.record(identity),
     )
 
 
