@@ -204,7 +204,9 @@ def reconcile(
         fields = ", ".join(the_plan.changed_fields[:8])
         result = compute_status(body, observed(the_plan.run, None, [], []), now(), settings)
         body = _patch_status(api, body, result.patch)  # record run N+1 first: a crash then re-creates, never duplicates
-        _emit(api, body, [EventSpec("Normal", "RunStarted", f"spec changed ({fields}): starting run {the_plan.run}")])
+        prefix = f"{spec.output.uri.rstrip('/')}/run-{the_plan.run}/"
+        message = f"spec changed ({fields}): starting run {the_plan.run} from step 0 under {prefix}"
+        _emit(api, body, [EventSpec("Normal", "RunStarted", message)])
         job = _ensure(api, body, spec, settings, the_plan.run, with_job=True)
         run = the_plan.run
         _retire_service(api, namespace, name, jobs, run)
