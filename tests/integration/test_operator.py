@@ -605,7 +605,7 @@ def test_deleting_a_job_removes_its_children_but_not_artifacts(cluster, namespac
     apply(cluster, manifest(cluster, namespace, "gone", "sleep-300"))
     body = wait_condition(api, namespace, "gone", "Running", 60, reason="TrainerRunning")
     assert not body["metadata"].get("finalizers")
-    key = f"{namespace}/gone/adapter/_SUCCESS"
+    key = f"{namespace}/gone/run-1/adapter/_SUCCESS"
     buckets.put_object(Bucket="artifacts", Key=key, Body=b"")
     cluster.kubectl("-n", namespace, "delete", "qj", "gone", "--wait=true", "--timeout=30s")
 

@@ -495,13 +495,13 @@ def test_s3_stopped_mid_upload_then_restarted(private_s3, small_inputs, tmp_path
     attempts = "5" if restart == "at_once" else "2"
     env = trainer_env(minio.environ(storage["endpoint"]), tmp_path, "upload")
     run = Run([sys.executable, "-c", WRAPPER, attempts, "--config", str(path)], env, tmp_path, "upload")
-    key = "run/adapter/adapter_model.safetensors"
+    key = "run/run-1/adapter/adapter_model.safetensors"
     try:
         run.wait_event(lambda e: e["event"] == "eval_after", RUN_TIMEOUT, "the end of training")
         proxy.rate = 1 << 20  # 1 MiB/s per connection: the ~19 MiB adapter takes seconds
         wait_for(lambda: key in multipart_uploads(s3, "out"), 60, "the adapter's multipart upload to start")
         time.sleep(1.0)  # parts in flight
-        assert key not in keys(s3, "out", "run/adapter/"), "the upload finished before S3 could be stopped"
+        assert key not in keys(s3, "out", "run/run-1/adapter/"), "the upload finished before S3 could be stopped"
         minio.kill()
         print(f"\nMinIO killed during the multipart upload of {key}", file=sys.stderr)
         proxy.rate = None
@@ -515,7 +515,7 @@ def test_s3_stopped_mid_upload_then_restarted(private_s3, small_inputs, tmp_path
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
-    adapter = keys(s3, "out", "run/adapter/")
+    adapter = keys(s3, "out", "run/run-1/adapter/")
     print(f"exit {code}: {result.get('reason')} {result.get('message', '')[:300]}", file=sys.stderr)
     assert multipart_uploads(s3, "out") == [], "no multipart upload may be left behind"
     if restart == "at_once":
@@ -524,7 +524,7 @@ def test_s3_stopped_mid_upload_then_restarted(private_s3, small_inputs, tmp_path
         local = tmp_path / "cache-upload" / "artifacts" / "adapter" / "adapter_model.safetensors"
         body = s3.get_object(Bucket="out", Key=key)["Body"].read()
         assert body == local.read_bytes()
-        marker = json.loads(s3.get_object(Bucket="out", Key="run/adapter/_SUCCESS")["Body"].read())
+        marker = json.loads(s3.get_object(Bucket="out", Key="run/run-1/adapter/_SUCCESS")["Body"].read())
         assert all(adapter[rel]["Size"] == size for rel, size in marker["files"].items())
     else:
         assert code == 4, run.tail()

@@ -299,7 +299,7 @@ def test_ddp_matches_a_single_process_with_the_same_effective_batch(ddp_and_sing
     assert abs(dm["evalLossBefore"] - sm["evalLossBefore"]) <= 5e-3
     assert abs(dm["evalLossAfter"] - sm["evalLossAfter"]) <= 5e-3
     assert dm["evalLossAfter"] < dm["evalLossBefore"] - 0.1, "training moved the eval loss"
-    manifest = json.loads((ddp_and_single["tmp"] / "out-ddp/adapter/manifest.json").read_text())
+    manifest = json.loads((ddp_and_single["tmp"] / "out-ddp/run-1/adapter/manifest.json").read_text())
     m = manifest["metrics"]
     assert (m["worldSize"], m["parallelism"], m["effectiveBatchSize"]) == (2, "ddp", 4)
     assert manifest["run"]["distributed"] == {"worldSize": 2, "parallelism": "ddp"}
@@ -316,12 +316,12 @@ def test_ddp_has_one_progress_stream_one_result_and_one_set_of_artifacts(ddp_and
     # One result line on stdout (the launcher's) and one termination message, with rank 0's artifacts.
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0]) == result
-    assert result["exitCode"] == 0 and result["artifacts"]["adapterUri"].endswith("/out-ddp/adapter/")
+    assert result["exitCode"] == 0 and result["artifacts"]["adapterUri"].endswith("/out-ddp/run-1/adapter/")
     out = ddp_and_single["tmp"] / "out-ddp"
-    assert (out / "adapter/_SUCCESS").exists() and (out / "adapter/adapter_model.safetensors").exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert (out / "run-1/adapter/_SUCCESS").exists() and (out / "run-1/adapter/adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (out / "run-1/checkpoints").iterdir()) == ["step-2", "step-4"]
     # The checkpoint carries both ranks' RNG states (rank 0 uploads after every rank wrote its part).
-    assert {"rng_state_0.pth", "rng_state_1.pth", "_SUCCESS"} <= {p.name for p in (out / "checkpoints/step-4").iterdir()}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "_SUCCESS"} <= {p.name for p in (out / "run-1/checkpoints/step-4").iterdir()}
 
 
 @pytest.mark.slow
@@ -330,8 +330,8 @@ def test_ddp_resumes_from_the_newest_complete_checkpoint(inputs, ddp_and_single)
     first = ddp_and_single["ddp"][1]["metrics"]
     out = tmp / "out-resume"
     shutil.copytree(tmp / "out-ddp", out)
-    (out / "checkpoints/step-4/_SUCCESS").unlink()  # as if the pod died while uploading step 4
-    shutil.rmtree(out / "adapter")
+    (out / "run-1/checkpoints/step-4/_SUCCESS").unlink()  # as if the pod died while uploading step 4
+    shutil.rmtree(out / "run-1/adapter")
     proc, result, events = train(tmp, config(inputs, out), "resume", 2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert result["resumedFromStep"] == 2
@@ -340,7 +340,7 @@ def test_ddp_resumes_from_the_newest_complete_checkpoint(inputs, ddp_and_single)
     assert not [e for e in events if e["event"] == "eval_before"], "eval-before comes from the checkpoint"
     assert result["metrics"]["evalLossBefore"] == first["evalLossBefore"]
     assert abs(result["metrics"]["evalLossAfter"] - first["evalLossAfter"]) < 1e-3
-    assert (out / "checkpoints/step-4/_SUCCESS").exists() and (out / "adapter/_SUCCESS").exists()
+    assert (out / "run-1/checkpoints/step-4/_SUCCESS").exists() and (out / "run-1/adapter/_SUCCESS").exists()
 
 
 @pytest.mark.slow
@@ -351,7 +351,7 @@ def test_ddp_non_finite_loss_stops_every_rank_with_exit_6(inputs, tmp_path):
     assert result["reason"] == "NonFiniteLoss" and "2 consecutive logged steps" in result["message"]
     errors = [e for e in events if e["event"] == "error"]
     assert sorted(e["rank"] for e in errors) == [0, 1] and {e["exitCode"] for e in errors} == {6}
-    assert not (tmp_path / "out/adapter").exists()
+    assert not (tmp_path / "out/run-1/adapter").exists()
 
 
 @pytest.mark.slow
@@ -375,7 +375,7 @@ def test_ddp_sigterm_checkpoints_the_same_step_on_every_rank_and_exits_143(input
     errors = [json.loads(x) for x in seen if x.startswith('{"event": "error"')]
     assert sorted(e["rank"] for e in errors) == [0, 1] and {e["exitCode"] for e in errors} == {143}
     # Both ranks stopped at the same step: one checkpoint, complete, with both RNG states.
-    ckpts = list((tmp_path / "out/checkpoints").iterdir())
+    ckpts = list((tmp_path / "out/run-1/checkpoints").iterdir())
     assert len(ckpts) == 1 and (ckpts[0] / "_SUCCESS").exists()
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpts[0].iterdir()}
     assert f"SIGTERM at step {ckpts[0].name.removeprefix('step-')}" in result["message"]
