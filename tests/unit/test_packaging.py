@@ -52,6 +52,27 @@ def instructions(name: str) -> list[tuple[str, str]]:
         pending = ""
         keyword, _, args = full.partition(" ")
         out.append((keyword.upper(), args.strip()))
+    # FROM lines name their base through global ARGs: read them as the public defaults.
+    defaults = {}
+    for keyword, args in out:
+        if keyword == "FROM":
+            break
+        if keyword == "ARG" and "=" in args:
+            key, _, value = args.partition("=")
+            defaults[key] = value
+    return [(k, re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)), a) if k == "FROM" else a)
+            for k, a in out]
+
+
+def global_args(name: str) -> dict[str, str]:
+    """``ARG NAME=default`` lines before the first FROM (the base images users build with)."""
+    out = {}
+    for keyword, args in instructions(name):
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            key, _, value = args.partition("=")
+            out[key] = value
     return out
 
 
@@ -151,8 +172,41 @@ def test_trainer_stack_is_pinned_to_the_tested_version(package):
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_python_is_the_tested_minor_version(name):
     text = " ".join(args for keyword, args in instructions(name) if keyword in ("FROM", "RUN"))
-    versions = set(re.findall(r"python:(3\.\d+)", text)) | set(re.findall(r"--python (3\.\d+)", text))
+    versions = set(re.findall(r"python:(3\.\d+)", text)) | set(re.findall(r"--python (?:\S*/python)?(3\.\d+)", text))
     assert versions == {f"{sys.version_info.major}.{sys.version_info.minor}"}, (name, versions)
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_base_images_are_arguments_with_public_defaults(name):
+    """Bases are ``ARG``s (``make images`` passes local ones); the defaults are public images."""
+    froms = [args.split()[0] for keyword, args in instructions(name) if keyword == "FROM"]
+    raw = [args.split()[0] for keyword, args in _raw_from(name)]
+    assert all(ref.startswith("${") for ref in raw), f"{name}: FROM must name an ARG: {raw}"
+    images = {key: value for key, value in global_args(name).items() if key.endswith("_IMAGE")}
+    assert images and all(value and not value.startswith("localhost/") for value in images.values()), images
+    assert all(not ref.startswith("${") for ref in froms), f"{name}: an image ARG has no default: {froms}"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_egress_ca_is_only_a_build_secret(name):
+    """A private CA reaches the build as the secret ``egress-ca``; nothing copies a certificate in."""
+    ins = instructions(name)
+    assert not any(k in ("COPY", "ADD") and re.search(r"\.(crt|pem)\b|ssl|certs", a) for k, a in ins), name
+    downloads = [a for k, a in ins if k == "RUN" and re.search(r"pip install|uv pip install", a)]
+    assert downloads and all("--mount=type=secret,id=egress-ca" in a for a in downloads), name
+
+
+def test_trainer_image_builds_with_the_distribution_python_and_a_compiler():
+    """Python 3.11 with headers and gcc come from apt (Triton compiles launchers); uv never downloads Python."""
+    runs = " ".join(args for keyword, args in instructions("Dockerfile.trainer") if keyword == "RUN")
+    for package in ("python3.11", "python3.11-dev", "gcc", "libc6-dev"):
+        assert re.search(rf"apt-get install[^&]* {re.escape(package)}( |$)", runs), package
+    assert env_of("Dockerfile.trainer")["UV_PYTHON_DOWNLOADS"] == "never"
+
+
+def _raw_from(name: str) -> list[tuple[str, str]]:
+    return [(k, a) for k, a in (line.strip().partition(" ")[::2] for line in (REPO / name).read_text().splitlines())
+            if k.upper() == "FROM"]
 
 
 def test_trainer_image_runs_qlora_train_as_the_pod_user():
