@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/hack:$(PYTHONPATH)
 
-.PHONY: venv binaries cluster-up cluster-down test demo crds
+.PHONY: venv binaries images cluster-up cluster-down test demo crds
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,19 @@ venv: $(VENV)/.installed
 binaries:
 	bash hack/build-binaries.sh >/dev/null
 
+# The operator and trainer images from the Dockerfiles, built with podman on local base
+# images (podman, buildah, runc and debootstrap installed with apt-get when missing, as
+# root); tags keyed by the inputs' hash, so a warm run builds nothing (hack/localimages).
+images: venv
+	$(PY) -m localimages
+
 cluster-up: venv binaries
 	$(PY) -m localcluster up
 
 cluster-down: venv
 	$(PY) -m localcluster down
 
-test: venv binaries
+test: venv binaries images
 	$(PY) -m pytest
 
 demo: venv binaries
