@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,10 @@ def test_a_training_step_runs_in_the_trainer_image_on_cpu(images, tmp_path):
     from helpers import embedded_inputs
 
     inputs = embedded_inputs(tmp_path / "inputs", 16, 4)
+    # The pod reads its inputs as uid 1000: a world-readable copy of the cached model.
+    model = shutil.copytree(inputs["model"], tmp_path / "model")
+    for path in [model, *model.rglob("*"), tmp_path / "inputs", *(tmp_path / "inputs").rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     config = {
         "model": {"uri": "file:///model"},
         "dataset": {"uri": "file:///data/small-train.jsonl", "evalUri": "file:///data/small-eval.jsonl"},
@@ -141,7 +146,7 @@ def test_a_training_step_runs_in_the_trainer_image_on_cpu(images, tmp_path):
     shape = trainer_pod_shape()
     proc = pod_run(images["trainer"], ["qlora-train", "--config", f"{render.CONFIG_DIR}/{render.CONFIG_FILE}"],
                    shape, tmp_path, timeout=900,
-                   binds={str(inputs["model"]): "/model", str(tmp_path / "inputs"): "/data",
+                   binds={str(model): "/model", str(tmp_path / "inputs"): "/data",
                           str(config_dir): render.CONFIG_DIR},
                    files={render.TERMINATION_MESSAGE_PATH: str(term)})
     assert proc.returncode == 0, proc.stderr[-6000:]
