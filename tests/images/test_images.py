@@ -5,6 +5,7 @@ operator's rendered pod spec asks (uid/gid 1000, read-only root, emptyDirs on /c
 /tmp, the pod's env), the operator as the chart's Deployment does (uid 10001, read-only
 root, an emptyDir on /tmp). No network in any of them.
 
+- A second build builds nothing; each tag ends with its input key (its label).
 - Triton's first-use compilation works: a C extension built by Triton's own
   ``compile_module_from_src`` (gcc + Python.h) lands in the Triton cache under /cache and
   loads; the NVIDIA backend's ``driver.c`` and a generated kernel launcher compile.
@@ -25,7 +26,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from localimages import ca
+from localimages import build, ca, engine
 from pods import PROBES, emptydir, operator_pod_shape, pod_run, trainer_pod_shape
 
 from qlora_operator import render
@@ -40,6 +41,14 @@ def last_json(proc) -> dict:
     """The last stdout line of ``proc`` as JSON (the probes print one), failing with its output."""
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_warm_build_builds_nothing_and_the_tags_carry_their_input_key(images):
+    again = build.build_all(log=lambda msg: None)
+    assert {name: (b.ref, b.built) for name, b in again.items()} == {name: (ref, False) for name, ref in images.items()}
+    for built in again.values():
+        label = engine.podman("image", "inspect", "--format", "{{index .Labels \"%s\"}}" % build.LABEL, built.ref)
+        assert built.ref.endswith(":" + label.strip()) and len(label.strip()) == 16
 
 
 def test_triton_compiles_its_launcher_at_first_use(images, tmp_path):
