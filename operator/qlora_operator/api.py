@@ -387,7 +387,9 @@ class Attempt(ApiModel):
     reason: Annotated[str, Field(max_length=1024)] | None = Field(
         default=None,
         description=(
-            "CamelCase reason: Succeeded, OOMKilled, CudaOutOfMemory, InsufficientGPUMemory, InvalidData, "
+            "CamelCase reason: Succeeded, OOMKilled (the container runtime reports an OOM kill), Killed "
+            "(exit 137, SIGKILL without an OOM kill: after the termination grace period, or kill -9), "
+            "CudaOutOfMemory, InsufficientGPUMemory, InvalidData, "
             "InvalidConfig, NonFiniteLoss, StorageError, Terminated (exit 143), Disrupted, Stopped (the pod was "
             "gone before its end was seen), or a waiting reason such as ImagePullBackOff."
         ),

@@ -320,7 +320,9 @@ def test_status_table(case, obs, now, phase, expected, fragment, events, effects
         (6, "Error", "NonFiniteLoss"),
         (7, "Error", "InsufficientGPUMemory"),
         (137, "OOMKilled", "OOMKilled"),
-        (137, "Error", "OOMKilled"),
+        (137, "Error", "Killed"),  # SIGKILL without the runtime's OOM kill: grace period over, kill -9
+        (-9, None, "Killed"),
+        (1, "OOMKilled", "OOMKilled"),  # the runtime saw an OOM kill (e.g. of a worker) whatever the exit code
         (1, "Error", "TrainerError"),
         (139, "Error", "ExitCode139"),
         (143, "Error", "Terminated"),
@@ -357,6 +359,40 @@ def test_single_attempt_failures(exit_code, job_reason, backoff, reason, fragmen
     assert ("Warning", reason) in [(e.type, e.reason) for e in result.events]
     assert result.status["artifacts"] is None
     assert result.status["completionTime"] == ts(300)
+
+
+@pytest.mark.parametrize(
+    ("term", "fragments"),
+    [
+        ({"exitCode": 137, "reason": "Error"}, ["SIGKILL", "reported no OOM kill (reason Error)"]),
+        ({"exitCode": 137, "reason": "Error", "message": "step 40/60\nsaving checkpoint step-40"},
+         ["SIGKILL", "not a memory limit; step 40/60\nsaving checkpoint step-40"]),
+        ({"exitCode": 137, "reason": "Error", "message": json.dumps(
+            {"exitCode": 137, "reason": "Killed", "message": "node 0: worker rank 1 was killed by signal 9 first"})},
+         ["SIGKILL", "worker rank 1 was killed by signal 9"]),
+        ({"exitCode": 137, "reason": "Error", "message": "x" * 5000}, ["SIGKILL", "xxxx"]),
+    ],
+)
+def test_sigkill_without_oom_kill_is_killed_and_says_so(term, fragments):
+    attempt = status_mod.attempt_from_pod(pod(terminated=term), 0)
+    assert attempt["reason"] == "Killed"
+    assert attempt["message"].startswith("exit 137: the container got SIGKILL")
+    assert len(attempt["message"]) <= status_mod.MAX_MESSAGE
+    for fragment in fragments:
+        assert fragment in attempt["message"]
+    oom = status_mod.attempt_from_pod(pod(terminated={**term, "reason": "OOMKilled"}), 0)
+    assert oom["reason"] == "OOMKilled" and "SIGKILL" not in oom.get("message", "")
+
+
+def test_sigkill_failure_names_killed_not_oomkilled():
+    term = {"exitCode": 137, "reason": "Error"}
+    result = compute_status(
+        qj(), observe(job(("Failed", "BackoffLimitExceeded", "")), [pod(terminated=term)], backoff_limit=0), at(300), SETTINGS
+    )
+    failed = conds(result.status)["Failed"]
+    assert failed["reason"] == "Killed"
+    assert "exited with code 137 (Killed)" in failed["message"] and "no OOM kill" in failed["message"]
+    assert ("Warning", "Killed") in [(e.type, e.reason) for e in result.events]
 
 
 def test_backoff_limit_exceeded_carries_the_last_reason():
