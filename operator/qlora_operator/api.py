@@ -349,6 +349,14 @@ class Progress(ApiModel):
     eval_loss: float | None = Field(default=None, description="Eval loss at the last evaluation.")
     learning_rate: float | None = Field(default=None, description="Learning rate at the last logged step.")
     tokens_per_second: float | None = Field(default=None, description="Real (non-padding) tokens per second.")
+    gpu_memory_gib: float | None = Field(
+        default=None,
+        alias="gpuMemoryGiB",
+        description=(
+            "Peak GPU memory PyTorch reserved on the reporting trainer's GPU (global rank 0), in GiB "
+            "(torch.cuda.max_memory_reserved); unset on CPU."
+        ),
+    )
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end of training.")
     eta: Annotated[str, Field(max_length=16)] | None = Field(
         default=None, description="etaSeconds for display (45s, 12m30s, 3h05m, 2d04h; printer column ETA)."

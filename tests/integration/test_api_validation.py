@@ -264,7 +264,7 @@ def test_status_accepts_every_field(installed, namespace):
         "conditions": [{"type": "Complete", "status": "True", "reason": "Succeeded", "message": "ok",
                         "lastTransitionTime": "2025-01-01T01:00:00Z", "observedGeneration": 1}],
         "progress": {"step": 60, "totalSteps": 60, "epoch": 1.5, "loss": 0.9, "evalLoss": 1.1,
-                     "learningRate": 0.0001, "tokensPerSecond": 1234.5, "etaSeconds": 0, "progress": "60/60",
+                     "learningRate": 0.0001, "tokensPerSecond": 1234.5, "gpuMemoryGiB": 6.9, "etaSeconds": 0, "progress": "60/60",
                      "stage": "Done", "updatedAt": "2025-01-01T01:00:00Z"},
         "attempts": [{"index": 0, "podName": "job-train-abcde", "startTime": "2025-01-01T00:00:00Z",
                       "finishTime": "2025-01-01T01:00:00Z", "exitCode": 0, "reason": "Completed",
