@@ -97,7 +97,7 @@ def run(
     from qlora_operator.kube import Kube
     from qlora_operator.metrics import Metrics
 
-    runtime = handlers.Runtime(settings=settings, kube=Kube(kubeconfig=kubeconfig), metrics=Metrics())
+    runtime = handlers.Runtime(settings=settings, kube=Kube(kubeconfig=kubeconfig), metrics=Metrics.for_settings(settings))
     logging.getLogger("qlora_operator").info("settings: %s", settings.model_dump_json())
     kopf.run(
         standalone=standalone,

@@ -74,6 +74,13 @@ class OperatorSettings(BaseModel):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=8080, description="Port of the Prometheus /metrics endpoint; 0 disables it."
     )
+    metrics_finished_ttl_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=600.0,
+        description=(
+            "Seconds a finished QLoRAJob's training metrics (qlora_job_*) stay exported after its "
+            "status.completionTime; deleting the QLoRAJob drops them at once."
+        ),
+    )
     resync_seconds: Annotated[float, Field(gt=0)] = Field(
         default=15.0, description="How often unfinished jobs are re-checked (timeouts, quota events)."
     )

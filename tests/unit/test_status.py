@@ -774,6 +774,46 @@ def test_reconcile_spec_change_after_completion_starts_exactly_one_run():
     assert "s3://data/b.jsonl" in api.objects[("ConfigMap", "bot-config-r2")]["data"]["config.json"]
 
 
+def test_reconcile_outcome_carries_the_progress_it_read():
+    from qlora_operator.reconcile import reconcile
+
+    api = FakeKube(qj())
+    assert reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(0)).progress is None
+    api.body["status"]["progress"] = {"step": 5, "totalSteps": 60, "loss": 2.5}
+    out = reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(1))
+    assert out.progress == {"step": 5, "totalSteps": 60, "loss": 2.5} and out.completion_time is None
+
+
+def test_handlers_export_training_metrics_from_the_reconciled_status():
+    import asyncio
+
+    import kopf
+    from prometheus_client import CollectorRegistry
+
+    from qlora_operator import handlers
+    from qlora_operator.metrics import Metrics
+
+    api = FakeKube(qj())
+    runtime = handlers.Runtime(settings=SETTINGS, kube=api, metrics=Metrics(CollectorRegistry()))
+    memo = kopf.Memo(runtime=runtime)
+    labels = {"namespace": "ns", "name": "bot"}
+
+    async def scenario() -> list:
+        seen = []
+        reconciler = handlers._reconciler(memo)
+        await reconciler.reconcile_now("ns", "bot")
+        api.body["status"]["progress"] = {"step": 7, "totalSteps": 60, "tokensPerSecond": 900.0, "gpuMemoryGiB": 1.5}
+        await reconciler.reconcile_now("ns", "bot", ensure=False, trigger="watch")
+        seen.append(runtime.metrics.registry.get_sample_value("qlora_job_step", labels))
+        seen.append(runtime.metrics.registry.get_sample_value("qlora_job_gpu_memory_peak_bytes", labels))
+        seen.append(runtime.metrics.registry.get_sample_value("qlora_jobs", {"phase": "Pending"}))
+        await handlers.qlorajob_event(event={"type": "DELETED"}, namespace="ns", name="bot", memo=memo)
+        seen.append(runtime.metrics.registry.get_sample_value("qlora_job_step", labels))
+        return seen
+
+    assert asyncio.run(scenario()) == [7, 1.5 * 2**30, 1, None]
+
+
 def test_reconcile_invalid_spec():
     from qlora_operator.reconcile import reconcile
 
