@@ -121,8 +121,9 @@ class JobStorageSettings(StorageSettings):
     credentials_secret_ref: SecretReference | None = Field(
         default=None,
         description=(
-            "Secret (same namespace) whose AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY keys become the "
-            "trainer's environment. Unset: the pod's own identity (e.g. IRSA) is used."
+            "Secret (same namespace) whose AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY keys (and AWS_SESSION_TOKEN "
+            "for temporary credentials, when present) become the trainer's environment. Unset: the pod's own "
+            "identity (e.g. IRSA) is used."
         ),
     )
 

@@ -378,10 +378,26 @@ def _env(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int, training_run: in
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *distributed_env(body["metadata"]["name"], spec, run),
     ]
+    return env + credentials_env(spec)
+
+
+def credentials_env(spec: QLoRAJobSpec) -> list[dict[str, Any]]:
+    """S3 credentials from ``storage.credentialsSecretRef`` (none without it: the pod's identity).
+
+    ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` must be in the Secret (the kubelet
+    keeps the pod waiting in ``CreateContainerConfigError`` otherwise: ``SecretNotFound``);
+    ``AWS_SESSION_TOKEN`` (temporary credentials, e.g. from STS) is ``optional``, so a
+    Secret without it still works.
+    """
     secret = spec.storage.credentials_secret_ref
-    if secret is not None:
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    if secret is None:
+        return []
+    env: list[dict[str, Any]] = [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    ]
+    token = {"name": secret.name, "key": "AWS_SESSION_TOKEN", "optional": True}
+    env.append({"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": token}})
     return env
 
 

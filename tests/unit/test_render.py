@@ -161,13 +161,17 @@ def test_env_contract():
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
         assert "value" not in env[key]
+    # temporary credentials: the session token when the Secret has one, and a Secret without it still works
+    assert env["AWS_SESSION_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "s3-creds", "key": "AWS_SESSION_TOKEN", "optional": True}
+    }
 
 
 def test_no_secret_reference_without_credentials_ref():
     spec = copy.deepcopy(BASE_SPEC)
     del spec["storage"]["credentialsSecretRef"]
     env = env_of(job_for(body(spec=spec)))
-    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
 
 
 @pytest.mark.parametrize(
