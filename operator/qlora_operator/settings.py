@@ -36,6 +36,20 @@ class OperatorSettings(BaseModel):
     image_pull_policy: Annotated[str, Field(pattern=r"^(Always|IfNotPresent|Never)$")] = Field(
         default="IfNotPresent", description="imagePullPolicy of trainer containers."
     )
+    image_pull_secrets: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "imagePullSecrets of every trainer pod (Secret names in the job's namespace), before a job's "
+            "spec.pod.imagePullSecrets. Env: comma-separated or a JSON list."
+        ),
+    )
+    service_account_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Annotations of every trainer ServiceAccount (e.g. IRSA's eks.amazonaws.com/role-arn); a job's "
+            "spec.pod.serviceAccountAnnotations win key by key. Env: a JSON object."
+        ),
+    )
     trainer_command: tuple[str, ...] = Field(
         default=DEFAULT_TRAINER_COMMAND,
         description="Trainer container command; the config file is mounted at /etc/qlora/config.json.",
@@ -102,11 +116,28 @@ class OperatorSettings(BaseModel):
             raise ValueError("trainer_command must not be empty")
         return tuple(value)
 
-    @field_validator("namespaces", mode="before")
+    @field_validator("service_account_annotations", mode="before")
     @classmethod
-    def _namespaces(cls, value: Any) -> Any:
+    def _annotations(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+            value = json.loads(value) if value.strip() else {}
+            if not isinstance(value, dict):
+                raise ValueError("service_account_annotations must be a JSON object of strings")
+        if isinstance(value, Mapping):
+            own = sorted(k for k in value if isinstance(k, str) and k.startswith("qlora.dev/"))
+            if own:
+                raise ValueError(f"keys under qlora.dev/ are the operator's own: {', '.join(own)}")
+        return value
+
+    @field_validator("namespaces", "image_pull_secrets", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = json.loads(text)
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
         return tuple(value)
 
     @property

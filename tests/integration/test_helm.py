@@ -45,6 +45,9 @@ from helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "qlora-operator"
+#: The operator pod (a host process of the node agent) runs this checkout's code, not whatever
+#: copy the environment has installed (a shared virtualenv may point at another checkout).
+SOURCE_ENV = [{"name": "PYTHONPATH", "value": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")])}]
 RELEASE = "qlora-operator"  # contains the chart name: the full name is the release name
 SA = RELEASE
 GROUP_PATH = "/apis/qlora.dev/v1alpha1"
@@ -311,6 +314,7 @@ def test_install_run_upgrade_uninstall(cluster, helm, make_namespace, tmp_path):
         "logFormat": "text",
         "metrics": {"port": metrics_port},
         "health": {"port": health_port},
+        "extraEnv": SOURCE_ENV,
     }))
 
     installed = True
@@ -465,7 +469,7 @@ def test_real_trainer_under_the_chart(cluster, helm, make_namespace, tmp_path):
         "watchNamespaces": [jobs_ns],
         "trainer": {"command": ["qlora-train", "--config", "/etc/qlora/config.json"]},
         "resyncSeconds": 2, "logFormat": "text", "timeouts": {"stalledSeconds": 600},
-        "metrics": {"port": free_port()}, "health": {"port": free_port()},
+        "metrics": {"port": free_port()}, "health": {"port": free_port()}, "extraEnv": SOURCE_ENV,
     }))
     helm("install", RELEASE, str(CHART), "--namespace", release_ns, "-f", str(values), "--wait", "--timeout", "120s")
     try:

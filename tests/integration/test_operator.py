@@ -95,6 +95,12 @@ if behaviour == "storage-once":
         s3.put_object(Bucket=bucket, Key=key, Body=b"1")
         finish(4, "StorageError", "S3 PUT %s/%s failed: simulated outage" % (bucket, prefix))
     finish(0, "Succeeded", "retried", done, resumed=10)
+if behaviour == "pod-extras":  # spec.pod.env and a spec.pod.volumes mount reached the process
+    want = "hello-" + os.environ["QLORA_JOB_NAME"]
+    if os.environ.get("EXTRA_GREETING") != want:
+        finish(3, "InvalidData", "EXTRA_GREETING is %r, not %r" % (os.environ.get("EXTRA_GREETING"), want))
+    with open(os.environ["EXTRA_DATA_FILE"]) as f:
+        finish(0, "Succeeded", "extras: " + f.read().strip(), done)
 finish(0, "Succeeded", "done", done)
 '''
 FAKE_COMMAND = json.dumps(["python", "-c", FAKE_TRAINER, "/etc/qlora/config.json"])
@@ -576,6 +582,57 @@ def test_spec_change_on_a_finished_job_starts_one_new_run(cluster, namespace, bu
     assert names == ["gitops-train", "gitops-train-r2"]
     config = api.get(f"/api/v1/namespaces/{namespace}/configmaps/gitops-config-r2")
     assert "ok-v2.jsonl" in config["data"]["config.json"]
+
+
+def test_pod_extras_reach_the_trainer_and_start_no_run(cluster, namespace, buckets, s3_secret, start_operator):
+    """spec.pod: extra env (expanding the operator's variables) and a configMap volume mounted at
+    /data reach the trainer process; the Job's pod carries them, the pull Secrets and the
+    RuntimeClass, and the trainer ServiceAccount the identity annotations. Changing spec.pod on
+    the finished job starts no run."""
+    api = cluster.api()
+    runtime_class = f"rc-{namespace}"
+    api.create("/apis/node.k8s.io/v1/runtimeclasses",
+             {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": runtime_class}, "handler": "runc"})
+    try:
+        cluster.kubectl("-n", namespace, "create", "configmap", "extra-data", "--from-literal=train.jsonl=planted-by-test")
+        start_operator(service_account_annotations=json.dumps({"iam.gke.io/gcp-service-account": "t@p.iam.gserviceaccount.com"}))
+        pod_extras = {
+            "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/qlora"},
+            "imagePullSecrets": ["registry-creds"],
+            "runtimeClassName": runtime_class,
+            "env": [{"name": "EXTRA_GREETING", "value": "hello-$(QLORA_JOB_NAME)"},
+                    {"name": "EXTRA_DATA_FILE", "value": "/data/train.jsonl"}],
+            "volumes": [{"name": "data", "configMap": {"name": "extra-data"}}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+        }
+        apply(cluster, manifest(cluster, namespace, "extras", "pod-extras", pod=pod_extras))
+        body = wait_terminal(api, namespace, "extras", 60)
+        assert is_true(body, "Complete"), body["status"]
+        assert body["status"]["attempts"][-1]["message"].endswith("extras: planted-by-test"), body["status"]["attempts"]
+
+        (job,) = jobs(api, namespace, "extras")
+        pod_spec = job["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod_spec["containers"][0]["env"]}
+        assert env["EXTRA_GREETING"] == "hello-$(QLORA_JOB_NAME)" and env["QLORA_JOB_NAME"] == "extras"
+        assert {"name": "data", "mountPath": "/data", "readOnly": True} in pod_spec["containers"][0]["volumeMounts"]
+        assert {"name": "data", "configMap": {"name": "extra-data", "defaultMode": 420}} in pod_spec["volumes"]
+        assert pod_spec["imagePullSecrets"] == [{"name": "registry-creds"}]
+        assert pod_spec["runtimeClassName"] == runtime_class
+        (pod,) = pods(api, namespace, "extras")
+        assert pod["spec"]["runtimeClassName"] == runtime_class and pod["spec"]["serviceAccountName"] == "extras-trainer"
+        sa = api.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/extras-trainer")
+        annotations = sa["metadata"]["annotations"]
+        assert annotations["eks.amazonaws.com/role-arn"] == "arn:aws:iam::111122223333:role/qlora"
+        assert annotations["iam.gke.io/gcp-service-account"] == "t@p.iam.gserviceaccount.com"  # the chart default
+
+        api.patch(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs/extras",
+                  {"spec": {"pod": {"env": [{"name": "EXTRA_GREETING", "value": "changed"}]}}})
+        body = wait_for(lambda: (lambda b: b if b["status"].get("observedGeneration") == 2 else None)(
+            get_qj(api, namespace, "extras")), 30, "generation 2 to be observed", interval=0.5)
+        assert body["status"]["run"] == 1 and is_true(body, "Complete")
+        assert [j["metadata"]["name"] for j in jobs(api, namespace, "extras")] == ["extras-train"]
+    finally:
+        api.delete(f"/apis/node.k8s.io/v1/runtimeclasses/{runtime_class}")
 
 
 def test_training_fields_locked_while_running_and_suspend_resume(cluster, namespace, buckets, s3_secret, start_operator):
