@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "QLORA_OPERATOR_"
 
@@ -102,6 +102,28 @@ class OperatorSettings(BaseModel):
         default=4, description="Reconciles running at the same time (each is a handful of API calls)."
     )
     log_format: Annotated[str, Field(pattern=r"^(json|text)$")] = Field(default="json", description="Log format.")
+    leader_election: bool = Field(
+        default=False,
+        description=(
+            "Run as one of several replicas: only the holder of the Lease leader_election_namespace/"
+            "leader_election_name reconciles (qlora_operator.leader); the chart turns it on."
+        ),
+    )
+    leader_election_name: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="qlora-operator", description="Name of the leader Lease."
+    )
+    leader_election_namespace: str = Field(
+        default="", description="Namespace of the leader Lease; empty: POD_NAMESPACE (the chart sets it from the pod)."
+    )
+    leader_election_lease_seconds: Annotated[int, Field(ge=2, le=3600)] = Field(
+        default=15, description="Lease duration: a standby takes over a crashed leader after this many seconds."
+    )
+    leader_election_renew_deadline_seconds: Annotated[int, Field(ge=2, le=3600)] = Field(
+        default=10, description="A leader that could not renew for this long exits (must be < the lease duration)."
+    )
+    leader_election_retry_seconds: Annotated[int, Field(ge=1, le=600)] = Field(
+        default=2, description="Seconds between tries to take or renew the Lease (renew deadline > 1.2 x this)."
+    )
 
     @field_validator("trainer_command", mode="before")
     @classmethod
@@ -139,6 +161,17 @@ class OperatorSettings(BaseModel):
             else:
                 value = [part.strip() for part in text.split(",") if part.strip()]
         return tuple(value)
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> OperatorSettings:
+        lease, renew, retry = (self.leader_election_lease_seconds, self.leader_election_renew_deadline_seconds,
+                               self.leader_election_retry_seconds)
+        if not lease > renew > 1.2 * retry:
+            raise ValueError(
+                "leader_election_lease_seconds > leader_election_renew_deadline_seconds > 1.2 x "
+                f"leader_election_retry_seconds must hold (got {lease}, {renew}, {retry})"
+            )
+        return self
 
     @property
     def clusterwide(self) -> bool:

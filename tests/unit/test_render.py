@@ -658,3 +658,22 @@ def test_settings_pod_defaults_from_env(env, field, expected):
 def test_settings_refuse_operator_annotation_keys():
     with pytest.raises(SettingsError, match="QLORA_OPERATOR_SERVICE_ACCOUNT_ANNOTATIONS.*qlora.dev/job"):
         OperatorSettings.load({"QLORA_OPERATOR_SERVICE_ACCOUNT_ANNOTATIONS": '{"qlora.dev/job": "x"}'})
+
+
+# --- leader election settings (issue 18, item 1) ------------------------------------------------
+
+
+def test_leader_election_settings_from_env():
+    s = OperatorSettings.load({"QLORA_OPERATOR_LEADER_ELECTION": "true", "QLORA_OPERATOR_LEADER_ELECTION_LEASE_SECONDS": "6",
+                               "QLORA_OPERATOR_LEADER_ELECTION_RENEW_DEADLINE_SECONDS": "4",
+                               "QLORA_OPERATOR_LEADER_ELECTION_RETRY_SECONDS": "1"})
+    assert s.leader_election is True and s.leader_election_lease_seconds == 6
+    assert OperatorSettings().leader_election is False  # one process alone needs no Lease
+
+
+@pytest.mark.parametrize(("lease", "renew", "retry"), [(10, 10, 2), (15, 10, 9), (5, 3, 3)])
+def test_leader_election_timing_is_checked(lease, renew, retry):
+    with pytest.raises(SettingsError, match="leader_election_lease_seconds > leader_election_renew_deadline_seconds"):
+        OperatorSettings.load({"QLORA_OPERATOR_LEADER_ELECTION_LEASE_SECONDS": str(lease),
+                               "QLORA_OPERATOR_LEADER_ELECTION_RENEW_DEADLINE_SECONDS": str(renew),
+                               "QLORA_OPERATOR_LEADER_ELECTION_RETRY_SECONDS": str(retry)})
