@@ -22,7 +22,7 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
 from qlora_trainer.config import (
     ApiModel,
@@ -121,8 +121,9 @@ class JobStorageSettings(StorageSettings):
     credentials_secret_ref: SecretReference | None = Field(
         default=None,
         description=(
-            "Secret (same namespace) whose AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY keys become the "
-            "trainer's environment. Unset: the pod's own identity (e.g. IRSA) is used."
+            "Secret (same namespace) whose AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY keys (and AWS_SESSION_TOKEN "
+            "for temporary credentials, when present) become the trainer's environment. Unset: the pod's own "
+            "identity (e.g. IRSA) is used."
         ),
     )
 
@@ -175,6 +176,221 @@ class Toleration(ApiModel):
     )
 
 
+#: An environment variable name (the rule every supported Kubernetes version accepts).
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+#: An absolute container path.
+MOUNT_PATH = r"^/[^:]*$"
+#: Annotation keys under this prefix are the operator's own.
+OPERATOR_ANNOTATION_PREFIX = f"{GROUP}/"
+
+MSG_ENV_NAME = "must be an environment variable name (letters, digits, '_', '-', '.'; not a digit first)"
+MSG_MOUNT_PATH = "must be an absolute path without ':' such as /data"
+MSG_ANNOTATION_KEY = "must be an annotation key such as eks.amazonaws.com/role-arn"
+MSG_ENV_VALUE_AND_VALUE_FROM = "pod.env: set value or valueFrom, not both"
+MSG_ENV_ONE_SOURCE = (
+    "pod.env[].valueFrom: set exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef"
+)
+MSG_SA_ANNOTATION_RESERVED = (
+    f"pod.serviceAccountAnnotations: keys under {OPERATOR_ANNOTATION_PREFIX} are the operator's own: use another key"
+)
+MSG_MOUNT_UNKNOWN_VOLUME = "pod.volumeMounts[].name must name a volume of pod.volumes"
+
+#: Preserve-unknown-fields object (a pass-through core/v1 structure the API server checks
+#: when the operator creates the Job).
+_PASS_THROUGH = {"x-kubernetes-preserve-unknown-fields": True}
+PassThrough = Annotated[dict[str, Any], Field(json_schema_extra=_PASS_THROUGH)]
+
+_ShortName = Annotated[
+    str,
+    Field(min_length=1, max_length=253, json_schema_extra={"pattern": DNS_SUBDOMAIN}),
+    pattern_check(DNS_SUBDOMAIN, MSG_DNS_SUBDOMAIN),
+]
+_VolumeName = Annotated[
+    str,
+    Field(min_length=1, max_length=63, json_schema_extra={"pattern": DNS_LABEL}),
+    pattern_check(DNS_LABEL, MSG_DNS_LABEL),
+]
+_MountPath = Annotated[
+    str,
+    Field(min_length=1, max_length=1024, json_schema_extra={"pattern": MOUNT_PATH}),
+    pattern_check(MOUNT_PATH, MSG_MOUNT_PATH),
+]
+
+
+class Affinity(ApiModel):
+    """A pod's ``affinity`` (core/v1 ``Affinity``): each part is passed to the pod as written.
+
+    The API server checks the parts when the operator creates the run's Job; a refusal
+    fails the job with ``InvalidSpec`` and the server's message.
+    """
+
+    node_affinity: PassThrough | None = Field(
+        default=None, description="core/v1 NodeAffinity (requiredDuringSchedulingIgnoredDuringExecution, ...)."
+    )
+    pod_affinity: PassThrough | None = Field(default=None, description="core/v1 PodAffinity.")
+    pod_anti_affinity: PassThrough | None = Field(default=None, description="core/v1 PodAntiAffinity.")
+
+
+class KeySelector(ApiModel):
+    """A key of a Secret or ConfigMap in the job's own namespace (no namespace field)."""
+
+    name: _ShortName = Field(description="Secret or ConfigMap name, in the QLoRAJob's namespace.")
+    key: Annotated[str, Field(min_length=1, max_length=253)] = Field(description="The key to read.")
+    optional: bool | None = Field(
+        default=None, description="true: the variable is unset when the object or key is missing. Default false."
+    )
+
+
+class FieldRef(ApiModel):
+    """core/v1 ``ObjectFieldSelector``: a field of the trainer pod (downward API)."""
+
+    field_path: Annotated[str, Field(min_length=1, max_length=256)] = Field(
+        description="Pod field, e.g. metadata.name, spec.nodeName, status.podIP."
+    )
+    api_version: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="Version of the field path's schema. Default v1."
+    )
+
+
+class ResourceFieldRef(ApiModel):
+    """core/v1 ``ResourceFieldSelector``: a request or limit of the trainer container."""
+
+    resource: Annotated[str, Field(min_length=1, max_length=256)] = Field(
+        description="limits.cpu, limits.memory, requests.cpu, requests.memory, ..."
+    )
+    divisor: Quantity | None = Field(default=None, description="Unit of the value, e.g. 1Mi. Default 1.")
+
+
+class EnvVarSource(ApiModel):
+    """Where an extra variable's value comes from; exactly one source."""
+
+    secret_key_ref: KeySelector | None = Field(default=None, description="A key of a Secret in the job's namespace.")
+    config_map_key_ref: KeySelector | None = Field(
+        default=None, description="A key of a ConfigMap in the job's namespace."
+    )
+    field_ref: FieldRef | None = Field(default=None, description="A field of the pod (downward API).")
+    resource_field_ref: ResourceFieldRef | None = Field(
+        default=None, description="A resource request or limit of the trainer container."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVarSource:
+        sources = (self.secret_key_ref, self.config_map_key_ref, self.field_ref, self.resource_field_ref)
+        if sum(s is not None for s in sources) != 1:
+            raise ValueError(MSG_ENV_ONE_SOURCE)
+        return self
+
+
+class EnvVar(ApiModel):
+    """An extra environment variable of the trainer container (core/v1 ``EnvVar``)."""
+
+    name: Annotated[
+        str, Field(min_length=1, max_length=256, json_schema_extra={"pattern": ENV_NAME}), pattern_check(ENV_NAME, MSG_ENV_NAME)
+    ] = Field(description="Variable name; the operator's own names (QLORA_*, the S3 credentials, ...) are refused.")
+    value: Annotated[str, Field(max_length=32768)] | None = Field(
+        default=None,
+        description="Literal value; $(VAR) expands the operator's variables and earlier extra ones.",
+    )
+    value_from: EnvVarSource | None = Field(default=None, description="Value from a Secret, ConfigMap or the pod.")
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(MSG_ENV_VALUE_AND_VALUE_FROM)
+        return self
+
+
+class Volume(ApiModel):
+    """An extra pod volume (core/v1 ``Volume``): ``name`` plus one volume source, passed as written.
+
+    E.g. ``{name: models, persistentVolumeClaim: {claimName: models, readOnly: true}}``;
+    the API server checks the source when the operator creates the Job, and the
+    namespace's Pod Security level applies (``restricted`` refuses ``hostPath``).
+    """
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_PASS_THROUGH)
+
+    name: _VolumeName = Field(description="Volume name (a DNS label); the operator's own volume names are refused.")
+
+
+class VolumeMount(ApiModel):
+    """Where the trainer container mounts an extra volume (core/v1 ``VolumeMount``)."""
+
+    name: _VolumeName = Field(description="A volume of pod.volumes.")
+    mount_path: _MountPath = Field(
+        description="Absolute path in the container; may not be, contain or lie under the operator's mounts."
+    )
+    read_only: bool | None = Field(default=None, description="Mount read-only. Default false.")
+    sub_path: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="Path within the volume to mount instead of its root."
+    )
+
+
+class PodSettings(ApiModel):
+    """Identity and pod plumbing of trainer pods: no effect on what is trained.
+
+    Fixed while a run is active (a Job's pod template is immutable); a change on a
+    finished or suspended job starts no run and applies from the next one.
+    """
+
+    service_account_annotations: Annotated[
+        dict[
+            Annotated[str, Field(max_length=317), pattern_check(LABEL_KEY, MSG_ANNOTATION_KEY)],
+            Annotated[str, Field(max_length=4096)],
+        ],
+        Field(max_length=32),
+    ] = Field(
+        default_factory=dict,
+        description=(
+            "Annotations of the trainer's ServiceAccount <job>-trainer, over the chart's "
+            "trainer.serviceAccountAnnotations: IRSA (eks.amazonaws.com/role-arn) or GKE Workload Identity "
+            "(iam.gke.io/gcp-service-account). At most 32; keys under qlora.dev/ are refused."
+        ),
+    )
+    image_pull_secrets: Annotated[list[_ShortName], Field(max_length=16)] = Field(
+        default_factory=list,
+        description=(
+            "Secrets (same namespace, type kubernetes.io/dockerconfigjson) to pull the trainer image with, "
+            "after the chart's trainer.imagePullSecrets. At most 16."
+        ),
+    )
+    runtime_class_name: _ShortName | None = Field(
+        default=None, description="RuntimeClass of trainer pods (e.g. nvidia). Unset: the cluster default."
+    )
+    env: Annotated[list[EnvVar], Field(max_length=64)] = Field(
+        default_factory=list,
+        description=(
+            "Extra environment variables of the trainer container, after the operator's (at most 64). "
+            "The operator's own names are refused (QLORA_*, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_SESSION_TOKEN, HOME, TMPDIR, HF_HOME, PYTHONUNBUFFERED)."
+        ),
+    )
+    volumes: Annotated[list[Volume], Field(max_length=32)] = Field(
+        default_factory=list,
+        description=(
+            "Extra pod volumes (core/v1 Volume: name plus one source, e.g. persistentVolumeClaim), at most 32. "
+            "A PVC mounted with volumeMounts serves file:// model, data or output URIs. The operator's own "
+            "volume names (config, cache, tmp, dshm) are refused."
+        ),
+    )
+    volume_mounts: Annotated[list[VolumeMount], Field(max_length=32)] = Field(
+        default_factory=list,
+        description=(
+            "Mounts of pod.volumes in the trainer container, at most 32. The operator's mount paths "
+            "(/etc/qlora, /cache, /tmp, /dev/shm, /dev/termination-log) and paths under or above them are refused."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _no_collisions(self) -> PodSettings:
+        from qlora_operator import render  # render imports this module: resolve at validation time
+
+        problems = render.pod_settings_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class Scheduling(ApiModel):
     """Where trainer pods may run and how they queue (may change while a run is active)."""
 
@@ -193,6 +409,13 @@ class Scheduling(ApiModel):
         Field(max_length=253, json_schema_extra={"pattern": f"^$|{DNS_SUBDOMAIN}"}),
         pattern_check(f"^$|{DNS_SUBDOMAIN}", MSG_DNS_SUBDOMAIN),
     ] = Field(default="", description="PriorityClass of trainer pods (empty: the cluster default).")
+    affinity: Affinity | None = Field(
+        default=None,
+        description=(
+            "Node affinity, pod affinity and anti-affinity of trainer pods (core/v1 Affinity, passed as written; "
+            "the API server checks it when the operator creates the run's Job)."
+        ),
+    )
     queue_name: Annotated[
         str,
         Field(max_length=63, json_schema_extra={"pattern": f"^$|{DNS_LABEL}"}),
@@ -247,6 +470,13 @@ class QLoRAJobSpec(TrainingConfig):
     scheduling: Scheduling = Field(
         default_factory=Scheduling,
         description="Placement and queueing of trainer pods (may change while a run is active).",
+    )
+    pod: PodSettings = Field(
+        default_factory=PodSettings,
+        description=(
+            "Identity and plumbing of trainer pods: ServiceAccount annotations (IRSA, Workload Identity), image pull "
+            "Secrets, RuntimeClass, extra env and volumes. Fixed during a run; a change starts no run."
+        ),
     )
     run_policy: RunPolicy = Field(
         default_factory=RunPolicy,
@@ -349,6 +579,14 @@ class Progress(ApiModel):
     eval_loss: float | None = Field(default=None, description="Eval loss at the last evaluation.")
     learning_rate: float | None = Field(default=None, description="Learning rate at the last logged step.")
     tokens_per_second: float | None = Field(default=None, description="Real (non-padding) tokens per second.")
+    gpu_memory_gib: float | None = Field(
+        default=None,
+        alias="gpuMemoryGiB",
+        description=(
+            "Peak GPU memory PyTorch reserved on the reporting trainer's GPU (global rank 0), in GiB "
+            "(torch.cuda.max_memory_reserved); unset on CPU."
+        ),
+    )
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end of training.")
     eta: Annotated[str, Field(max_length=16)] | None = Field(
         default=None, description="etaSeconds for display (45s, 12m30s, 3h05m, 2d04h; printer column ETA)."
@@ -387,7 +625,9 @@ class Attempt(ApiModel):
     reason: Annotated[str, Field(max_length=1024)] | None = Field(
         default=None,
         description=(
-            "CamelCase reason: Succeeded, OOMKilled, CudaOutOfMemory, InsufficientGPUMemory, InvalidData, "
+            "CamelCase reason: Succeeded, OOMKilled (the container runtime reports an OOM kill), Killed "
+            "(exit 137, SIGKILL without an OOM kill: after the termination grace period, or kill -9), "
+            "CudaOutOfMemory, InsufficientGPUMemory, InvalidData, "
             "InvalidConfig, NonFiniteLoss, StorageError, Terminated (exit 143), Disrupted, Stopped (the pod was "
             "gone before its end was seen), or a waiting reason such as ImagePullBackOff."
         ),
@@ -541,9 +781,10 @@ def training_fields_changed(
 
 
 #: Fields fixed during a run whose change on a finished or suspended job still starts no
-#: new run: they decide how the operator retries a run and which Secret holds the keys,
-#: not what is trained (a new ``backoffLimit`` applies from the next run).
-NOT_STARTING_A_RUN = ("runPolicy", "storage.credentialsSecretRef")
+#: new run: they decide how the operator retries a run, which Secret holds the keys and
+#: the pod's identity and plumbing (``pod``), not what is trained (a new ``backoffLimit``
+#: or pull Secret applies from the next run).
+NOT_STARTING_A_RUN = ("runPolicy", "storage.credentialsSecretRef", "pod")
 
 
 def run_fields_changed(
@@ -556,8 +797,8 @@ def run_fields_changed(
     endpoint, resources (the world size shapes the optimisation; more memory is how an
     OOMKilled run is retried) and image (the program that trains). What does not: the
     identical manifest again, a reordering of keys (specs compare as parsed values, with
-    defaults filled in), labels and annotations (not in the spec), and every
-    ``runPolicy`` and ``scheduling`` field.
+    defaults filled in), labels and annotations (not in the spec), the credentials Secret,
+    and every ``runPolicy``, ``scheduling`` and ``pod`` field.
     """
     return [
         path
@@ -579,6 +820,7 @@ def run_is_active(status: QLoRAJobStatus | dict[str, Any] | None) -> bool:
 
 __all__ = [
     "API_VERSION",
+    "Affinity",
     "Artifacts",
     "Attempt",
     "CATEGORIES",
@@ -586,6 +828,8 @@ __all__ = [
     "Condition",
     "ConditionType",
     "DatasetSource",
+    "EnvVar",
+    "EnvVarSource",
     "GROUP",
     "JobStorageSettings",
     "KIND",
@@ -596,6 +840,7 @@ __all__ = [
     "ModelSource",
     "OutputTarget",
     "PLURAL",
+    "PodSettings",
     "Phase",
     "Progress",
     "QLoRAJobSpec",
@@ -610,6 +855,8 @@ __all__ = [
     "Toleration",
     "TrainingSettings",
     "VERSION",
+    "Volume",
+    "VolumeMount",
     "multinode_name_problem",
     "parse_spec",
     "run_fields_changed",

@@ -45,7 +45,12 @@ def run(
     namespace: list[str] = typer.Option([], "--namespace", "-n", help="Namespace to watch (repeatable)."),
     all_namespaces: bool = typer.Option(False, "--all-namespaces", "-A", help="Watch every namespace."),
     standalone: bool = typer.Option(
-        True, "--standalone/--peering", help="Run alone (default; one replica) or with kopf peering."
+        True, "--standalone/--peering",
+        help="Without kopf peering (default; several replicas use --leader-election instead) or with it.",
+    ),
+    leader_election: Optional[bool] = typer.Option(
+        None, "--leader-election/--no-leader-election",
+        help="Reconcile only while holding the leader Lease (several replicas; qlora_operator.leader).",
     ),
     peering_name: Optional[str] = typer.Option(None, help="kopf peering object name (with --peering)."),
     trainer_image: Optional[str] = typer.Option(None, help="Default trainer image."),
@@ -85,6 +90,7 @@ def run(
             metrics_port=metrics_port,
             resync_seconds=resync_seconds,
             log_format=log_format,
+            leader_election=leader_election,
         )
     except SettingsError as err:
         typer.echo(str(err), err=True)
@@ -97,16 +103,56 @@ def run(
     from qlora_operator.kube import Kube
     from qlora_operator.metrics import Metrics
 
-    runtime = handlers.Runtime(settings=settings, kube=Kube(kubeconfig=kubeconfig), metrics=Metrics())
+    kube = Kube(kubeconfig=kubeconfig)
     logging.getLogger("qlora_operator").info("settings: %s", settings.model_dump_json())
-    kopf.run(
-        standalone=standalone,
-        peering_name=peering_name,
-        clusterwide=settings.clusterwide,
-        namespaces=() if settings.clusterwide else list(settings.namespaces),
-        liveness_endpoint=liveness,
-        memo=kopf.Memo(runtime=runtime),
+    elector = _lead(settings, kube, liveness) if settings.leader_election else None
+    runtime = handlers.Runtime(settings=settings, kube=kube, metrics=Metrics.for_settings(settings))
+    try:
+        kopf.run(
+            standalone=standalone,
+            peering_name=peering_name,
+            clusterwide=settings.clusterwide,
+            namespaces=() if settings.clusterwide else list(settings.namespaces),
+            liveness_endpoint=liveness,
+            memo=kopf.Memo(runtime=runtime),
+        )
+    finally:
+        if elector is not None:
+            elector.release()  # a clean stop hands over at once
+
+
+def _lead(settings: OperatorSettings, kube: object, liveness: Optional[str]):
+    """Block until this replica holds the leader Lease (serving ``liveness`` as a standby
+    meanwhile), then keep renewing it; a lost Lease ends the process at once (exit 1)."""
+    import os
+
+    from qlora_operator.leader import LeaderElector, StandbyHealth
+
+    namespace = settings.leader_election_namespace or os.environ.get("POD_NAMESPACE", "")
+    if not namespace:
+        typer.echo("leader election needs leader_election_namespace (env QLORA_OPERATOR_LEADER_ELECTION_NAMESPACE) "
+                   "or POD_NAMESPACE", err=True)
+        raise typer.Exit(2)
+    elector = LeaderElector(
+        kube.api, settings.leader_election_name, namespace,  # type: ignore[attr-defined]
+        lease_seconds=settings.leader_election_lease_seconds,
+        renew_deadline_seconds=settings.leader_election_renew_deadline_seconds,
+        retry_seconds=settings.leader_election_retry_seconds,
     )
+    health = StandbyHealth(liveness) if liveness else None
+    try:
+        elector.acquire()
+    finally:
+        if health is not None:
+            health.close()
+
+    def lost() -> None:
+        logging.getLogger("qlora_operator").error("exiting: another replica may lead now")
+        logging.shutdown()
+        os._exit(1)  # never act beside a new leader; the kubelet restarts this pod as a standby
+
+    elector.keep_renewing(lost)
+    return elector
 
 
 @app.command()

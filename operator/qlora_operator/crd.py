@@ -46,7 +46,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 
-from qlora_operator import api
+from qlora_operator import api, render
 from qlora_trainer import config as cfg
 
 #: Where the generated CRD is committed, relative to the repository root.
@@ -111,6 +111,7 @@ _KEY_ORDER = (
     "items",
     "additionalProperties",
     "required",
+    "x-kubernetes-preserve-unknown-fields",
     "properties",
     "x-kubernetes-validations",
 )
@@ -168,6 +169,10 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], where: str, keep_defaul
         elif key == "additionalProperties":
             if value is False:
                 continue  # extra="forbid": unknown fields are pruned / refused by strict validation
+            if value is True or value == {}:
+                if not node.get("x-kubernetes-preserve-unknown-fields"):
+                    raise SchemaError(f"{where}: free-form object without x-kubernetes-preserve-unknown-fields")
+                continue  # a pass-through object: the API server keeps what it holds
             out[key] = _convert(value, defs, f"{where}.*", keep_defaults)
         elif key == "items":
             out[key] = _convert(value, defs, f"{where}[]", keep_defaults)
@@ -223,6 +228,20 @@ def _matches(pattern: str) -> str:
     return f"self.matches(r'{pattern}')"
 
 
+def _cel_list(values: tuple[str, ...]) -> str:
+    for value in values:
+        if "'" in value or "\\" in value:
+            raise SchemaError(f"{value!r} cannot be quoted in CEL")
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _no_mount_collision(path: str, reserved: str) -> str:
+    """CEL: a mount at ``path`` is not, under, nor above the path ``reserved`` (a CEL string
+    ending in ``/``), as ``render.mount_path_collides`` decides."""
+    own = f"({path}.endsWith('/') ? {path} : {path} + '/')"
+    return f"!({own}.startsWith({reserved}) || {reserved}.startsWith({own}))"
+
+
 #: CEL rules by schema path (``spec.training``: the ``training`` object of ``spec``).
 SPEC_RULES: dict[str, list[dict[str, str]]] = {
     "spec": [
@@ -253,6 +272,48 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
     "spec.lora.targetModules": [
         _rule("!('all-linear' in self) || self.size() == 1", cfg.MSG_ALL_LINEAR_ALONE),
     ],
+    "spec.pod": [
+        _rule(
+            "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
+            api.MSG_MOUNT_UNKNOWN_VOLUME,
+            fieldPath=".volumeMounts",
+        ),
+    ],
+    "spec.pod.serviceAccountAnnotations": [
+        _rule(
+            f"self.all(k, !k.startsWith('{api.OPERATOR_ANNOTATION_PREFIX}'))", api.MSG_SA_ANNOTATION_RESERVED
+        ),
+        _rule(
+            f"self.all(k, k.size() <= 317 && k.matches(r'{api.LABEL_KEY}'))",
+            f"pod.serviceAccountAnnotations: keys {api.MSG_ANNOTATION_KEY}",
+        ),
+    ],
+    "spec.pod.env": [
+        _rule(
+            f"self.all(e, !e.name.startsWith('{render.RESERVED_ENV_PREFIX}') && !(e.name in {_cel_list(render.reserved_env_names())}))",
+            render.msg_env_reserved(),
+        ),
+    ],
+    "spec.pod.env[]": [
+        _rule("!(has(self.value) && has(self.valueFrom))", api.MSG_ENV_VALUE_AND_VALUE_FROM),
+    ],
+    "spec.pod.env[].valueFrom": [
+        _rule(
+            "[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef), has(self.resourceFieldRef)]"
+            ".filter(x, x).size() == 1",
+            api.MSG_ENV_ONE_SOURCE,
+        ),
+    ],
+    "spec.pod.volumes": [
+        _rule(f"self.all(v, !(v.name in {_cel_list(render.reserved_volume_names())}))", render.msg_volume_reserved()),
+    ],
+    "spec.pod.volumeMounts": [
+        _rule(
+            f"self.all(m, {_cel_list(tuple(p + '/' for p in render.reserved_mount_paths()))}.all(p, "
+            + _no_mount_collision("m.mountPath", "p") + "))",
+            render.msg_mount_reserved(),
+        ),
+    ],
     "spec.scheduling.nodeSelector": [
         _rule(
             f"self.all(k, k.size() <= 317 && k.matches(r'{api.LABEL_KEY}'))",
@@ -264,6 +325,10 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
 #: ``x-kubernetes-list-type`` of lists (the default is ``atomic``).
 LIST_TYPES: dict[str, dict[str, Any]] = {
     "spec.lora.targetModules": {"x-kubernetes-list-type": "set"},
+    "spec.pod.imagePullSecrets": {"x-kubernetes-list-type": "set"},
+    "spec.pod.env": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    "spec.pod.volumes": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    "spec.pod.volumeMounts": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["mountPath"]},
     "status.conditions": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
 }
 
@@ -347,10 +412,14 @@ def _root_rules(spec: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _node(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    """The schema node at ``path`` (``spec.pod.env[]``: the items of ``spec.pod.env``)."""
     node = schema
     for part in path.split("."):
+        items = part.endswith("[]")
         try:
-            node = node["properties"][part]
+            node = node["properties"][part.removesuffix("[]")]
+            if items:
+                node = node["items"]
         except KeyError:
             raise SchemaError(f"{path}: no such field in the schema (rule or list type out of date)") from None
     return node
@@ -378,7 +447,7 @@ def _object_schema() -> dict[str, Any]:
     status = structural_schema(api.QLoRAJobStatus, keep_defaults=False)
     spec["description"] = (
         "Desired fine-tuning run: the trainer's config (model, dataset, quantization, lora, training, "
-        "output, storage) plus runtime fields (resources, image, scheduling, runPolicy). "
+        "output, storage) plus runtime fields (resources, image, scheduling, pod, runPolicy). "
         "Training runs training.maxSteps optimizer steps, or training.epochs passes (3 when neither is set). "
         "While a run is active (condition Running=True) only "
         + ", ".join(api.MUTABLE_WHILE_ACTIVE)
@@ -493,7 +562,8 @@ def crd_manifest() -> dict[str, Any]:
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data: Any) -> bool:  # shared sub-schemas are written out in full, never as &anchors
+        return True
 
 
 def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.Node:

@@ -49,7 +49,7 @@ def _runtime(memo: Any) -> Runtime:
     runtime = getattr(memo, "runtime", None)
     if runtime is None:  # embedded use without the CLI: defaults from the environment
         settings = OperatorSettings.load()
-        runtime = Runtime(settings=settings, kube=Kube(), metrics=Metrics())
+        runtime = Runtime(settings=settings, kube=Kube(), metrics=Metrics.for_settings(settings))
         memo.runtime = runtime
     return runtime
 
@@ -59,8 +59,11 @@ def _reconciler(memo: Any) -> Reconciler:
     if runtime.reconciler is None:
         metrics = runtime.metrics
 
-        def observe(trigger: str, seconds: float, outcome: Outcome | None, error: BaseException | None) -> None:
+        def observe(
+            key: tuple[str, str], trigger: str, seconds: float, outcome: Outcome | None, error: BaseException | None
+        ) -> None:
             metrics.observe(trigger, seconds, outcome, error)
+            metrics.observe_job(key[0], key[1], outcome)  # training metrics from the status just read
             if runtime.reconciler is not None:
                 metrics.set_phases(runtime.reconciler.phases)
 
@@ -135,6 +138,7 @@ async def qlorajob_event(event: kopf.RawEvent, namespace: str, name: str, memo: 
     """Any change of a QLoRAJob (progress reports included): re-check it."""
     if event.get("type") == "DELETED":
         _reconciler(memo).forget(namespace, name)
+        _runtime(memo).metrics.forget_job(namespace, name)
         return
     _reconciler(memo).trigger(namespace, name)
 

@@ -319,7 +319,8 @@ class Kube:
 
         Returns ``(object, "created" | "exists" | "updated" | "adopted")``: an owned object
         whose mutable content differs (ConfigMap data, Role rules, RoleBinding subjects,
-        Service selector and ports) is patched; an unowned one carrying our ``qlora.dev/job``
+        Service selector and ports, the ServiceAccount's annotations from
+        ``spec.pod.serviceAccountAnnotations``: :func:`render.service_account_patch`) is patched; an unowned one carrying our ``qlora.dev/job``
         label gets our owner reference. A Job is never changed (its pod template is immutable).
 
         Raises:
@@ -371,6 +372,8 @@ class Kube:
             patch = {"rules": want["rules"]}
         elif kind == "RoleBinding" and have.get("subjects") != want.get("subjects"):
             patch = {"subjects": want["subjects"]}
+        elif kind == "ServiceAccount":
+            patch = render.service_account_patch(have, want) or {}
         elif kind == "Service":
             hspec, wspec = have.get("spec") or {}, want.get("spec") or {}
             changed = {k: wspec[k] for k in ("selector", "ports", "publishNotReadyAddresses") if hspec.get(k) != wspec.get(k)}

@@ -48,6 +48,8 @@ class Outcome:
     delay: float = RETRY_DELAY
     gone: bool = False
     action: str = ""
+    progress: Mapping[str, Any] | None = None  # status.progress as last read (the trainer's report)
+    completion_time: str | None = None  # status.completionTime of the current run
 
 
 def _emit(api: k.Kube, body: Mapping[str, Any], events: list[EventSpec]) -> None:
@@ -194,9 +196,9 @@ def reconcile(
 
     if the_plan.action == "invalid":
         result = compute_status(body, observed(the_plan.run, the_plan.job, [], [], invalid_spec=the_plan.invalid), now(), settings)
-        _patch_status(api, body, result.patch)
+        body = _patch_status(api, body, result.patch)
         _emit(api, body, result.events)
-        return Outcome(phase=result.phase, terminal=True, invalid=the_plan.invalid, action="invalid")
+        return Outcome(phase=result.phase, terminal=True, invalid=the_plan.invalid, action="invalid", **_seen(body))
 
     if spec is None and the_plan.action != "observe":  # plan.decide never asks for that; be explicit anyway
         raise RuntimeError(f"plan {the_plan.action} for an invalid spec of {namespace}/{name}")
@@ -273,7 +275,17 @@ def reconcile(
     for pod in result.delete_pods:
         api.delete_pod(namespace, pod)
     _emit(api, body, result.events)
-    return Outcome(phase=result.phase, terminal=result.terminal, action=the_plan.action)
+    return Outcome(phase=result.phase, terminal=result.terminal, action=the_plan.action, **_seen(body))
+
+
+def _seen(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the metrics read from the QLoRAJob as the reconcile leaves it."""
+    status = body.get("status") or {}
+    progress = status.get("progress")
+    return {
+        "progress": dict(progress) if isinstance(progress, Mapping) else None,
+        "completion_time": status.get("completionTime"),
+    }
 
 
 Key = tuple[str, str]
@@ -283,8 +295,10 @@ class Reconciler:
     """Runs :func:`reconcile` off the event loop: serialized per QLoRAJob, coalesced, bounded."""
 
     def __init__(
-        self, api: k.Kube, settings: OperatorSettings, *, observe: Callable[[str, float, Outcome | None, BaseException | None], None] | None = None
+        self, api: k.Kube, settings: OperatorSettings, *,
+        observe: Callable[[Key, str, float, Outcome | None, BaseException | None], None] | None = None,
     ) -> None:
+        """``observe(key, trigger, seconds, outcome, error)`` is called after every reconcile."""
         self.api = api
         self.settings = settings
         self._observe = observe
@@ -357,7 +371,7 @@ class Reconciler:
                     outcome = Outcome(retry=f"{type(err).__name__}: {err}", delay=RETRY_DELAY * 3)
                 finally:
                     if self._observe is not None:
-                        self._observe(trigger, time.monotonic() - started, outcome, error)
+                        self._observe(key, trigger, time.monotonic() - started, outcome, error)
         if outcome.gone:
             self.forget(*key)
         else:

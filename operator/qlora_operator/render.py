@@ -39,14 +39,27 @@ stays ``qlora-train --config ...`` (the trainer starts ``torchrun`` itself).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qlora_operator.api import API_VERSION, GROUP, KIND, PLURAL, QLoRAJobSpec
+from qlora_operator.api import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    MSG_MOUNT_UNKNOWN_VOLUME,
+    MSG_SA_ANNOTATION_RESERVED,
+    OPERATOR_ANNOTATION_PREFIX,
+    PLURAL,
+    QLoRAJobSpec,
+)
 from qlora_operator.settings import OperatorSettings
+
+if TYPE_CHECKING:
+    from qlora_operator.api import PodSettings
 
 LABEL_JOB = "qlora.dev/job"
 LABEL_RUN = "qlora.dev/run"
@@ -55,6 +68,10 @@ ANN_SPEC = "qlora.dev/spec"
 ANN_SPEC_HASH = "qlora.dev/spec-hash"
 ANN_GENERATION = "qlora.dev/generation"
 ANN_USER_SUSPENDED = "qlora.dev/user-suspended"
+#: On the trainer ServiceAccount: JSON list of the annotation keys taken from
+#: ``spec.pod.serviceAccountAnnotations`` and the chart default, so a key dropped from
+#: them is removed again (and annotations others put there are left alone).
+ANN_MANAGED_ANNOTATIONS = "qlora.dev/managed-annotations"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 CONTAINER = "trainer"
@@ -63,7 +80,11 @@ CONFIG_FILE = "config.json"
 CACHE_DIR = "/cache"
 TMP_DIR = "/tmp"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+SHM_DIR = "/dev/shm"
 RUN_AS_USER = 1000
+#: Environment names under this prefix are the trainer contract's: ``spec.pod.env`` may
+#: not set any (nor the other names the operator sets: :func:`reserved_env_names`).
+RESERVED_ENV_PREFIX = "QLORA_"
 
 #: Exit codes of qlora-train that mean retrying cannot help (DESIGN.md section 4): 2 invalid
 #: config, 3 invalid data, 6 non-finite loss, 7 the model does not fit the GPUs. Exit 4
@@ -282,15 +303,55 @@ def render_config_map(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int = 1)
     }
 
 
-def render_service_account(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The trainer's ServiceAccount (its token is what may patch the job's status)."""
+def service_account_annotations(spec: QLoRAJobSpec | None, settings: OperatorSettings | None) -> dict[str, str]:
+    """User annotations of the trainer ServiceAccount: the chart default
+    (``settings.service_account_annotations``) under ``spec.pod.serviceAccountAnnotations``."""
+    out = dict(settings.service_account_annotations) if settings is not None else {}
+    if spec is not None:
+        out.update(spec.pod.service_account_annotations)
+    return {k: v for k, v in out.items() if not k.startswith(OPERATOR_ANNOTATION_PREFIX)}
+
+
+def render_service_account(
+    body: Mapping[str, Any], spec: QLoRAJobSpec | None = None, settings: OperatorSettings | None = None
+) -> dict[str, Any]:
+    """The trainer's ServiceAccount (its token is what may patch the job's status).
+
+    Carries :func:`service_account_annotations` (IRSA's ``eks.amazonaws.com/role-arn``,
+    GKE's ``iam.gke.io/gcp-service-account``, ...) and, when there are any,
+    :data:`ANN_MANAGED_ANNOTATIONS` listing their keys; the operator's own annotations win.
+    """
     name = trainer_name(body["metadata"]["name"])
+    meta = _metadata(body, name)
+    extra = service_account_annotations(spec, settings)
+    if extra:
+        meta["annotations"] = {**extra, **meta["annotations"], ANN_MANAGED_ANNOTATIONS: json.dumps(sorted(extra))}
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(body, name),
+        "metadata": meta,
         "automountServiceAccountToken": True,
     }
+
+
+def service_account_patch(have: Mapping[str, Any], want: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Merge patch that brings an existing trainer ServiceAccount's annotations to ``want``'s.
+
+    Sets every annotation of ``want`` that differs, removes the keys ``have`` lists in
+    :data:`ANN_MANAGED_ANNOTATIONS` that ``want`` no longer has, and leaves annotations
+    others wrote alone. None when nothing differs.
+    """
+    have_ann = (have.get("metadata") or {}).get("annotations") or {}
+    want_ann = (want.get("metadata") or {}).get("annotations") or {}
+    try:
+        managed = json.loads(have_ann.get(ANN_MANAGED_ANNOTATIONS) or "[]")
+    except ValueError:
+        managed = []
+    changes: dict[str, str | None] = {k: v for k, v in want_ann.items() if have_ann.get(k) != v}
+    for key in [*(managed if isinstance(managed, list) else []), ANN_MANAGED_ANNOTATIONS]:
+        if isinstance(key, str) and key in have_ann and key not in want_ann:
+            changes[key] = None
+    return {"metadata": {"annotations": changes}} if changes else None
 
 
 def role_rules(job: str) -> list[dict[str, Any]]:
@@ -378,18 +439,156 @@ def _env(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int, training_run: in
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *distributed_env(body["metadata"]["name"], spec, run),
     ]
+    return env + credentials_env(spec)
+
+
+def credentials_env(spec: QLoRAJobSpec) -> list[dict[str, Any]]:
+    """S3 credentials from ``storage.credentialsSecretRef`` (none without it: the pod's identity).
+
+    ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` must be in the Secret (the kubelet
+    keeps the pod waiting in ``CreateContainerConfigError`` otherwise: ``SecretNotFound``);
+    ``AWS_SESSION_TOKEN`` (temporary credentials, e.g. from STS) is ``optional``, so a
+    Secret without it still works.
+    """
     secret = spec.storage.credentials_secret_ref
-    if secret is not None:
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    if secret is None:
+        return []
+    env: list[dict[str, Any]] = [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    ]
+    token = {"name": secret.name, "key": "AWS_SESSION_TOKEN", "optional": True}
+    env.append({"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": token}})
     return env
+
+
+def operator_volumes(job: str, run: int = 1) -> list[dict[str, Any]]:
+    """The trainer pod's own volumes: the run's config, and emptyDirs for caches, /tmp and /dev/shm."""
+    return [
+        {"name": "config", "configMap": {"name": config_map_name(job, run), "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+
+
+def operator_mounts() -> list[dict[str, Any]]:
+    """Where the trainer container mounts :func:`operator_volumes`."""
+    return [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": TMP_DIR},
+        {"name": "dshm", "mountPath": SHM_DIR},
+    ]
+
+
+@functools.cache
+def reserved_env_names() -> tuple[str, ...]:
+    """Environment names the operator sets on a trainer (sorted), taken from what :func:`_env`
+    renders for a job that sets them all (several nodes and GPUs, a credentials Secret).
+
+    ``spec.pod.env`` may set none of them, nor any name under :data:`RESERVED_ENV_PREFIX`
+    (the CRD's CEL rule and :func:`pod_settings_problems` both use this list).
+    """
+    spec = QLoRAJobSpec.model_validate({
+        "model": {"uri": "s3://models/m/"}, "dataset": {"uri": "s3://data/d.jsonl"}, "output": {"uri": "s3://out/o/"},
+        "storage": {"credentialsSecretRef": {"name": "s"}}, "resources": {"nodes": 2, "gpus": 2},
+    })
+    body = {"metadata": {"name": "j", "namespace": "n", "uid": "u", "generation": 1}}
+    return tuple(sorted({e["name"] for e in _env(body, spec, 2, 1)}))
+
+
+def reserved_volume_names() -> tuple[str, ...]:
+    """Names of :func:`operator_volumes` (sorted): ``spec.pod.volumes`` may use none."""
+    return tuple(sorted(v["name"] for v in operator_volumes("j")))
+
+
+def reserved_mount_paths() -> tuple[str, ...]:
+    """Paths of :func:`operator_mounts` and the termination log (sorted): no ``spec.pod.volumeMounts``
+    path may be one, lie under one, or contain one."""
+    return tuple(sorted({m["mountPath"] for m in operator_mounts()} | {TERMINATION_MESSAGE_PATH}))
+
+
+def mount_path_collides(path: str, reserved: str) -> bool:
+    """True when a mount at ``path`` would be, lie under or hide the operator's ``reserved`` path
+    (the CRD's CEL rule tests the same: see ``qlora_operator.crd``)."""
+    own = path if path.endswith("/") else path + "/"
+    return own.startswith(reserved + "/") or (reserved + "/").startswith(own)
+
+
+def env_name_reserved(name: str) -> bool:
+    """True when ``spec.pod.env`` may not set ``name`` (the operator sets it, or it is under ``QLORA_``)."""
+    return name.startswith(RESERVED_ENV_PREFIX) or name in reserved_env_names()
+
+
+def pod_settings_problems(pod: PodSettings) -> list[str]:
+    """What is wrong with ``spec.pod`` (empty: nothing), one message per problem naming the field.
+
+    The same rules as the CRD's CEL (``qlora_operator.crd``): no reserved env, volume names
+    or mount paths, no duplicate names or paths, every mount names one of ``pod.volumes``,
+    no ServiceAccount annotation key under ``qlora.dev/``.
+    """
+    problems = []
+    for key in pod.service_account_annotations:
+        if key.startswith(OPERATOR_ANNOTATION_PREFIX):
+            problems.append(f"pod.serviceAccountAnnotations.{key}: {MSG_SA_ANNOTATION_RESERVED}")
+    for i, var in enumerate(pod.env):
+        if env_name_reserved(var.name):
+            problems.append(f"pod.env[{i}].name: {var.name!r}: {msg_env_reserved()}")
+    volume_names = [v.name for v in pod.volumes]
+    for i, name in enumerate(volume_names):
+        if name in reserved_volume_names():
+            problems.append(f"pod.volumes[{i}].name: {name!r}: {msg_volume_reserved()}")
+    for what, values in (("env", [v.name for v in pod.env]), ("volumes", volume_names),
+                         ("volumeMounts", [m.mount_path for m in pod.volume_mounts])):
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        if dupes:
+            key = "mountPath" if what == "volumeMounts" else "name"
+            problems.append(f"pod.{what}: duplicate {key} {', '.join(dupes)}: each must be unique")
+    for i, mount in enumerate(pod.volume_mounts):
+        if any(mount_path_collides(mount.mount_path, p) for p in reserved_mount_paths()):
+            problems.append(f"pod.volumeMounts[{i}].mountPath: {mount.mount_path!r}: {msg_mount_reserved()}")
+        if mount.name not in volume_names:
+            problems.append(f"pod.volumeMounts[{i}].name: {mount.name!r}: {MSG_MOUNT_UNKNOWN_VOLUME}")
+    return problems
+
+
+def msg_env_reserved() -> str:
+    """The refusal of an operator-owned env name (pydantic and CEL say the same)."""
+    names = [n for n in reserved_env_names() if not n.startswith(RESERVED_ENV_PREFIX)]
+    return (
+        f"pod.env: the operator sets {RESERVED_ENV_PREFIX}* and {', '.join(names)}: use another name "
+        "(S3 credentials come from storage.credentialsSecretRef or the pod's identity)"
+    )
+
+
+def msg_volume_reserved() -> str:
+    """The refusal of an operator-owned volume name."""
+    return f"pod.volumes: the names {', '.join(reserved_volume_names())} are the operator's own volumes: use another name"
+
+
+def msg_mount_reserved() -> str:
+    """The refusal of a mount path at, under or above the operator's mounts."""
+    return (
+        f"pod.volumeMounts: mountPath may not be, lie under or contain the operator's mounts "
+        f"{', '.join(reserved_mount_paths())}: mount elsewhere, e.g. /data or /models"
+    )
 
 
 def render_pod_spec(
     body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int = 1, training_run: int | None = None
 ) -> dict[str, Any]:
-    """The trainer pod spec; passes the ``restricted`` Pod Security level."""
+    """The trainer pod spec; passes the ``restricted`` Pod Security level.
+
+    ``spec.pod`` adds to it: extra env after the operator's (so ``$(QLORA_JOB_NAME)``
+    expands), extra volumes and mounts after the operator's, the chart's then the job's
+    ``imagePullSecrets`` (duplicates dropped), ``runtimeClassName``; ``spec.scheduling``
+    gives ``nodeSelector``, ``tolerations``, ``affinity`` and ``priorityClassName``. The
+    pass-through parts (volume sources, affinity) are checked by the API server when the
+    Job is created. Extra volumes are subject to the namespace's Pod Security level.
+    """
     job = body["metadata"]["name"]
+    extra = spec.pod
     gpu = gpu_resource(spec, settings)
     quantities = {"cpu": spec.resources.cpu, "memory": spec.resources.memory, gpu: str(spec.resources.gpus)}
     container = {
@@ -397,14 +596,9 @@ def render_pod_spec(
         "image": trainer_image(spec, settings),
         "imagePullPolicy": settings.image_pull_policy,
         "command": list(settings.trainer_command),
-        "env": _env(body, spec, run, training_run),
+        "env": [*_env(body, spec, run, training_run), *(e.model_dump(by_alias=True, exclude_none=True) for e in extra.env)],
         "resources": {"requests": dict(quantities), "limits": dict(quantities)},
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "cache", "mountPath": CACHE_DIR},
-            {"name": "tmp", "mountPath": TMP_DIR},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
+        "volumeMounts": [*operator_mounts(), *(m.model_dump(by_alias=True, exclude_none=True) for m in extra.volume_mounts)],
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -431,18 +625,22 @@ def render_pod_spec(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name(job, run), "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        ],
+        "volumes": [*operator_volumes(job, run), *(v.model_dump(by_alias=True, exclude_none=True) for v in extra.volumes)],
     }
+    pull_secrets = list(dict.fromkeys([*settings.image_pull_secrets, *extra.image_pull_secrets]))
+    if pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in pull_secrets]
+    if extra.runtime_class_name:
+        pod["runtimeClassName"] = extra.runtime_class_name
     sched = spec.scheduling
     if sched.node_selector:
         pod["nodeSelector"] = dict(sched.node_selector)
     if sched.tolerations:
         pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
+    if sched.affinity is not None:
+        affinity = sched.affinity.model_dump(by_alias=True, exclude_none=True)
+        if affinity:
+            pod["affinity"] = affinity
     if sched.priority_class_name:
         pod["priorityClassName"] = sched.priority_class_name
     if spec.resources.nodes > 1:
@@ -558,7 +756,7 @@ def render_children(
     """Every child of run ``run`` in creation order (the Service before the Job, the Job last)."""
     children = [
         render_config_map(body, spec, run),
-        render_service_account(body),
+        render_service_account(body, spec, settings),
         render_role(body),
         render_role_binding(body),
     ]

@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "QLORA_OPERATOR_"
 
@@ -35,6 +35,20 @@ class OperatorSettings(BaseModel):
     )
     image_pull_policy: Annotated[str, Field(pattern=r"^(Always|IfNotPresent|Never)$")] = Field(
         default="IfNotPresent", description="imagePullPolicy of trainer containers."
+    )
+    image_pull_secrets: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "imagePullSecrets of every trainer pod (Secret names in the job's namespace), before a job's "
+            "spec.pod.imagePullSecrets. Env: comma-separated or a JSON list."
+        ),
+    )
+    service_account_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Annotations of every trainer ServiceAccount (e.g. IRSA's eks.amazonaws.com/role-arn); a job's "
+            "spec.pod.serviceAccountAnnotations win key by key. Env: a JSON object."
+        ),
     )
     trainer_command: tuple[str, ...] = Field(
         default=DEFAULT_TRAINER_COMMAND,
@@ -74,6 +88,13 @@ class OperatorSettings(BaseModel):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=8080, description="Port of the Prometheus /metrics endpoint; 0 disables it."
     )
+    metrics_finished_ttl_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=600.0,
+        description=(
+            "Seconds a finished QLoRAJob's training metrics (qlora_job_*) stay exported after its "
+            "status.completionTime; deleting the QLoRAJob drops them at once."
+        ),
+    )
     resync_seconds: Annotated[float, Field(gt=0)] = Field(
         default=15.0, description="How often unfinished jobs are re-checked (timeouts, quota events)."
     )
@@ -81,6 +102,28 @@ class OperatorSettings(BaseModel):
         default=4, description="Reconciles running at the same time (each is a handful of API calls)."
     )
     log_format: Annotated[str, Field(pattern=r"^(json|text)$")] = Field(default="json", description="Log format.")
+    leader_election: bool = Field(
+        default=False,
+        description=(
+            "Run as one of several replicas: only the holder of the Lease leader_election_namespace/"
+            "leader_election_name reconciles (qlora_operator.leader); the chart turns it on."
+        ),
+    )
+    leader_election_name: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="qlora-operator", description="Name of the leader Lease."
+    )
+    leader_election_namespace: str = Field(
+        default="", description="Namespace of the leader Lease; empty: POD_NAMESPACE (the chart sets it from the pod)."
+    )
+    leader_election_lease_seconds: Annotated[int, Field(ge=2, le=3600)] = Field(
+        default=15, description="Lease duration: a standby takes over a crashed leader after this many seconds."
+    )
+    leader_election_renew_deadline_seconds: Annotated[int, Field(ge=2, le=3600)] = Field(
+        default=10, description="A leader that could not renew for this long exits (must be < the lease duration)."
+    )
+    leader_election_retry_seconds: Annotated[int, Field(ge=1, le=600)] = Field(
+        default=2, description="Seconds between tries to take or renew the Lease (renew deadline > 1.2 x this)."
+    )
 
     @field_validator("trainer_command", mode="before")
     @classmethod
@@ -95,12 +138,40 @@ class OperatorSettings(BaseModel):
             raise ValueError("trainer_command must not be empty")
         return tuple(value)
 
-    @field_validator("namespaces", mode="before")
+    @field_validator("service_account_annotations", mode="before")
     @classmethod
-    def _namespaces(cls, value: Any) -> Any:
+    def _annotations(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+            value = json.loads(value) if value.strip() else {}
+            if not isinstance(value, dict):
+                raise ValueError("service_account_annotations must be a JSON object of strings")
+        if isinstance(value, Mapping):
+            own = sorted(k for k in value if isinstance(k, str) and k.startswith("qlora.dev/"))
+            if own:
+                raise ValueError(f"keys under qlora.dev/ are the operator's own: {', '.join(own)}")
+        return value
+
+    @field_validator("namespaces", "image_pull_secrets", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = json.loads(text)
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
         return tuple(value)
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> OperatorSettings:
+        lease, renew, retry = (self.leader_election_lease_seconds, self.leader_election_renew_deadline_seconds,
+                               self.leader_election_retry_seconds)
+        if not lease > renew > 1.2 * retry:
+            raise ValueError(
+                "leader_election_lease_seconds > leader_election_renew_deadline_seconds > 1.2 x "
+                f"leader_election_retry_seconds must hold (got {lease}, {renew}, {retry})"
+            )
+        return self
 
     @property
     def clusterwide(self) -> bool:

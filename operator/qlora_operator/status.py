@@ -20,7 +20,7 @@ Complete   True once the Job succeeded; artifacts come from the trainer's
            termination message.
 Failed     True with the cause: InvalidSpec, Unschedulable, QuotaExceeded,
            ImagePullFailed, SecretNotFound, the trainer's exit reason (OOMKilled,
-           CudaOutOfMemory, InvalidData, InvalidConfig, NonFiniteLoss,
+           Killed, CudaOutOfMemory, InvalidData, InvalidConfig, NonFiniteLoss,
            StorageError), DeadlineExceeded, BackoffLimitExceeded (the message
            carries the last attempt's reason).
 Suspended  True while the Job is suspended (runPolicy.suspend, or a Kueue queue).
@@ -75,6 +75,14 @@ IMAGE_PULL_FAILED = "ImagePullFailed"
 SECRET_NOT_FOUND = "SecretNotFound"
 CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
 OOM_KILLED = "OOMKilled"
+#: Exit 137 (SIGKILL) without the container runtime's ``OOMKilled``: killed after the
+#: termination grace period, by a user (``kill -9``, a forced delete) or another process.
+KILLED = "Killed"
+MSG_KILLED = (
+    "exit 137: the container got SIGKILL, and the container runtime reported no OOM kill (reason "
+    "{reason}): killed after terminationGracePeriodSeconds because it did not stop on SIGTERM, by a "
+    "forced delete or kill -9, or by another process; not a memory limit"
+)
 CUDA_OOM = "CudaOutOfMemory"
 INVALID_DATA = "InvalidData"
 INVALID_CONFIG = "InvalidConfig"
@@ -112,7 +120,6 @@ EXIT_REASONS = {
     5: CUDA_OOM,
     6: NON_FINITE_LOSS,
     7: INSUFFICIENT_GPU_MEMORY,
-    137: OOM_KILLED,
 }
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 #: Running reasons that are worth a Warning event (the run cannot make progress).
@@ -329,9 +336,17 @@ def parse_termination_message(text: Any) -> dict[str, Any] | None:
 
 
 def classify_exit(exit_code: int | None, container_reason: str | None, message: Mapping[str, Any] | None) -> str:
-    """Attempt reason from the exit code (DESIGN.md section 4), the kubelet's reason, the trainer's."""
-    if container_reason == OOM_KILLED or exit_code in (137, -9):
+    """Attempt reason from the exit code (DESIGN.md section 4), the kubelet's reason, the trainer's.
+
+    Only the container runtime knows whether the kernel's OOM killer struck, and says so
+    with the reason ``OOMKilled`` (whatever the exit code). Exit 137 (SIGKILL, ``-9`` as a
+    signal) without it is :data:`KILLED`: a SIGKILL after the termination grace period, a
+    forced delete, a ``kill -9``.
+    """
+    if container_reason == OOM_KILLED:
         return OOM_KILLED
+    if exit_code in (137, -9):
+        return KILLED
     if exit_code in EXIT_REASONS:
         return EXIT_REASONS[exit_code]
     if exit_code in (143, -15):  # SIGTERM: the pod was deleted (suspension, eviction, namespace deletion)
@@ -377,6 +392,11 @@ def attempt_from_pod(pod: Mapping[str, Any], index: int, *, group: bool = False)
             if attempt["reason"] == TRAINER_ERROR:
                 text = [line for line in text.splitlines() if line.strip()][-1].strip()
             attempt["message"] = text[-MAX_MESSAGE:]
+        if attempt["reason"] == KILLED:
+            # Say what the exit code means first; what the trainer or its log said follows.
+            head = MSG_KILLED.format(reason=term.get("reason") or "none")
+            said = attempt.get("message")
+            attempt["message"] = head + (f"; {said[-(MAX_MESSAGE - len(head) - 2):]}" if said else "")
     elif pstatus.get("phase") == "Failed":
         attempt["startTime"] = start
         attempt["finishTime"] = None

@@ -115,6 +115,37 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("big-model-uri-64k",      s("model.uri", "s3://models/" + BIG),               "spec.model.uri", "Too long"),
     ("big-image-64k",          s("image", BIG),                                    "spec.image", "Too long"),
     ("big-text-field-64k",     s("dataset.textField", BIG),                        "spec.dataset.textField", "Too long"),
+    ("cel-pod-env-reserved",   s("pod.env", [{"name": "QLORA_RUN", "value": "9"}]), "spec.pod.env", "the operator sets QLORA_*"),
+    ("cel-pod-env-credentials", s("pod.env", [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]), "spec.pod.env", "AWS_SECRET_ACCESS_KEY"),
+    ("cel-pod-env-two-values", s("pod.env", [{"name": "X", "value": "a", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]),
+     "spec.pod.env[0]", "set value or valueFrom, not both"),
+    ("cel-pod-env-two-sources", s("pod.env", [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"},
+                                                                          "configMapKeyRef": {"name": "c", "key": "k"}}}]),
+     "spec.pod.env[0].valueFrom", "set exactly one of"),
+    ("cel-pod-volume-reserved", s("pod.volumes", [{"name": "config", "emptyDir": {}}]), "spec.pod.volumes", "operator's own volumes"),
+    ("cel-pod-mount-under",    spec_with(("pod.volumes", [{"name": "d", "emptyDir": {}}]),
+                                         ("pod.volumeMounts", [{"name": "d", "mountPath": "/etc/qlora/more"}])),
+     "spec.pod.volumeMounts", "may not be, lie under or contain the operator's mounts"),
+    ("cel-pod-mount-above",    spec_with(("pod.volumes", [{"name": "d", "emptyDir": {}}]),
+                                         ("pod.volumeMounts", [{"name": "d", "mountPath": "/dev/"}])),
+     "spec.pod.volumeMounts", "may not be, lie under or contain the operator's mounts"),
+    ("cel-pod-mount-unknown",  s("pod.volumeMounts", [{"name": "nope", "mountPath": "/data"}]),
+     "spec.pod.volumeMounts", "must name a volume of pod.volumes"),
+    ("cel-pod-sa-annotation",  s("pod.serviceAccountAnnotations", {"qlora.dev/job": "other"}),
+     "spec.pod.serviceAccountAnnotations", "the operator's own"),
+    ("cel-pod-sa-annotation-key", s("pod.serviceAccountAnnotations", {"bad key!": "x"}),
+     "spec.pod.serviceAccountAnnotations", "keys must be an annotation key"),
+    ("pattern-pod-env-name",   s("pod.env", [{"name": "1X", "value": "x"}]), "spec.pod.env[0].name", "should match"),
+    ("pattern-pod-mount-path", spec_with(("pod.volumes", [{"name": "d", "emptyDir": {}}]),
+                                         ("pod.volumeMounts", [{"name": "d", "mountPath": "data"}])),
+     "spec.pod.volumeMounts[0].mountPath", "should match"),
+    ("pattern-pod-pull-secret", s("pod.imagePullSecrets", ["Reg_Cred"]), "spec.pod.imagePullSecrets[0]", "should match"),
+    ("pattern-pod-runtime-class", s("pod.runtimeClassName", "NVIDIA"), "spec.pod.runtimeClassName", "should match"),
+    ("map-pod-env-duplicate",  s("pod.env", [{"name": "X", "value": "1"}, {"name": "X", "value": "2"}]),
+     "spec.pod.env[1]", "Duplicate value"),
+    ("map-pod-mount-duplicate", spec_with(("pod.volumes", [{"name": "d", "emptyDir": {}}]),
+                                          ("pod.volumeMounts", [{"name": "d", "mountPath": "/a"}, {"name": "d", "mountPath": "/a"}])),
+     "spec.pod.volumeMounts[1]", "Duplicate value"),
     ("name-too-long",          {**job("n" * (MAX_NAME_LENGTH + 1))},               "metadata.name", f"at most {MAX_NAME_LENGTH} characters"),
 ]
 #: cases only the API server can judge (the object around the spec)
@@ -166,7 +197,8 @@ def test_api_server_defaults_match_the_models(installed, namespace):
 
     def prune(value: Any) -> Any:  # empty maps and lists are left out of the CRD's defaults
         if isinstance(value, dict):
-            return {k: prune(v) for k, v in value.items() if v not in ({}, [])}
+            pruned = {k: prune(v) for k, v in value.items()}
+            return {k: v for k, v in pruned.items() if v not in ({}, [])}
         return value
 
     assert prune(stored) == prune(expected)
@@ -264,7 +296,7 @@ def test_status_accepts_every_field(installed, namespace):
         "conditions": [{"type": "Complete", "status": "True", "reason": "Succeeded", "message": "ok",
                         "lastTransitionTime": "2025-01-01T01:00:00Z", "observedGeneration": 1}],
         "progress": {"step": 60, "totalSteps": 60, "epoch": 1.5, "loss": 0.9, "evalLoss": 1.1,
-                     "learningRate": 0.0001, "tokensPerSecond": 1234.5, "etaSeconds": 0, "progress": "60/60",
+                     "learningRate": 0.0001, "tokensPerSecond": 1234.5, "gpuMemoryGiB": 6.9, "etaSeconds": 0, "progress": "60/60",
                      "stage": "Done", "updatedAt": "2025-01-01T01:00:00Z"},
         "attempts": [{"index": 0, "podName": "job-train-abcde", "startTime": "2025-01-01T00:00:00Z",
                       "finishTime": "2025-01-01T01:00:00Z", "exitCode": 0, "reason": "Completed",

@@ -45,6 +45,9 @@ from helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "qlora-operator"
+#: The operator pod (a host process of the node agent) runs this checkout's code, not whatever
+#: copy the environment has installed (a shared virtualenv may point at another checkout).
+SOURCE_ENV = [{"name": "PYTHONPATH", "value": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")])}]
 RELEASE = "qlora-operator"  # contains the chart name: the full name is the release name
 SA = RELEASE
 GROUP_PATH = "/apis/qlora.dev/v1alpha1"
@@ -262,11 +265,12 @@ def test_template_validates_server_side(cluster, helm, make_namespace, mode):
     kinds = sorted(d["kind"] for d in docs)
     if mode == "cluster-wide":
         assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
-                         "Service", "ServiceAccount"], kinds
+                         "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount"], kinds
     else:
-        assert kinds == ["CustomResourceDefinition", "Deployment", "Role", "Role", "RoleBinding", "RoleBinding",
-                         "Service", "ServiceAccount"], kinds
-        assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "Role") == sorted(watched)
+        assert kinds == ["CustomResourceDefinition", "Deployment", "PodDisruptionBudget", "Role", "Role", "Role",
+                         "RoleBinding", "RoleBinding", "RoleBinding", "Service", "ServiceAccount"], kinds
+        assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"
+                      and not d["metadata"]["name"].endswith("-leader-election")) == sorted(watched)
         args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
         assert [a for a in args if a.startswith("--namespace")] == [f"--namespace={ns}" for ns in watched], args
     for rule in rules_of(docs):
@@ -284,6 +288,38 @@ def test_template_validates_server_side(cluster, helm, make_namespace, mode):
            "spec": spec}
     proc = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod))
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_replicas_leader_election_and_rolling_update(cluster, helm):
+    """Default: 2 replicas with leader election (a Lease Role in the release namespace only),
+    a rolling update that never drops below the replicas, a PodDisruptionBudget; several
+    replicas without leader election are refused."""
+    docs = render_chart(helm, cluster, "qlora-system")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["QLORA_OPERATOR_LEADER_ELECTION"]["value"] == "true"
+    assert env["QLORA_OPERATOR_LEADER_ELECTION_NAME"]["value"] == RELEASE
+    assert env["QLORA_OPERATOR_LEADER_ELECTION_LEASE_SECONDS"]["value"] == "15"
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    lease_role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader-election"))
+    assert lease_role["metadata"]["namespace"] == "qlora-system"
+    assert lease_role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [RELEASE], "verbs": ["get", "update"]},
+    ]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"].endswith("-leader-election"))
+    assert binding["roleRef"]["name"] == lease_role["metadata"]["name"] and binding["subjects"][0]["name"] == SA
+    pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+
+    single = render_chart(helm, cluster, "qlora-system", "--set", "replicas=1", "--set", "leaderElection.enabled=false")
+    assert not [d for d in single if d["kind"] in ("PodDisruptionBudget", "Role")]
+    assert "QLORA_OPERATOR_LEADER_ELECTION" not in json.dumps(single)
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", cluster.kubernetes_version,
+                "--set", "leaderElection.enabled=false", check=False)
+    assert proc.returncode != 0 and "replicas > 1 needs leaderElection.enabled" in proc.stderr, proc.stderr
 
 
 # ----------------------------------------------------------------------------- the release lifecycle
@@ -311,6 +347,8 @@ def test_install_run_upgrade_uninstall(cluster, helm, make_namespace, tmp_path):
         "logFormat": "text",
         "metrics": {"port": metrics_port},
         "health": {"port": health_port},
+        "extraEnv": SOURCE_ENV,
+        "replicas": 1,  # the node agent's pods share one loopback: a second replica's ports would collide
     }))
 
     installed = True
@@ -465,7 +503,8 @@ def test_real_trainer_under_the_chart(cluster, helm, make_namespace, tmp_path):
         "watchNamespaces": [jobs_ns],
         "trainer": {"command": ["qlora-train", "--config", "/etc/qlora/config.json"]},
         "resyncSeconds": 2, "logFormat": "text", "timeouts": {"stalledSeconds": 600},
-        "metrics": {"port": free_port()}, "health": {"port": free_port()},
+        "metrics": {"port": free_port()}, "health": {"port": free_port()}, "extraEnv": SOURCE_ENV,
+        "replicas": 1,
     }))
     helm("install", RELEASE, str(CHART), "--namespace", release_ns, "-f", str(values), "--wait", "--timeout", "120s")
     try:

@@ -95,6 +95,12 @@ if behaviour == "storage-once":
         s3.put_object(Bucket=bucket, Key=key, Body=b"1")
         finish(4, "StorageError", "S3 PUT %s/%s failed: simulated outage" % (bucket, prefix))
     finish(0, "Succeeded", "retried", done, resumed=10)
+if behaviour == "pod-extras":  # spec.pod.env and a spec.pod.volumes mount reached the process
+    want = "hello-" + os.environ["QLORA_JOB_NAME"]
+    if os.environ.get("EXTRA_GREETING") != want:
+        finish(3, "InvalidData", "EXTRA_GREETING is %r, not %r" % (os.environ.get("EXTRA_GREETING"), want))
+    with open(os.environ["EXTRA_DATA_FILE"]) as f:
+        finish(0, "Succeeded", "extras: " + f.read().strip(), done)
 finish(0, "Succeeded", "done", done)
 '''
 FAKE_COMMAND = json.dumps(["python", "-c", FAKE_TRAINER, "/etc/qlora/config.json"])
@@ -113,7 +119,7 @@ class Operator:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self) -> Operator:
+    def start(self, ready_text: str = "qlora-operator started") -> Operator:
         env = dict(os.environ)
         env["KUBECONFIG"] = str(self.cluster.kubeconfig)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), env.get("PYTHONPATH", "")])
@@ -134,8 +140,8 @@ class Operator:
         )
         log.close()
         marker = f"--- start {self.starts}"
-        wait_for(lambda: self.log().split(marker)[-1].count("qlora-operator started") or self._dead(), 60,
-                 "the operator to start")
+        wait_for(lambda: self.log().split(marker)[-1].count(ready_text) or self._dead(), 60,
+                 f"the operator to log {ready_text!r}")
         assert self.proc.poll() is None, f"operator exited: {self.log()[-3000:]}"
         return self
 
@@ -206,10 +212,11 @@ def start_operator(cluster, crd, namespace, tmp_path):
     """start_operator(**settings) -> a running :class:`Operator` for the test namespace (stopped afterwards)."""
     started: list[Operator] = []
 
-    def start(ns: str | None = None, env: dict | None = None, **settings) -> Operator:
+    def start(ns: str | None = None, env: dict | None = None, ready_text: str = "qlora-operator started",
+              **settings) -> Operator:
         op = Operator(cluster, ns or namespace, tmp_path / f"operator-{len(started)}.log", env=env, **settings)
         started.append(op)
-        return op.start()
+        return op.start(ready_text)
 
     yield start
     for op in started:
@@ -549,6 +556,66 @@ def test_fifty_jobs_at_once(cluster, namespace, buckets, s3_secret, start_operat
     sys.stderr.write(f"\n50 jobs finished in {elapsed:.0f}s\n")
 
 
+def test_two_replicas_one_leader_and_takeover(cluster, namespace, buckets, s3_secret, start_operator):
+    """Two operator processes with leader election (Lease in the test namespace, 6 s lease):
+    only the leader reconciles; SIGKILL of the leader during 50 creates lets the standby take
+    over within the lease duration (+ one retry); 50 Jobs, one per QLoRAJob, all Succeeded;
+    a SIGTERM'd leader releases the Lease and the next takes over at its next retry."""
+    api = cluster.api()
+    lease = {"leader_election": "true", "leader_election_namespace": namespace,
+             "leader_election_lease_seconds": 6, "leader_election_renew_deadline_seconds": 4,
+             "leader_election_retry_seconds": 1}
+    leader = start_operator(ready_text="qlora-operator started", **lease)
+    standby = start_operator(ready_text="waiting for leader lease", **lease)
+    holder = api.get(f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/qlora-operator")["spec"]["holderIdentity"]
+    assert holder in leader.log() and holder not in standby.log()
+
+    names = [f"ha-{i:02d}" for i in range(50)]
+    apply(cluster, *[manifest(cluster, namespace, n) for n in names[:25]])
+    wait_for(lambda: len(jobs(api, namespace)) >= 5 or None, 60, "the leader to create some Jobs", interval=0.2)
+    assert "created Job" not in standby.log() and "qlora-operator started" not in standby.log()
+    leader.kill()  # SIGKILL: no release, the standby must wait for the lease to expire
+    killed = time.monotonic()
+    apply(cluster, *[manifest(cluster, namespace, n) for n in names[25:]])
+    wait_for(lambda: "acquired leader lease" in standby.log() or standby._dead(), 30, "the standby to take over",
+             interval=0.1)
+    takeover = time.monotonic() - killed
+    wait_for(lambda: "qlora-operator started" in standby.log() or standby._dead(), 30, "the new leader's kopf")
+    started = time.monotonic() - killed
+
+    def all_done():
+        items = api.get(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs")["items"]
+        done = [b for b in items if is_true(b, "Complete") or is_true(b, "Failed")]
+        return items if len(done) == 50 else None
+
+    items = wait_for(all_done, 600, "50 jobs to finish", interval=1)
+    all_finished = time.monotonic() - killed
+    created = jobs(api, namespace)
+    assert sorted(j["metadata"]["name"] for j in created) == sorted(f"{n}-train" for n in names)  # one Job each
+    assert all(b["status"]["phase"] == "Succeeded" for b in items), [
+        (b["metadata"]["name"], b["status"].get("phase")) for b in items if b["status"].get("phase") != "Succeeded"]
+    assert all(len(b["status"]["attempts"]) == 1 for b in items)  # no status update lost or doubled
+    assert takeover <= 6 + 2 + 1, f"takeover took {takeover:.1f}s"
+
+    # the Job name is deterministic per run: a second create of the same run's Job is refused (409)
+    dup = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": created[0]["metadata"]["name"]},
+           "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}}}}
+    with pytest.raises(ApiException) as conflict:
+        api.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", dup)
+    assert conflict.value.status == 409
+
+    # a clean stop (SIGTERM) releases the Lease: a fresh standby takes over at its next retry
+    standby2 = start_operator(ready_text="waiting for leader lease", **lease)
+    stopped = time.monotonic()
+    standby.stop()
+    wait_for(lambda: "acquired leader lease" in standby2.log() or standby2._dead(), 30, "the second standby")
+    handover = time.monotonic() - stopped
+    assert "released leader lease" in standby.log()
+    assert handover < 6, f"handover after a clean stop took {handover:.1f}s"
+    sys.stderr.write(f"\nleader SIGKILL -> standby holds the lease {takeover:.1f}s, kopf started {started:.1f}s, "
+                     f"50 jobs done {all_finished:.0f}s; SIGTERM handover {handover:.1f}s\n")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -576,6 +643,57 @@ def test_spec_change_on_a_finished_job_starts_one_new_run(cluster, namespace, bu
     assert names == ["gitops-train", "gitops-train-r2"]
     config = api.get(f"/api/v1/namespaces/{namespace}/configmaps/gitops-config-r2")
     assert "ok-v2.jsonl" in config["data"]["config.json"]
+
+
+def test_pod_extras_reach_the_trainer_and_start_no_run(cluster, namespace, buckets, s3_secret, start_operator):
+    """spec.pod: extra env (expanding the operator's variables) and a configMap volume mounted at
+    /data reach the trainer process; the Job's pod carries them, the pull Secrets and the
+    RuntimeClass, and the trainer ServiceAccount the identity annotations. Changing spec.pod on
+    the finished job starts no run."""
+    api = cluster.api()
+    runtime_class = f"rc-{namespace}"
+    api.create("/apis/node.k8s.io/v1/runtimeclasses",
+             {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": runtime_class}, "handler": "runc"})
+    try:
+        cluster.kubectl("-n", namespace, "create", "configmap", "extra-data", "--from-literal=train.jsonl=planted-by-test")
+        start_operator(service_account_annotations=json.dumps({"iam.gke.io/gcp-service-account": "t@p.iam.gserviceaccount.com"}))
+        pod_extras = {
+            "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/qlora"},
+            "imagePullSecrets": ["registry-creds"],
+            "runtimeClassName": runtime_class,
+            "env": [{"name": "EXTRA_GREETING", "value": "hello-$(QLORA_JOB_NAME)"},
+                    {"name": "EXTRA_DATA_FILE", "value": "/data/train.jsonl"}],
+            "volumes": [{"name": "data", "configMap": {"name": "extra-data"}}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+        }
+        apply(cluster, manifest(cluster, namespace, "extras", "pod-extras", pod=pod_extras))
+        body = wait_terminal(api, namespace, "extras", 60)
+        assert is_true(body, "Complete"), body["status"]
+        assert body["status"]["attempts"][-1]["message"].endswith("extras: planted-by-test"), body["status"]["attempts"]
+
+        (job,) = jobs(api, namespace, "extras")
+        pod_spec = job["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod_spec["containers"][0]["env"]}
+        assert env["EXTRA_GREETING"] == "hello-$(QLORA_JOB_NAME)" and env["QLORA_JOB_NAME"] == "extras"
+        assert {"name": "data", "mountPath": "/data", "readOnly": True} in pod_spec["containers"][0]["volumeMounts"]
+        assert {"name": "data", "configMap": {"name": "extra-data", "defaultMode": 420}} in pod_spec["volumes"]
+        assert pod_spec["imagePullSecrets"] == [{"name": "registry-creds"}]
+        assert pod_spec["runtimeClassName"] == runtime_class
+        (pod,) = pods(api, namespace, "extras")
+        assert pod["spec"]["runtimeClassName"] == runtime_class and pod["spec"]["serviceAccountName"] == "extras-trainer"
+        sa = api.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/extras-trainer")
+        annotations = sa["metadata"]["annotations"]
+        assert annotations["eks.amazonaws.com/role-arn"] == "arn:aws:iam::111122223333:role/qlora"
+        assert annotations["iam.gke.io/gcp-service-account"] == "t@p.iam.gserviceaccount.com"  # the chart default
+
+        api.patch(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs/extras",
+                  {"spec": {"pod": {"env": [{"name": "EXTRA_GREETING", "value": "changed"}]}}})
+        body = wait_for(lambda: (lambda b: b if b["status"].get("observedGeneration") == 2 else None)(
+            get_qj(api, namespace, "extras")), 30, "generation 2 to be observed", interval=0.5)
+        assert body["status"]["run"] == 1 and is_true(body, "Complete")
+        assert [j["metadata"]["name"] for j in jobs(api, namespace, "extras")] == ["extras-train"]
+    finally:
+        api.delete(f"/apis/node.k8s.io/v1/runtimeclasses/{runtime_class}")
 
 
 def test_training_fields_locked_while_running_and_suspend_resume(cluster, namespace, buckets, s3_secret, start_operator):

@@ -179,6 +179,31 @@ INVALID = [
     ("model-not-object", with_("model", "s3://models/m/"), "spec.model", "Input should be an object"),
     ("packing-not-bool", with_("training.packing", "yes"), "spec.training.packing", "valid boolean"),
     ("gpus-string", with_("resources.gpus", "2"), "spec.resources.gpus", "valid integer"),
+    ("pod-env-reserved", with_("pod.env", [{"name": "QLORA_RUN", "value": "9"}]), "spec.pod", "pod.env[0].name"),
+    ("pod-env-credentials", with_("pod.env", [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]), "spec.pod",
+     "the operator sets QLORA_*"),
+    ("pod-env-bad-name", with_("pod.env", [{"name": "1X", "value": "x"}]), "spec.pod.env[0].name",
+     "environment variable name"),
+    ("pod-env-two-values", with_("pod.env", [{"name": "X", "value": "a", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]),
+     "spec.pod.env[0]", "set value or valueFrom, not both"),
+    ("pod-env-no-source", with_("pod.env", [{"name": "X", "valueFrom": {}}]), "spec.pod.env[0].valueFrom",
+     "exactly one of"),
+    ("pod-volume-reserved", with_("pod.volumes", [{"name": "cache", "emptyDir": {}}]), "spec.pod",
+     "operator's own volumes"),
+    ("pod-mount-reserved", merged(("pod.volumes", [{"name": "data", "emptyDir": {}}]),
+                                  ("pod.volumeMounts", [{"name": "data", "mountPath": "/cache/hf"}])),
+     "spec.pod", "pod.volumeMounts[0].mountPath"),
+    ("pod-mount-above", merged(("pod.volumes", [{"name": "data", "emptyDir": {}}]),
+                               ("pod.volumeMounts", [{"name": "data", "mountPath": "/dev"}])),
+     "spec.pod", "may not be, lie under or contain"),
+    ("pod-mount-unknown", with_("pod.volumeMounts", [{"name": "data", "mountPath": "/data"}]), "spec.pod",
+     "must name a volume of pod.volumes"),
+    ("pod-mount-relative", with_("pod.volumeMounts", [{"name": "data", "mountPath": "data"}]),
+     "spec.pod.volumeMounts[0].mountPath", "absolute path"),
+    ("pod-sa-annotation-own", with_("pod.serviceAccountAnnotations", {"qlora.dev/job": "x"}), "spec.pod",
+     "the operator's own"),
+    ("pod-pull-secret-name", with_("pod.imagePullSecrets", ["Reg_Cred"]), "spec.pod.imagePullSecrets[0]",
+     "RFC 1123 subdomain"),
 ]
 
 
@@ -304,6 +329,7 @@ def test_uris_overlap(a: str, b: str, overlap: bool):
         ({"runPolicy": {"backoffLimit": 5}}, ["spec.runPolicy.backoffLimit"]),
         ({"scheduling": {"queueName": "q", "nodeSelector": {"a": "b"}}}, []),
         ({"image": "trainer:2"}, ["spec.image"]),
+        ({"pod": {"runtimeClassName": "nvidia"}}, ["spec.pod.runtimeClassName"]),  # fixed during a run
         ({"resources": {"gpus": 2}}, ["spec.resources.gpus"]),
         ({"storage": {"credentialsSecretRef": {"name": "other"}}}, ["spec.storage.credentialsSecretRef.name"]),
         ({"lora": {"targetModules": ["q_proj", "v_proj"]}}, ["spec.lora.targetModules"]),
@@ -329,6 +355,8 @@ def test_training_fields_changed(change: dict[str, Any], expected: list[str]):
         ({"runPolicy": {"suspend": True, "ttlSecondsAfterFinished": 5}}, []),
         ({"scheduling": {"priorityClassName": "high"}}, []),
         ({"storage": {"credentialsSecretRef": {"name": "rotated"}}}, []),
+        ({"pod": {"runtimeClassName": "nvidia", "env": [{"name": "X", "value": "1"}]}}, []),  # plumbing, not training
+        ({"pod": {"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}}}, []),
     ],
 )
 def test_run_fields_changed(change: dict[str, Any], expected: list[str]):

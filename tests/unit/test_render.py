@@ -161,13 +161,17 @@ def test_env_contract():
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
         assert "value" not in env[key]
+    # temporary credentials: the session token when the Secret has one, and a Secret without it still works
+    assert env["AWS_SESSION_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "s3-creds", "key": "AWS_SESSION_TOKEN", "optional": True}
+    }
 
 
 def test_no_secret_reference_without_credentials_ref():
     spec = copy.deepcopy(BASE_SPEC)
     del spec["storage"]["credentialsSecretRef"]
     env = env_of(job_for(body(spec=spec)))
-    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
 
 
 @pytest.mark.parametrize(
@@ -531,3 +535,145 @@ def test_nodes_bounds(nodes):
 )
 def test_pod_node_index(pod, expected):
     assert render.pod_node_index(pod) == expected
+
+
+# --- spec.pod: identity and pod plumbing (issue 18, item 4) ------------------------------------
+
+POD_EXTRAS = {
+    "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/team-a"},
+    "imagePullSecrets": ["registry-team-a", "shared-registry"],
+    "runtimeClassName": "nvidia",
+    "env": [
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "RUN_TAG", "value": "$(QLORA_JOB_NAME)-$(QLORA_RUN)"},
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key", "optional": True}}},
+    ],
+    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "team-a-models", "readOnly": True}}],
+    "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+}
+
+
+def test_pod_extras_are_rendered_after_the_operators():
+    settings = OperatorSettings(image_pull_secrets=("shared-registry", "org-registry"))
+    job = job_for(body(pod=POD_EXTRAS), settings)
+    pod = job["spec"]["template"]["spec"]
+    names = [e["name"] for e in container(job)["env"]]
+    # the operator's variables come first, so $(QLORA_JOB_NAME) in an extra one expands
+    assert names[-3:] == ["HF_HUB_OFFLINE", "RUN_TAG", "WANDB_API_KEY"]
+    assert names.index("QLORA_JOB_NAME") < names.index("RUN_TAG")
+    assert env_of(job)["WANDB_API_KEY"]["valueFrom"] == POD_EXTRAS["env"][2]["valueFrom"]
+    assert pod["volumes"][-1] == POD_EXTRAS["volumes"][0]
+    assert [v["name"] for v in pod["volumes"][:-1]] == ["config", "cache", "tmp", "dshm"]
+    assert container(job)["volumeMounts"][-1] == {"name": "models", "mountPath": "/models", "readOnly": True}
+    # chart's pull secrets first, then the job's, each once
+    assert pod["imagePullSecrets"] == [{"name": "shared-registry"}, {"name": "org-registry"}, {"name": "registry-team-a"}]
+    assert pod["runtimeClassName"] == "nvidia"
+    # the security context does not change
+    assert container(job)["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_no_pod_extras_render_nothing():
+    pod = job_for(body())["spec"]["template"]["spec"]
+    assert "imagePullSecrets" not in pod and "runtimeClassName" not in pod and "affinity" not in pod
+    assert [v["name"] for v in pod["volumes"]] == ["config", "cache", "tmp", "dshm"]
+
+
+def test_affinity_is_passed_as_written():
+    affinity = {
+        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}},
+        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "podAffinityTerm": {
+            "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"qlora.dev/job": "bot"}}}}]},
+    }
+    pod = job_for(body(scheduling={"affinity": affinity}))["spec"]["template"]["spec"]
+    assert pod["affinity"] == affinity
+
+
+def test_reserved_lists_come_from_what_the_operator_renders():
+    job = job_for(multinode(2, 2))
+    rendered_env = {e["name"] for e in container(job)["env"]}
+    assert rendered_env <= set(render.reserved_env_names())
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HOME", "QLORA_MASTER_ADDR"} <= set(
+        render.reserved_env_names()
+    )
+    pod = job["spec"]["template"]["spec"]
+    assert set(render.reserved_volume_names()) == {v["name"] for v in pod["volumes"]}
+    assert set(render.reserved_mount_paths()) == {m["mountPath"] for m in container(job)["volumeMounts"]} | {
+        container(job)["terminationMessagePath"]
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "collides"),
+    [
+        ("/cache", True), ("/cache/", True), ("/cache/hf", True), ("/", True), ("/dev", True),
+        ("/etc", True), ("/etc/qlora/x", True), ("/dev/termination-log", True),
+        ("/cached", False), ("/data", False), ("/models/m", False), ("/etc/ssl", False), ("/tmpdata", False),
+    ],
+)
+def test_mount_path_collisions(path, collides):
+    assert any(render.mount_path_collides(path, p) for p in render.reserved_mount_paths()) is collides
+
+
+def test_service_account_annotations_chart_default_then_job():
+    settings = OperatorSettings(service_account_annotations={"iam.gke.io/gcp-service-account": "t@p.iam", "a/b": "chart"})
+    b = body(pod={"serviceAccountAnnotations": {"a/b": "job", "eks.amazonaws.com/role-arn": "arn"}})
+    sa = render.render_service_account(b, parsed(b), settings)
+    ann = sa["metadata"]["annotations"]
+    assert ann["a/b"] == "job" and ann["iam.gke.io/gcp-service-account"] == "t@p.iam" and ann["eks.amazonaws.com/role-arn"] == "arn"
+    assert json.loads(ann[render.ANN_MANAGED_ANNOTATIONS]) == ["a/b", "eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account"]
+    assert ann[render.ANN_JOB] == "bot"  # the operator's own annotation stays
+    # the children carry it
+    assert render.render_children(b, parsed(b), settings, 1)[1] == sa
+
+
+def test_service_account_patch_sets_changes_and_removes_only_its_own_keys():
+    b = body(pod={"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:1", "x/y": "1"}})
+    have = render.render_service_account(b, parsed(b))
+    have["metadata"]["annotations"]["someone.else/note"] = "keep"
+    assert render.service_account_patch(have, have) is None
+    changed = body(pod={"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:2"}})
+    patch = render.service_account_patch(have, render.render_service_account(changed, parsed(changed)))
+    assert patch == {"metadata": {"annotations": {
+        "eks.amazonaws.com/role-arn": "arn:2", "x/y": None, render.ANN_MANAGED_ANNOTATIONS: '["eks.amazonaws.com/role-arn"]'}}}
+    plain = render.render_service_account(body(), parsed(body()))
+    patch = render.service_account_patch(have, plain)
+    assert patch == {"metadata": {"annotations": {
+        "eks.amazonaws.com/role-arn": None, "x/y": None, render.ANN_MANAGED_ANNOTATIONS: None}}}
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "expected"),
+    [
+        ({"QLORA_OPERATOR_IMAGE_PULL_SECRETS": '["a", "b"]'}, "image_pull_secrets", ("a", "b")),
+        ({"QLORA_OPERATOR_IMAGE_PULL_SECRETS": "a,b"}, "image_pull_secrets", ("a", "b")),
+        ({"QLORA_OPERATOR_SERVICE_ACCOUNT_ANNOTATIONS": '{"eks.amazonaws.com/role-arn": "arn"}'},
+         "service_account_annotations", {"eks.amazonaws.com/role-arn": "arn"}),
+    ],
+)
+def test_settings_pod_defaults_from_env(env, field, expected):
+    assert getattr(OperatorSettings.load(env), field) == expected
+
+
+def test_settings_refuse_operator_annotation_keys():
+    with pytest.raises(SettingsError, match="QLORA_OPERATOR_SERVICE_ACCOUNT_ANNOTATIONS.*qlora.dev/job"):
+        OperatorSettings.load({"QLORA_OPERATOR_SERVICE_ACCOUNT_ANNOTATIONS": '{"qlora.dev/job": "x"}'})
+
+
+# --- leader election settings (issue 18, item 1) ------------------------------------------------
+
+
+def test_leader_election_settings_from_env():
+    s = OperatorSettings.load({"QLORA_OPERATOR_LEADER_ELECTION": "true", "QLORA_OPERATOR_LEADER_ELECTION_LEASE_SECONDS": "6",
+                               "QLORA_OPERATOR_LEADER_ELECTION_RENEW_DEADLINE_SECONDS": "4",
+                               "QLORA_OPERATOR_LEADER_ELECTION_RETRY_SECONDS": "1"})
+    assert s.leader_election is True and s.leader_election_lease_seconds == 6
+    assert OperatorSettings().leader_election is False  # one process alone needs no Lease
+
+
+@pytest.mark.parametrize(("lease", "renew", "retry"), [(10, 10, 2), (15, 10, 9), (5, 3, 3)])
+def test_leader_election_timing_is_checked(lease, renew, retry):
+    with pytest.raises(SettingsError, match="leader_election_lease_seconds > leader_election_renew_deadline_seconds"):
+        OperatorSettings.load({"QLORA_OPERATOR_LEADER_ELECTION_LEASE_SECONDS": str(lease),
+                               "QLORA_OPERATOR_LEADER_ELECTION_RENEW_DEADLINE_SECONDS": str(renew),
+                               "QLORA_OPERATOR_LEADER_ELECTION_RETRY_SECONDS": str(retry)})

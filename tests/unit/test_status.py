@@ -320,7 +320,9 @@ def test_status_table(case, obs, now, phase, expected, fragment, events, effects
         (6, "Error", "NonFiniteLoss"),
         (7, "Error", "InsufficientGPUMemory"),
         (137, "OOMKilled", "OOMKilled"),
-        (137, "Error", "OOMKilled"),
+        (137, "Error", "Killed"),  # SIGKILL without the runtime's OOM kill: grace period over, kill -9
+        (-9, None, "Killed"),
+        (1, "OOMKilled", "OOMKilled"),  # the runtime saw an OOM kill (e.g. of a worker) whatever the exit code
         (1, "Error", "TrainerError"),
         (139, "Error", "ExitCode139"),
         (143, "Error", "Terminated"),
@@ -357,6 +359,40 @@ def test_single_attempt_failures(exit_code, job_reason, backoff, reason, fragmen
     assert ("Warning", reason) in [(e.type, e.reason) for e in result.events]
     assert result.status["artifacts"] is None
     assert result.status["completionTime"] == ts(300)
+
+
+@pytest.mark.parametrize(
+    ("term", "fragments"),
+    [
+        ({"exitCode": 137, "reason": "Error"}, ["SIGKILL", "reported no OOM kill (reason Error)"]),
+        ({"exitCode": 137, "reason": "Error", "message": "step 40/60\nsaving checkpoint step-40"},
+         ["SIGKILL", "not a memory limit; step 40/60\nsaving checkpoint step-40"]),
+        ({"exitCode": 137, "reason": "Error", "message": json.dumps(
+            {"exitCode": 137, "reason": "Killed", "message": "node 0: worker rank 1 was killed by signal 9 first"})},
+         ["SIGKILL", "worker rank 1 was killed by signal 9"]),
+        ({"exitCode": 137, "reason": "Error", "message": "x" * 5000}, ["SIGKILL", "xxxx"]),
+    ],
+)
+def test_sigkill_without_oom_kill_is_killed_and_says_so(term, fragments):
+    attempt = status_mod.attempt_from_pod(pod(terminated=term), 0)
+    assert attempt["reason"] == "Killed"
+    assert attempt["message"].startswith("exit 137: the container got SIGKILL")
+    assert len(attempt["message"]) <= status_mod.MAX_MESSAGE
+    for fragment in fragments:
+        assert fragment in attempt["message"]
+    oom = status_mod.attempt_from_pod(pod(terminated={**term, "reason": "OOMKilled"}), 0)
+    assert oom["reason"] == "OOMKilled" and "SIGKILL" not in oom.get("message", "")
+
+
+def test_sigkill_failure_names_killed_not_oomkilled():
+    term = {"exitCode": 137, "reason": "Error"}
+    result = compute_status(
+        qj(), observe(job(("Failed", "BackoffLimitExceeded", "")), [pod(terminated=term)], backoff_limit=0), at(300), SETTINGS
+    )
+    failed = conds(result.status)["Failed"]
+    assert failed["reason"] == "Killed"
+    assert "exited with code 137 (Killed)" in failed["message"] and "no OOM kill" in failed["message"]
+    assert ("Warning", "Killed") in [(e.type, e.reason) for e in result.events]
 
 
 def test_backoff_limit_exceeded_carries_the_last_reason():
@@ -736,6 +772,46 @@ def test_reconcile_spec_change_after_completion_starts_exactly_one_run():
     assert api.body["status"]["run"] == 2 and api.body["status"]["observedGeneration"] == 2
     assert [e for e in api.events if e[1] == "RunStarted"] == [("Normal", "RunStarted")]
     assert "s3://data/b.jsonl" in api.objects[("ConfigMap", "bot-config-r2")]["data"]["config.json"]
+
+
+def test_reconcile_outcome_carries_the_progress_it_read():
+    from qlora_operator.reconcile import reconcile
+
+    api = FakeKube(qj())
+    assert reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(0)).progress is None
+    api.body["status"]["progress"] = {"step": 5, "totalSteps": 60, "loss": 2.5}
+    out = reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(1))
+    assert out.progress == {"step": 5, "totalSteps": 60, "loss": 2.5} and out.completion_time is None
+
+
+def test_handlers_export_training_metrics_from_the_reconciled_status():
+    import asyncio
+
+    import kopf
+    from prometheus_client import CollectorRegistry
+
+    from qlora_operator import handlers
+    from qlora_operator.metrics import Metrics
+
+    api = FakeKube(qj())
+    runtime = handlers.Runtime(settings=SETTINGS, kube=api, metrics=Metrics(CollectorRegistry()))
+    memo = kopf.Memo(runtime=runtime)
+    labels = {"namespace": "ns", "name": "bot"}
+
+    async def scenario() -> list:
+        seen = []
+        reconciler = handlers._reconciler(memo)
+        await reconciler.reconcile_now("ns", "bot")
+        api.body["status"]["progress"] = {"step": 7, "totalSteps": 60, "tokensPerSecond": 900.0, "gpuMemoryGiB": 1.5}
+        await reconciler.reconcile_now("ns", "bot", ensure=False, trigger="watch")
+        seen.append(runtime.metrics.registry.get_sample_value("qlora_job_step", labels))
+        seen.append(runtime.metrics.registry.get_sample_value("qlora_job_gpu_memory_peak_bytes", labels))
+        seen.append(runtime.metrics.registry.get_sample_value("qlora_jobs", {"phase": "Pending"}))
+        await handlers.qlorajob_event(event={"type": "DELETED"}, namespace="ns", name="bot", memo=memo)
+        seen.append(runtime.metrics.registry.get_sample_value("qlora_job_step", labels))
+        return seen
+
+    assert asyncio.run(scenario()) == [7, 1.5 * 2**30, 1, None]
 
 
 def test_reconcile_invalid_spec():

@@ -124,7 +124,7 @@ def test_without_rank0_result_the_earliest_failure_decides_and_signals_map_to_12
     assert (result["exitCode"], result["reason"]) == (5, "CudaOutOfMemory")
     assert "worker rank 1 exited 5 first" in result["message"] and "ranks [0, 3]" in result["message"]
     killed = final_result(SPEC, None, {2: (-9, 50.0)})
-    assert (killed["exitCode"], killed["reason"]) == (137, "OOMKilled")
+    assert (killed["exitCode"], killed["reason"]) == (137, "Killed")
     assert "killed by signal 9" in killed["message"]
 
 
@@ -137,7 +137,7 @@ def test_other_nodes_report_success_when_their_workers_finished():
 @pytest.mark.parametrize(
     "code,reason",
     [(0, "Succeeded"), (2, "InvalidConfig"), (3, "InvalidData"), (4, "StorageError"), (5, "CudaOutOfMemory"),
-     (6, "NonFiniteLoss"), (7, "InsufficientGPUMemory"), (143, "Preempted"), (137, "OOMKilled"), (1, "TrainerError"), (9, "Error")],
+     (6, "NonFiniteLoss"), (7, "InsufficientGPUMemory"), (143, "Preempted"), (137, "Killed"), (1, "TrainerError"), (9, "Error")],
 )
 def test_reasons_of_exit_codes(code, reason):
     assert reason_for(code) == reason

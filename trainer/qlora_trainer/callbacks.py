@@ -7,7 +7,8 @@
   every rank would silently train its own replica.)
 * :class:`ProgressCallback`: one JSON log line per logged step (step, totalSteps,
   epoch, loss, lr, gradNorm, tokensPerSecond over real non-padding tokens,
-  etaSeconds) and the same fields to the status reporter (throttled there).
+  etaSeconds, peak GPU memory) and the same fields to the status reporter (throttled
+  there; the peak reserved GPU memory as ``gpuMemoryGiB``, no gradNorm).
 * :class:`CheckpointSyncCallback`: after the Trainer wrote ``checkpoint-N`` locally
   (adapter, optimizer, scheduler, RNG, trainer state), adds ``qlora_state.json`` and
   uploads it to ``<output>/checkpoints/step-N/`` with ``_SUCCESS`` last, then keeps
@@ -150,9 +151,12 @@ class ProgressCallback(TrainerCallback):
             "tokensPerSecond": round(tps, 1) if tps is not None else None,
             "etaSeconds": round(eta) if eta is not None else None,
         }
-        log_event("train_step", **fields, **gpu_memory_gib())
+        memory = gpu_memory_gib()
+        log_event("train_step", **fields, **memory)
         fields.pop("gradNorm")
-        self.reporter.update(**fields)
+        # GPU memory for status (and the operator's metrics): peak reserved by PyTorch on this
+        # process's GPU, in GiB (global rank 0's, the only rank that reports); unset on CPU.
+        self.reporter.update(**fields, gpuMemoryGiB=memory.get("peakReservedGiB"))
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any

@@ -90,7 +90,9 @@ CONTROL_TIMEOUT_S = 6 * 3600
 #: Seconds a failed worker waits for rank 0's verdict before exiting with its own code.
 FAILED_EXIT_WAIT_S = 60
 
-#: Termination reasons of exit codes (``errors``); 137: killed by SIGKILL (the kernel's OOM killer).
+#: Termination reasons of exit codes (``errors``). 137: a worker was killed by SIGKILL. The
+#: launcher cannot tell the kernel's OOM killer from a ``kill -9``: the container runtime can,
+#: and the operator reports ``OOMKilled`` when the runtime says so (its reason wins over ours).
 REASONS = {
     EXIT_OK: "Succeeded",
     1: UNEXPECTED_REASON,
@@ -100,7 +102,7 @@ REASONS = {
     EXIT_CUDA_OOM: "CudaOutOfMemory",
     EXIT_NON_FINITE: "NonFiniteLoss",
     EXIT_DOES_NOT_FIT: "InsufficientGPUMemory",
-    137: "OOMKilled",
+    137: "Killed",
     EXIT_PREEMPTED: "Preempted",
 }
 
