@@ -1,0 +1,6 @@
+"""Container images of the project built on this machine (``make images``).
+
+``build.build_images()`` returns ``{"operator": ref, "trainer": ref}``; ``bases`` makes the
+local stand-ins for the public base images, ``engine`` runs podman the way this machine
+kind needs, ``ca`` finds the CA bundle passed as a build secret, ``stamps`` hashes inputs.
+"""
