@@ -403,7 +403,7 @@ class LocalCluster:
         # `kubectl logs`/`exec`: the API server's kubelet client may use the real kubelet's API
         self.kubectl("create", "clusterrolebinding", "qlora-local:kubelet-api-admin",
                      "--clusterrole=system:kubelet-api-admin", "--user=kube-apiserver-kubelet-client")
-        realnode.record_sysctls(self.directory)
+        realnode.record_host(self.directory)
         realnode.write_files(self.directory, node_name=name, address=self.node_ip, pause_image=self.pause_image,
                              ca_cert=pki.ca_cert, serving_cert=pki.kubelet_cert, serving_key=pki.kubelet_key,
                              max_pods=self.node_pods)

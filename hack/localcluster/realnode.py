@@ -7,17 +7,18 @@ this machine; facts and workarounds from ``notes/real-node.md``:
   installs the missing ones with apt-get as root);
 - files under ``<cluster dir>/node/``: containerd's config (own root, state and socket;
   ``restrict_oom_score_adj``, runc with ``SystemdCgroup = false``, pod network namespaces
-  mounted under the node dir), the CNI conflist (bridge ``cni0`` + host-local
+  runc's state under the node dir), the CNI conflist (bridge ``cni0`` + host-local
   10.244.0.0/24 + portmap), the kubelet config (cgroupfs, ``failSwapOn: false``,
   ``oomScoreAdj: 0``, webhook authn/authz, serving cert from the cluster CA, fixed ports
-  10250/10248); the sysctls recorded before start go to ``<cluster dir>/node-sysctls.json``;
+  10250/10248); the sysctls and missing :data:`HOST_PATHS` recorded before start go to
+  ``<cluster dir>/node-host.json``;
 - the argv of containerd, the kubelet and kube-proxy (iptables mode,
   ``--conntrack-max-per-core 0``, fixed ports 10249/10256);
 - teardown (:func:`kill_pod_processes` and :func:`cleanup`): the pods' processes
   (every process in the ``kubepods`` cgroups), mounts under the cluster dir, the ``cni0``
-  bridge and its veths, the ``KUBE-*`` iptables chains and the ``CNI-*`` chains of this
-  network (podman's own CNI chains are left alone), the ``kubepods`` cgroups, and the
-  sysctls the kubelet and kube-proxy changed.
+  bridge, its veths and the pods' network namespaces, the ``KUBE-*`` iptables chains and the ``CNI-*`` chains of this
+  network (podman's own CNI chains are left alone), the ``kubepods`` cgroups, the
+  sysctls the kubelet and kube-proxy changed, and the :data:`HOST_PATHS` they created.
 
 The ports are fixed, so one real node runs per machine: :func:`check_ports` fails at once
 when one is taken. No GPUs: the node's ``nvidia.com/gpu`` capacity is patched into its
@@ -54,6 +55,12 @@ SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.pa
            "net.netfilter.nf_conntrack_max", "net.ipv4.ip_forward")
 NOT_RESTORED = ("net.ipv4.ip_forward",)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: host paths the kubelet and containerd 1.6 use whatever their config says (the kubelet's
+#: device-plugin socket dir and /var/log/containers links, the shims' sockets); those that
+#: did not exist before the node first started are removed by :func:`cleanup`.
+HOST_PATHS = ("/run/containerd", "/var/lib/kubelet", "/var/log/pods", "/var/log/containers")
+#: where containerd 1.6's CRI pins the pods' network namespaces (``cni-<uuid>``).
+NETNS_DIR = Path("/run/netns")
 KUBEPODS = "kubepods"
 
 
@@ -134,7 +141,7 @@ def write_files(cluster_dir: Path, *, node_name: str, address: str, pause_image:
         unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
     ctd = base / "containerd"
-    for sub in ("root", "state", "opt", "netns"):
+    for sub in ("root", "state", "opt", "runc"):
         (ctd / sub).mkdir(parents=True, exist_ok=True)
     cni_conf = base / "cni" / "net.d"
     cni_conf.mkdir(parents=True)
@@ -154,7 +161,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{pause_image}"
   restrict_oom_score_adj = true
-  netns_mounts_under = "{ctd / 'netns'}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -162,6 +168,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         BinaryName = "{runc}"
+        Root = "{ctd / 'runc'}"
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
@@ -183,7 +190,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         "tlsCertFile": str(serving_cert), "tlsPrivateKeyFile": str(serving_key),
         "containerRuntimeEndpoint": f"unix://{containerd_socket(cluster_dir)}",
         "cgroupDriver": "cgroupfs", "failSwapOn": False, "oomScoreAdj": 0,
-        "podLogsDirectory": str(base / "pod-logs"), "maxPods": max_pods,
+        "podLogsDir": str(base / "pod-logs"), "maxPods": max_pods,
         "resolvConf": "/etc/resolv.conf", "serializeImagePulls": False,
         # a shared development disk: never evict or garbage-collect the imported images
         "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%", "imagefs.available": "1%",
@@ -236,26 +243,33 @@ def read_sysctls() -> dict[str, str]:
     return values
 
 
-def record_sysctls(cluster_dir: Path) -> dict[str, str]:
-    """Save :func:`read_sysctls` to ``<cluster dir>/node-sysctls.json`` (kept if already there: a
-    restart after a crash must not record the kubelet's values as the originals)."""
-    path = node_dir(cluster_dir).parent / "node-sysctls.json"
+def _record_path(cluster_dir: Path) -> Path:
+    return cluster_dir / "node-host.json"
+
+
+def record_host(cluster_dir: Path) -> dict:
+    """Save the host state the node changes to ``<cluster dir>/node-host.json``:
+    ``{"sysctls": read_sysctls(), "created": [HOST_PATHS missing now]}``. An existing record is
+    kept (a restart after a crash must not record the kubelet's values as the originals)."""
+    path = _record_path(cluster_dir)
     if path.exists():
         return json.loads(path.read_text())
-    values = read_sysctls()
-    path.write_text(json.dumps(values, indent=2))
-    return values
+    record = {"sysctls": read_sysctls(), "created": [p for p in HOST_PATHS if not os.path.lexists(p)]}
+    path.write_text(json.dumps(record, indent=2))
+    return record
 
 
-def restore_sysctls(cluster_dir: Path) -> dict[str, tuple[str, str]]:
-    """Write back the recorded sysctls that changed; return ``{name: (was, restored)}``.
-    The record is removed afterwards."""
-    path = node_dir(cluster_dir).parent / "node-sysctls.json"
+def restore_host(cluster_dir: Path) -> dict[str, tuple[str, str]]:
+    """Write back the recorded sysctls that changed and remove the host paths the node created;
+    return ``{sysctl: (was, restored)}``. The record is removed afterwards."""
+    path = _record_path(cluster_dir)
     if not path.exists():
         return {}
-    recorded = json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    for created in record.get("created", []):
+        shutil.rmtree(created, ignore_errors=True)
     changed = {}
-    for name, value in recorded.items():
+    for name, value in record["sysctls"].items():
         if name in NOT_RESTORED:
             continue
         current = _sysctl_path(name).read_text().strip()
@@ -346,6 +360,37 @@ def bridge_links() -> list[str]:
     return [link["ifname"] for link in links if link["ifname"] == BRIDGE or link.get("master") == BRIDGE]
 
 
+def _live_netns() -> set[int]:
+    inodes = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                inodes.add(os.stat(entry / "ns" / "net").st_ino)
+            except OSError:
+                continue
+    return inodes
+
+
+def remove_pod_netns() -> list[str]:
+    """Unmount and delete the CRI's ``/run/netns/cni-*`` namespaces no process is in (those of
+    the pods just killed; podman's are named ``netns-*`` and are not touched); return those left."""
+    if not NETNS_DIR.is_dir():
+        return []
+    live = _live_netns()
+    for entry in NETNS_DIR.glob("cni-*"):
+        try:
+            if os.stat(entry).st_ino in live:
+                continue
+        except OSError:
+            continue
+        subprocess.run(["umount", str(entry)], capture_output=True)
+        try:
+            entry.unlink()
+        except OSError:
+            pass
+    return [str(e) for e in NETNS_DIR.glob("cni-*") if os.stat(e).st_ino not in live]
+
+
 def remove_links() -> list[str]:
     """Delete the pods' veths and the ``cni0`` bridge; return the names still present."""
     for name in sorted(bridge_links(), key=lambda n: n == BRIDGE):
@@ -434,6 +479,9 @@ def cleanup(cluster_dir: Path) -> list[str]:
     still_mounted = unmount_under(cluster_dir)
     if still_mounted:
         left.append(f"mounts {still_mounted}")
+    netns = remove_pod_netns()
+    if netns:
+        left.append(f"network namespaces {netns}")
     links = remove_links()
     if links:
         left.append(f"network devices {links}")
@@ -444,5 +492,5 @@ def cleanup(cluster_dir: Path) -> list[str]:
     if groups:
         left.append(f"cgroups {groups}")
     remove_container_log_links(cluster_dir)
-    restore_sysctls(cluster_dir)
+    restore_host(cluster_dir)
     return left

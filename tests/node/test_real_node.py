@@ -9,6 +9,7 @@ The node's ports are fixed: a taken port 10250 fails at once (first test).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -27,6 +28,7 @@ def node_cluster(tmp_path_factory):
     from localcluster import LocalCluster, nodeimages, realnode
 
     before = realnode.read_sysctls()
+    host_paths = {p for p in realnode.HOST_PATHS if os.path.lexists(p)}
     cluster = LocalCluster(tmp_path_factory.mktemp("realnode"), node="real", gpus_per_node=2, timeout_s=120)
     try:
         cluster.start()
@@ -38,7 +40,8 @@ def node_cluster(tmp_path_factory):
         again = cluster.import_image(probe)
         print(f"probe image {probe}: build/lookup {build_s:.1f}s, import {first.seconds:.2f}s "
               f"(copied: {first.imported}), again {again.seconds:.2f}s (copied: {again.imported})", file=sys.stderr)
-        yield {"cluster": cluster, "probe": probe, "imports": (first, again), "sysctls": before}
+        yield {"cluster": cluster, "probe": probe, "imports": (first, again), "sysctls": before,
+               "host_paths": host_paths}
     finally:
         leftovers = cluster.stop()
         assert not leftovers, f"the real node left behind: {leftovers}"
@@ -172,6 +175,8 @@ def test_stop_leaves_nothing_behind(node_cluster):
     assert procs.marked_pids(cluster.id) == []
     assert realnode.pod_pids() == set()
     assert realnode.bridge_links() == []
+    assert list(realnode.NETNS_DIR.glob("cni-*")) == []
+    assert {p for p in realnode.HOST_PATHS if os.path.lexists(p)} == node_cluster["host_paths"]
     assert realnode.node_chains() == {}
     assert realnode.mounts_under(cluster.directory) == []
     assert [p for p in realnode._kubepods_dirs()] == []
