@@ -21,8 +21,10 @@ venv: $(VENV)/.installed
 binaries:
 	bash hack/build-binaries.sh >/dev/null
 
+# NODE=real: a real node (containerd, kubelet, kube-proxy; root) instead of the stand-in node agent.
+NODE ?= agent
 cluster-up: venv binaries
-	$(PY) -m localcluster up
+	$(PY) -m localcluster up --node $(NODE)
 
 cluster-down: venv
 	$(PY) -m localcluster down

@@ -270,6 +270,9 @@ class LocalCluster:
             if names == ("containerd",) and "containerd" in self.components:
                 alive = realnode.kill_pod_processes()  # the kubelet is gone: nothing restarts them
                 leftovers += [f"pod process {pid}" for pid in sorted(alive)]
+                if self.components["containerd"].alive():
+                    kept = realnode.remove_containers(self.containerd_socket)
+                    leftovers += [f"containerd container {cid}" for cid in kept]
             batch = [self.components[n] for n in names if n in self.components]
             alive = procs.stop_groups([(c.pid, c.started) for c in batch if c.pid], grace * grace_s)
             for c in batch:
@@ -409,6 +412,9 @@ class LocalCluster:
                              max_pods=self.node_pods)
         self._start("containerd", realnode.containerd_argv(self.directory), [])
         self._wait("containerd", self._containerd_healthy, t0)
+        stale = realnode.remove_containers(self.containerd_socket)  # a crashed run's, in the kept root
+        if stale:
+            raise ClusterStartError(f"containerd still lists containers of an earlier run: {stale}")
         imported = nodeimages.import_image(self.pause_image, self.containerd_socket, log=self._log)
         self.timings["pause-import"] = imported.seconds
         self._start("kubelet", realnode.kubelet_argv(bins["kubelet"], self.directory,

@@ -5,7 +5,8 @@ this machine; facts and workarounds from ``notes/real-node.md``:
 
 - packages: containerd, runc, the CNI plugins and iptables from Debian (:func:`ensure_packages`
   installs the missing ones with apt-get as root);
-- files under ``<cluster dir>/node/``: containerd's config (own root, state and socket;
+- files under ``<cluster dir>/node/``: containerd's config (own state and socket, its root
+  kept under the cache, :func:`containerd_root`;
   ``restrict_oom_score_adj``, runc with ``SystemdCgroup = false``, pod network namespaces
   runc's state under the node dir), the CNI conflist (bridge ``cni0`` + host-local
   10.244.0.0/24 + portmap), the kubelet config (cgroupfs, ``failSwapOn: false``,
@@ -58,7 +59,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: host paths the kubelet and containerd 1.6 use whatever their config says (the kubelet's
 #: device-plugin socket dir and /var/log/containers links, the shims' sockets); those that
 #: did not exist before the node first started are removed by :func:`cleanup`.
-HOST_PATHS = ("/run/containerd", "/var/lib/kubelet", "/var/log/pods", "/var/log/containers")
+HOST_PATHS = ("/run/containerd", "/var/lib/kubelet", "/var/log/pods", "/var/log/containers", "/var/lib/cni")
+#: libcni's result cache (containerd 1.6 has no setting for it): files ``<network>-<sandbox>-<ifname>``.
+CNI_CACHE = Path("/var/lib/cni/results")
 #: where containerd 1.6's CRI pins the pods' network namespaces (``cni-<uuid>``).
 NETNS_DIR = Path("/run/netns")
 KUBEPODS = "kubepods"
@@ -127,6 +130,16 @@ def node_dir(cluster_dir: Path) -> Path:
     return cluster_dir / "node"
 
 
+def containerd_root() -> Path:
+    """containerd's root (content store, snapshots, metadata): kept across clusters under
+    ``${XDG_CACHE_HOME:-~/.cache}/qlora-operator/containerd/root`` so an imported image (a 6 GB
+    trainer) is imported once per machine; the containers are removed at every start and stop
+    (:func:`remove_containers`), so only images stay. One real node per machine uses it."""
+    from localcluster.binaries import cache_dir
+
+    return cache_dir().parent / "containerd" / "root"
+
+
 def containerd_socket(cluster_dir: Path) -> Path:
     """The node's containerd socket (``ctr --address``)."""
     return node_dir(cluster_dir) / "containerd" / "containerd.sock"
@@ -141,14 +154,15 @@ def write_files(cluster_dir: Path, *, node_name: str, address: str, pause_image:
         unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
     ctd = base / "containerd"
-    for sub in ("root", "state", "opt", "runc"):
+    for sub in ("state", "opt", "runc"):
         (ctd / sub).mkdir(parents=True, exist_ok=True)
+    containerd_root().mkdir(parents=True, exist_ok=True)
     cni_conf = base / "cni" / "net.d"
     cni_conf.mkdir(parents=True)
     runc = shutil.which("runc") or "/usr/sbin/runc"
     (ctd / "config.toml").write_text(f"""# written by hack/localcluster/realnode.py
 version = 2
-root = "{ctd / 'root'}"
+root = "{containerd_root()}"
 state = "{ctd / 'state'}"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
                     "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
@@ -326,6 +340,23 @@ def kill_pod_processes(timeout_s: float = 10.0) -> set[int]:
     return pids
 
 
+def remove_containers(socket_path: Path) -> list[str]:
+    """Delete every task and container in containerd's ``k8s.io`` namespace (the pods'; run
+    while containerd is up, after :func:`kill_pod_processes` or before the kubelet starts), so
+    the kept root holds images only. Returns the container IDs still listed."""
+    from localcluster.nodeimages import ctr_argv
+
+    def listed() -> list[str]:
+        proc = subprocess.run(ctr_argv(socket_path, "containers", "ls", "-q"), capture_output=True, text=True)
+        return proc.stdout.split() if proc.returncode == 0 else []
+
+    for cid in listed():
+        subprocess.run(ctr_argv(socket_path, "tasks", "kill", "--signal", "SIGKILL", cid), capture_output=True)
+        subprocess.run(ctr_argv(socket_path, "tasks", "delete", "--force", cid), capture_output=True)
+        subprocess.run(ctr_argv(socket_path, "containers", "delete", cid), capture_output=True)
+    return listed()
+
+
 def _unescape(path: str) -> str:
     return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
@@ -469,6 +500,16 @@ def remove_container_log_links(cluster_dir: Path) -> None:
             link.unlink()
 
 
+def remove_cni_cache() -> None:
+    """Delete libcni's cached results of this network's sandboxes (and their loopback entries)."""
+    if not CNI_CACHE.is_dir():
+        return
+    sandboxes = {f.name[len(NETWORK_NAME) + 1:].rsplit("-", 1)[0] for f in CNI_CACHE.glob(f"{NETWORK_NAME}-*")}
+    for entry in CNI_CACHE.iterdir():
+        if entry.name.startswith(f"{NETWORK_NAME}-") or any(f"-{s}-" in entry.name for s in sandboxes):
+            entry.unlink(missing_ok=True)
+
+
 def cleanup(cluster_dir: Path) -> list[str]:
     """Remove what the node left on the machine once its processes are gone (see the module
     docstring); return descriptions of what could not be removed (normally none)."""
@@ -492,5 +533,6 @@ def cleanup(cluster_dir: Path) -> list[str]:
     if groups:
         left.append(f"cgroups {groups}")
     remove_container_log_links(cluster_dir)
+    remove_cni_cache()
     restore_host(cluster_dir)
     return left

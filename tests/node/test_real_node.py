@@ -176,6 +176,7 @@ def test_stop_leaves_nothing_behind(node_cluster):
     assert realnode.pod_pids() == set()
     assert realnode.bridge_links() == []
     assert list(realnode.NETNS_DIR.glob("cni-*")) == []
+    assert list(realnode.CNI_CACHE.glob(f"{realnode.NETWORK_NAME}-*")) == []
     assert {p for p in realnode.HOST_PATHS if os.path.lexists(p)} == node_cluster["host_paths"]
     assert realnode.node_chains() == {}
     assert realnode.mounts_under(cluster.directory) == []
