@@ -254,12 +254,16 @@ class LocalCluster:
     def stop(self, grace_s: float = 10.0) -> list[str]:
         """Stop everything this cluster started; idempotent.
 
-        Components stop in batches (:data:`STOP_BATCHES`: the node agent first, so it stops
-        its pods; etcd last, so the API server can shut down cleanly): SIGTERM to each
+        Components stop in batches (:data:`STOP_BATCHES`: the node agent, or the kubelet and
+        kube-proxy, first; then, on a real node, its pods' processes are killed and their
+        containers deleted before containerd stops; etcd last, so the API server can shut
+        down cleanly): SIGTERM to each
         process group, SIGKILL after ``grace_s`` seconds; finally every process still
         carrying the cluster's marker is killed. Returns descriptions of processes that
         survived all that (normally an empty list). ``swept`` lists the pids the final
-        sweep had to kill (processes that escaped their process group).
+        sweep had to kill (processes that escaped their process group). A real node then
+        gets :func:`localcluster.realnode.cleanup` (mounts, network devices and namespaces,
+        iptables chains, cgroups, sysctls); what it could not remove is listed too.
         """
         with self._lock:
             if self._stopped:
