@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -27,6 +29,13 @@ def node_cluster(tmp_path_factory):
     """A started real-node cluster and what was measured while starting it."""
     from localcluster import LocalCluster, nodeimages, realnode
 
+    # SIGTERM (a CI timeout, a killed run) must still stop the node: it changes host state.
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
     before = realnode.read_sysctls()
     host_paths = {p for p in realnode.HOST_PATHS if os.path.lexists(p)}
     cluster = LocalCluster(tmp_path_factory.mktemp("realnode"), node="real", gpus_per_node=2, timeout_s=120)
@@ -36,6 +45,8 @@ def node_cluster(tmp_path_factory):
         t = time.monotonic()
         probe = nodeimages.static_image("probe")
         build_s = time.monotonic() - t
+        # containerd's root outlives clusters: drop the probe so that the first import copies it
+        subprocess.run(nodeimages.ctr_argv(cluster.containerd_socket, "images", "rm", probe), capture_output=True)
         first = cluster.import_image(probe)
         again = cluster.import_image(probe)
         print(f"probe image {probe}: build/lookup {build_s:.1f}s, import {first.seconds:.2f}s "
@@ -44,6 +55,7 @@ def node_cluster(tmp_path_factory):
                "host_paths": host_paths}
     finally:
         leftovers = cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
         assert not leftovers, f"the real node left behind: {leftovers}"
 
 
@@ -107,7 +119,7 @@ def test_node_ready_on_containerd_with_fake_gpus(node_cluster):
 
 def test_image_import_is_skipped_when_present(node_cluster):
     first, again = node_cluster["imports"]
-    assert first.image_id == again.image_id
+    assert first.imported and first.image_id == again.image_id
     assert not again.imported  # the same podman image ID is already in containerd
 
 
