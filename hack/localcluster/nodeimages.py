@@ -65,11 +65,15 @@ def static_image(name: str, log=print) -> str:
 
     Raises:
         ValueError: there is no ``hack/nodeimages/<name>/`` directory.
-        ImageError: the Go build or the podman build failed.
+        ImageError: podman is missing and cannot be installed, or the Go or podman build failed.
     """
     if not (SOURCES / name).is_dir():
         raise ValueError(f"no image sources {SOURCES / name}")
     ref = f"{REPOSITORY}/{name}:{_source_hash(name)}"
+    try:
+        engine.ensure_tools(log)  # podman (apt-get as root when missing)
+    except engine.EngineError as exc:
+        raise ImageError(str(exc)) from exc
     if engine.image_id(ref):
         return ref
     start = time.monotonic()

@@ -295,7 +295,7 @@ def restore_host(cluster_dir: Path) -> dict[str, tuple[str, str]]:
 
 
 # ----------------------------------------------------------------- teardown
-def _kubepods_dirs() -> list[Path]:
+def kubepods_dirs() -> list[Path]:
     """Every ``kubepods`` cgroup directory (each v1 hierarchy and the unified one)."""
     found = []
     for hierarchy in CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else ():
@@ -320,7 +320,7 @@ def _cgroup_pids(root: Path) -> set[int]:
 def pod_pids() -> set[int]:
     """Pids of every process in a ``kubepods`` cgroup (the pods' containers and pause)."""
     pids: set[int] = set()
-    for root in _kubepods_dirs():
+    for root in kubepods_dirs():
         pids |= _cgroup_pids(root)
     return pids
 
@@ -478,7 +478,7 @@ def remove_iptables() -> dict[str, list[str]]:
 
 def remove_cgroups() -> list[str]:
     """Remove the ``kubepods`` cgroup trees (deepest first); return the directories left."""
-    for root in _kubepods_dirs():
+    for root in kubepods_dirs():
         for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             try:
                 path.rmdir()
@@ -488,7 +488,7 @@ def remove_cgroups() -> list[str]:
             root.rmdir()
         except OSError:
             pass
-    return [str(p) for p in _kubepods_dirs()]
+    return [str(p) for p in kubepods_dirs()]
 
 
 def remove_container_log_links(cluster_dir: Path) -> None:

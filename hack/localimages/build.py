@@ -182,6 +182,32 @@ def build_all(names: tuple[str, ...] = ("operator", "trainer"), log=print) -> di
     return {name: build_image(specs[name], found, log) for name in names}
 
 
+def stale_tags(current: dict[str, Built]) -> list[str]:
+    """Tags of the project's image repositories in podman's storage other than ``current``'s refs."""
+    keep = {built.ref for built in current.values()}
+    repositories = {spec.repository for spec in IMAGES}
+    refs = engine.podman("images", "--format", "{{.Repository}}:{{.Tag}}").split()
+    return sorted({ref for ref in refs if ref.rsplit(":", 1)[0] in repositories and ref not in keep
+                   and not ref.endswith(":<none>")})
+
+
+def prune(current: dict[str, Built], log=print) -> list[str]:
+    """Remove :func:`stale_tags` (images of older inputs; layers still used stay); return those removed.
+
+    A tag podman refuses to remove (e.g. a container uses it) is logged and kept.
+    """
+    removed = []
+    for ref in stale_tags(current):
+        try:
+            engine.podman("rmi", ref)
+            removed.append(ref)
+        except engine.EngineError as exc:
+            log(f"kept {ref}: {str(exc).strip().splitlines()[-1]}")
+    if removed:
+        log(f"removed {len(removed)} stale image tag(s): {' '.join(removed)}")
+    return removed
+
+
 def build_images(log=print) -> dict[str, str]:
     """Build (or find up to date) both images; ``{"operator": ref, "trainer": ref}``.
 

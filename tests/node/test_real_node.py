@@ -192,7 +192,7 @@ def test_stop_leaves_nothing_behind(node_cluster):
     assert {p for p in realnode.HOST_PATHS if os.path.lexists(p)} == node_cluster["host_paths"]
     assert realnode.node_chains() == {}
     assert realnode.mounts_under(cluster.directory) == []
-    assert [p for p in realnode._kubepods_dirs()] == []
+    assert [p for p in realnode.kubepods_dirs()] == []
     after = realnode.read_sysctls()
     changed = {k: (v, after.get(k)) for k, v in node_cluster["sysctls"].items()
                if k not in realnode.NOT_RESTORED and after.get(k) != v}
