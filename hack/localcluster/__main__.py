@@ -66,13 +66,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     existing = _attach(args.dir)
     if existing is not None:
         health = existing.healthy()
-        if all(health.values()):
+        if existing.node != args.node:
+            print(f"local cluster in {existing.directory} runs node={existing.node}, not {args.node}: restarting it",
+                  file=sys.stderr)
+            existing.stop()
+        elif all(health.values()):
             _link_bin(existing)
             print(f"local cluster already up in {existing.directory}\n{_summary(existing)}")
             return 0
-        broken = ", ".join(n for n, ok in health.items() if not ok)
-        print(f"local cluster in {existing.directory} is unhealthy ({broken}): restarting it", file=sys.stderr)
-        existing.stop()
+        else:
+            broken = ", ".join(n for n, ok in health.items() if not ok)
+            print(f"local cluster in {existing.directory} is unhealthy ({broken}): restarting it", file=sys.stderr)
+            existing.stop()
     cluster = LocalCluster(args.dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node, detach=True,
                            timeout_s=args.timeout, node=args.node)
     try:

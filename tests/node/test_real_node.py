@@ -199,3 +199,29 @@ def test_stop_leaves_nothing_behind(node_cluster):
     assert changed == {}
     for port in realnode.PORTS.values():
         assert procs.port_is_free(port, "0.0.0.0")
+
+
+def test_cli_up_and_down_with_a_real_node(tmp_path):
+    """``python -m localcluster up --node real`` / ``down`` (what ``make cluster-up NODE=real`` /
+    ``cluster-down`` run): down, from the state file alone, leaves nothing behind."""
+    from localcluster import realnode
+    from localcluster.binaries import HACK_DIR
+
+    env = {**os.environ, "PYTHONPATH": str(HACK_DIR)}
+    cli = [sys.executable, "-m", "localcluster"]
+    up = subprocess.run(cli + ["up", "--node", "real", "--dir", str(tmp_path)], env=env, capture_output=True,
+                        text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "real node at" in up.stdout
+        state = json.loads((tmp_path / "state.json").read_text())
+        assert state["node"] == "real" and {"containerd", "kubelet", "kube-proxy"} <= set(state["components"])
+        status = subprocess.run(cli + ["status", "--dir", str(tmp_path)], env=env, capture_output=True, text=True)
+        assert status.returncode == 0, status.stdout
+    finally:
+        down = subprocess.run(cli + ["down", "--dir", str(tmp_path)], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert realnode.bridge_links() == [] and realnode.node_chains() == {} and realnode.kubepods_dirs() == []
+    assert realnode.mounts_under(tmp_path) == []
+    assert not (tmp_path / "node-host.json").exists()  # sysctls restored, host paths removed
