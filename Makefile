@@ -27,8 +27,10 @@ binaries:
 images: venv
 	$(PY) -m localimages
 
+# NODE=real: a real node (containerd, kubelet, kube-proxy; root) instead of the stand-in node agent.
+NODE ?= agent
 cluster-up: venv binaries
-	$(PY) -m localcluster up
+	$(PY) -m localcluster up --node $(NODE)
 
 cluster-down: venv
 	$(PY) -m localcluster down

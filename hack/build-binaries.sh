@@ -48,7 +48,8 @@ k8s_ldflags() {
 build_k8s() {
   (cd "$here/k8s" && go build -trimpath -ldflags "$(k8s_ldflags)" -o "$out/$name" "k8s.io/kubernetes/cmd/$name")
 }
-for name in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+# kubelet and kube-proxy run only with the real node (LocalCluster(node="real")).
+for name in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
   if ! have "$name" "$KUBERNETES_VERSION"; then
     log "building $name $KUBERNETES_VERSION (cold builds take tens of minutes on 2 cores)"
     install_into "$name" "$KUBERNETES_VERSION" build_k8s
@@ -93,7 +94,8 @@ if ! have helm "$HELM_KEY"; then
 fi
 
 for pair in kube-apiserver:$KUBERNETES_VERSION kube-controller-manager:$KUBERNETES_VERSION \
-            kube-scheduler:$KUBERNETES_VERSION kubectl:$KUBERNETES_VERSION etcd:$ETCD_VERSION \
+            kube-scheduler:$KUBERNETES_VERSION kubectl:$KUBERNETES_VERSION kubelet:$KUBERNETES_VERSION \
+            kube-proxy:$KUBERNETES_VERSION etcd:$ETCD_VERSION \
             minio:$MINIO_VERSION helm:$HELM_KEY; do
   echo "${pair%%:*}=$bin/${pair%%:*}-${pair#*:}/${pair%%:*}"
 done

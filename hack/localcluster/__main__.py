@@ -6,7 +6,10 @@ writes ``<dir>/kubeconfig``, ``<dir>/s3.env`` and ``<dir>/state.json`` and links
 ``<dir>`` is already up and healthy it says so and changes nothing; a half-dead one is
 stopped and started afresh. ``down`` stops everything recorded in the state file and
 exits 1 when something survived. ``status`` prints each component's state and exits 1
-unless all are healthy.
+unless all are healthy. ``up --node real`` starts a real node (containerd, kubelet,
+kube-proxy; see ``localcluster.realnode``) instead of the stand-in node agent;
+``import-image REF`` copies a podman image into that node's containerd (skipped when the
+same image ID is there).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from localcluster.cluster import STATE_FILE, ClusterStartError, LocalCluster
+from localcluster.nodeimages import ImageError
+from localcluster.realnode import NodeSetupError
 
 
 @contextlib.contextmanager
@@ -50,7 +55,8 @@ def _link_bin(cluster: LocalCluster) -> None:
 def _summary(cluster: LocalCluster) -> str:
     d = cluster.directory
     return (f"  kubeconfig: {d / 'kubeconfig'}\n  s3 env:     {d / 's3.env'} (S3 at {cluster.s3_endpoint})\n"
-            f"  nodes:      {', '.join(cluster.node_names)} ({cluster.gpus_per_node} GPU each)\n"
+            f"  nodes:      {', '.join(cluster.node_names)} ({cluster.gpus_per_node} GPU each; "
+            f"{'real node at ' + cluster.node_ip + ', containerd ' + str(cluster.containerd_socket) if cluster.node == 'real' else 'node agent'})\n"
             f"  logs:       {d / 'logs'}\n"
             f"  try:        {d / 'bin' / 'kubectl'} --kubeconfig {d / 'kubeconfig'} get nodes")
 
@@ -60,18 +66,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     existing = _attach(args.dir)
     if existing is not None:
         health = existing.healthy()
-        if all(health.values()):
+        if existing.node != args.node:
+            print(f"local cluster in {existing.directory} runs node={existing.node}, not {args.node}: restarting it",
+                  file=sys.stderr)
+            existing.stop()
+        elif all(health.values()):
             _link_bin(existing)
             print(f"local cluster already up in {existing.directory}\n{_summary(existing)}")
             return 0
-        broken = ", ".join(n for n, ok in health.items() if not ok)
-        print(f"local cluster in {existing.directory} is unhealthy ({broken}): restarting it", file=sys.stderr)
-        existing.stop()
+        else:
+            broken = ", ".join(n for n, ok in health.items() if not ok)
+            print(f"local cluster in {existing.directory} is unhealthy ({broken}): restarting it", file=sys.stderr)
+            existing.stop()
     cluster = LocalCluster(args.dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node, detach=True,
-                           timeout_s=args.timeout)
+                           timeout_s=args.timeout, node=args.node)
     try:
         cluster.start()
-    except ClusterStartError as exc:
+    except (ClusterStartError, NodeSetupError, ImageError) as exc:
         print(f"local cluster failed to start: {exc}", file=sys.stderr)
         return 1
     _link_bin(cluster)
@@ -107,11 +118,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(health.values()) else 1
 
 
+def cmd_import_image(args: argparse.Namespace) -> int:
+    """Import a podman image into the real node's containerd; 1 when that fails."""
+    cluster = _attach(args.dir)
+    if cluster is None or cluster.node != "real":
+        print(f"no real-node cluster running in {args.dir.absolute()} (make cluster-up NODE=real)", file=sys.stderr)
+        return 1
+    try:
+        result = cluster.import_image(args.ref)
+    except ImageError as exc:
+        print(f"import failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.ref} {'imported' if result.imported else 'already present'} in {result.seconds:.1f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the sub-command."""
     parser = argparse.ArgumentParser(prog="python -m localcluster", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("up", cmd_up), ("down", cmd_down), ("status", cmd_status)):
+    for name, fn in (("up", cmd_up), ("down", cmd_down), ("status", cmd_status),
+                     ("import-image", cmd_import_image)):
         p = sub.add_parser(name, help=fn.__doc__)
         p.add_argument("--dir", type=Path, default=Path(".local-cluster"), help="cluster directory")
         p.set_defaults(fn=fn)
@@ -119,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--nodes", type=int, default=1, help="number of nodes")
             p.add_argument("--gpus-per-node", type=int, default=2, help="nvidia.com/gpu capacity per node")
             p.add_argument("--timeout", type=float, default=180.0, help="seconds each component may take to start")
+            p.add_argument("--node", choices=("agent", "real"), default="agent",
+                           help="agent: the stand-in node agent (default); real: containerd + kubelet (root)")
+        if name == "import-image":
+            p.add_argument("ref", help="a podman image, e.g. localhost/qlora-local/probe:TAG")
     args = parser.parse_args(argv)
-    if args.command == "status":
+    if args.command in ("status", "import-image"):
         return args.fn(args)
     with _locked(args.dir):
         return args.fn(args)

@@ -21,6 +21,8 @@ VERSION_KEYS = {
     "kube-controller-manager": "KUBERNETES_VERSION",
     "kube-scheduler": "KUBERNETES_VERSION",
     "kubectl": "KUBERNETES_VERSION",
+    "kubelet": "KUBERNETES_VERSION",
+    "kube-proxy": "KUBERNETES_VERSION",
     "etcd": "ETCD_VERSION",
     "minio": "MINIO_VERSION",
     "helm": "HELM_VERSION",

@@ -140,24 +140,27 @@ def _write(path: Path, data: bytes, private: bool = False) -> Path:
     return path
 
 
-def write_pki(directory: Path, node_names: tuple[str, ...] = ()) -> Pki:
+def write_pki(directory: Path, node_names: tuple[str, ...] = (), extra_ips: tuple[str, ...] = ()) -> Pki:
     """Generate the whole PKI into ``directory`` and return the file paths.
 
     Client identities: ``admin`` (CN=admin, O=system:masters), ``controller-manager``
     (CN=system:kube-controller-manager), ``scheduler`` (CN=system:kube-scheduler),
     ``apiserver-kubelet-client`` (the API server towards the node agent) and,
-    per node, ``node:<name>`` (CN=system:node:<name>, O=system:nodes).
+    per node, ``node:<name>`` (CN=system:node:<name>, O=system:nodes), and ``kube-proxy``
+    (CN=system:kube-proxy, bound to ``system:node-proxier`` by the default RBAC).
+    ``extra_ips`` are added to the SANs of the API server's and the kubelet's serving
+    certificates (the real node's address, where pods and the API server reach them).
     """
     directory.mkdir(parents=True, exist_ok=True)
     ca, ca_key, ca_cert = make_ca()
     ca_cert_path = _write(directory / "ca.crt", ca.cert_pem)
     ca_key_path = _write(directory / "ca.key", ca.key_pem, private=True)
     serving = issue(ca_key, ca_cert, "kube-apiserver", dns_names=APISERVER_DNS,
-                    ip_addresses=APISERVER_IPS, server=True, client=False)
+                    ip_addresses=APISERVER_IPS + tuple(extra_ips), server=True, client=False)
     api_cert = _write(directory / "apiserver.crt", serving.cert_pem)
     api_key = _write(directory / "apiserver.key", serving.key_pem, private=True)
     kubelet = issue(ca_key, ca_cert, "local-node-agent", dns_names=("localhost",) + tuple(node_names),
-                    ip_addresses=("127.0.0.1",), server=True, client=False)
+                    ip_addresses=("127.0.0.1",) + tuple(extra_ips), server=True, client=False)
     kubelet_cert = _write(directory / "kubelet.crt", kubelet.cert_pem)
     kubelet_key = _write(directory / "kubelet.key", kubelet.key_pem, private=True)
     sa = service_account_keys()
@@ -168,6 +171,7 @@ def write_pki(directory: Path, node_names: tuple[str, ...] = ()) -> Pki:
         "controller-manager": ("system:kube-controller-manager", ()),
         "scheduler": ("system:kube-scheduler", ()),
         "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", ()),
+        "kube-proxy": ("system:kube-proxy", ()),
     }
     for node in node_names:
         identities[f"node:{node}"] = (f"system:node:{node}", ("system:nodes",))

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from localcluster import podfiles, procs
+from localcluster import podfiles, procs, realnode
 from localcluster.binaries import HACK_DIR, find_binaries, read_versions
 from localcluster.certs import Pki, write_pki
 
@@ -53,7 +53,7 @@ STATE_FILE = "state.json"
 #: every default-on controller except those that need a cloud provider or node CIDRs.
 CONTROLLERS = "*,-cloud-node-lifecycle-controller,-service-lb-controller,-node-route-controller,-node-ipam-controller"
 #: the order components stop in (batch, share of the grace period): SIGTERM to a batch, then the next.
-STOP_BATCHES = ((("node-agent",), 1.5), (("kube-scheduler", "kube-controller-manager"), 1.0),
+STOP_BATCHES = ((("node-agent", "kubelet", "kube-proxy"), 1.5), (("containerd",), 0.5), (("kube-scheduler", "kube-controller-manager"), 1.0),
                 (("kube-apiserver",), 1.0), (("etcd", "minio"), 1.0))
 #: HTTP without proxies: everything here is on loopback.
 _PLAIN = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -120,7 +120,13 @@ class LocalCluster:
             unless ``node_names`` is given.
         gpus_per_node: ``nvidia.com/gpu`` capacity of each Node.
         node_cpu, node_memory, node_pods: the other advertised capacities.
-        s3: start MinIO. node_agent: start the node agent.
+        s3: start MinIO. node_agent: start the node agent (``node="agent"`` only).
+        node: ``"agent"`` (default): the stand-in node agent runs pods as host processes;
+            ``"real"``: one real node (containerd, runc, CNI, kubelet, kube-proxy; see
+            :mod:`localcluster.realnode`) named ``node_names[0]`` with ``gpus_per_node``
+            fake ``nvidia.com/gpu`` capacity; the API server binds 0.0.0.0 and advertises
+            the node's address, MinIO listens on that address (``s3_endpoint`` uses it).
+            Needs root and the fixed ports of :data:`localcluster.realnode.PORTS`.
         timeout_s: bound on each component's wait for health, in seconds.
         detach: leave the processes running at interpreter exit (``python -m localcluster up``).
 
@@ -135,12 +141,21 @@ class LocalCluster:
 
     def __init__(self, directory: Path | str, *, nodes: int = 1, node_names: list[str] | None = None,
                  gpus_per_node: int = 2, node_cpu: str = "32", node_memory: str = "256Gi", node_pods: int = 110,
-                 s3: bool = True, node_agent: bool = True, timeout_s: float = 120.0, detach: bool = False):
+                 s3: bool = True, node_agent: bool = True, node: str = "agent", timeout_s: float = 120.0,
+                 detach: bool = False):
         self.directory = Path(directory).absolute()
         self.node_names = list(node_names) if node_names else [f"local-node-{i}" for i in range(nodes)]
+        if node not in ("agent", "real"):
+            raise ValueError(f"node must be 'agent' or 'real', not {node!r}")
+        if node == "real" and len(self.node_names) != 1:
+            raise ValueError(f"node='real' runs exactly one node, not {len(self.node_names)} (nodes/node_names)")
+        self.node = node
+        self.node_ip = "127.0.0.1"
+        self.containerd_socket = realnode.containerd_socket(self.directory)
+        self.pause_image = ""
         self.gpus_per_node = gpus_per_node
         self.node_cpu, self.node_memory, self.node_pods = node_cpu, node_memory, node_pods
-        self.with_s3, self.with_node_agent = s3, node_agent
+        self.with_s3, self.with_node_agent = s3, node_agent and node == "agent"
         self.timeout_s = timeout_s
         self.detach = detach
         self.id = ""
@@ -180,9 +195,21 @@ class LocalCluster:
             ClusterStartError: a component exited or was not healthy within ``timeout_s``
                 (everything started so far is stopped first).
             localcluster.binaries.BinariesError: the binaries could not be had.
+            localcluster.realnode.NodeSetupError: ``node="real"`` cannot run here (a fixed
+                port taken, not root, packages missing); raised before anything starts.
+            localcluster.nodeimages.ImageError: the pause image could not be built or imported.
         """
         t0 = time.monotonic()
         needed = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+        if self.node == "real":
+            needed += ("kubelet", "kube-proxy")
+            realnode.check_ports()
+            realnode.ensure_packages(log=self._log)
+            self.node_ip = realnode.node_ip()
+            from localcluster import nodeimages
+
+            self.pause_image = nodeimages.static_image("pause", log=self._log)
+            self.timings["pause-image"] = round(time.monotonic() - t0, 2)
         bins = find_binaries(names=needed + (("minio",) if self.with_s3 else ()))
         self.kubectl_path, self.helm_path = bins["kubectl"], bins["helm"]
         self._prepare_directory()
@@ -195,7 +222,8 @@ class LocalCluster:
         self.ports = dict(zip(names, procs.free_ports(len(names))))
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
         try:
-            self._pki = write_pki(self.directory / "pki", tuple(self.node_names))
+            extra_ips = (self.node_ip,) if self.node == "real" else ()
+            self._pki = write_pki(self.directory / "pki", tuple(self.node_names), extra_ips)
             self._write_kubeconfigs()
             self._start("etcd", self._etcd_argv(bins["etcd"]), ["etcd-client", "etcd-peer"])
             if self.with_s3:
@@ -214,6 +242,8 @@ class LocalCluster:
                 self._wait("minio", self._minio_healthy, t0)
             if self.with_node_agent:
                 self._wait("node-agent", self._nodes_ready, t0)
+            if self.node == "real":
+                self._start_real_node(bins, t0)
             self.startup_seconds = round(time.monotonic() - t0, 2)
             self._write_state()
         except BaseException:
@@ -224,12 +254,16 @@ class LocalCluster:
     def stop(self, grace_s: float = 10.0) -> list[str]:
         """Stop everything this cluster started; idempotent.
 
-        Components stop in batches (:data:`STOP_BATCHES`: the node agent first, so it stops
-        its pods; etcd last, so the API server can shut down cleanly): SIGTERM to each
+        Components stop in batches (:data:`STOP_BATCHES`: the node agent, or the kubelet and
+        kube-proxy, first; then, on a real node, its pods' processes are killed and their
+        containers deleted before containerd stops; etcd last, so the API server can shut
+        down cleanly): SIGTERM to each
         process group, SIGKILL after ``grace_s`` seconds; finally every process still
         carrying the cluster's marker is killed. Returns descriptions of processes that
         survived all that (normally an empty list). ``swept`` lists the pids the final
-        sweep had to kill (processes that escaped their process group).
+        sweep had to kill (processes that escaped their process group). A real node then
+        gets :func:`localcluster.realnode.cleanup` (mounts, network devices and namespaces,
+        iptables chains, cgroups, sysctls); what it could not remove is listed too.
         """
         with self._lock:
             if self._stopped:
@@ -237,6 +271,12 @@ class LocalCluster:
             self._stopped = True
         leftovers: list[str] = []
         for names, grace in STOP_BATCHES:
+            if names == ("containerd",) and "containerd" in self.components:
+                alive = realnode.kill_pod_processes()  # the kubelet is gone: nothing restarts them
+                leftovers += [f"pod process {pid}" for pid in sorted(alive)]
+                if self.components["containerd"].alive():
+                    kept = realnode.remove_containers(self.containerd_socket)
+                    leftovers += [f"containerd container {cid}" for cid in kept]
             batch = [self.components[n] for n in names if n in self.components]
             alive = procs.stop_groups([(c.pid, c.started) for c in batch if c.pid], grace * grace_s)
             for c in batch:
@@ -252,6 +292,8 @@ class LocalCluster:
                 print(f"localcluster: killing {len(self.swept)} stray process(es) of cluster {self.id}: {self.swept}",
                       file=sys.stderr)
             leftovers += [f"pid {pid} carrying {procs.MARKER_ENV}={self.id}" for pid in procs.kill_marked(self.id)]
+        if self.node == "real":
+            leftovers += realnode.cleanup(self.directory)
         try:
             atexit.unregister(self.stop)
         except Exception:  # pragma: no cover - interpreter shutting down
@@ -271,7 +313,9 @@ class LocalCluster:
         directory = Path(directory).absolute()
         state = json.loads((directory / STATE_FILE).read_text())
         cluster = cls(directory, node_names=state["node_names"], gpus_per_node=state["gpus_per_node"],
-                      s3=state["s3"], node_agent=state["node_agent"], detach=True)
+                      s3=state["s3"], node_agent=state["node_agent"], node=state.get("node", "agent"),
+                      detach=True)
+        cluster.node_ip = state.get("node_ip", "127.0.0.1")
         cluster.id = state["id"]
         cluster.ports = state["ports"]
         cluster.server = state["server"]
@@ -350,6 +394,70 @@ class LocalCluster:
         return result
 
     # ----------------------------------------------------------------- internals
+    @staticmethod
+    def _log(message: str) -> None:
+        print(f"localcluster: {message}", file=sys.stderr)
+
+    def _start_real_node(self, bins: dict[str, Path], t0: float) -> None:
+        """Start containerd, the kubelet and kube-proxy (the control plane is up); wait until
+        the node is Ready with its fake GPUs and kube-proxy has synced."""
+        from localcluster import nodeimages
+
+        pki = self._pki
+        assert pki is not None
+        name = self.node_names[0]
+        self.ports.update(realnode.PORTS)
+        # `kubectl logs`/`exec`: the API server's kubelet client may use the real kubelet's API
+        self.kubectl("create", "clusterrolebinding", "qlora-local:kubelet-api-admin",
+                     "--clusterrole=system:kubelet-api-admin", "--user=kube-apiserver-kubelet-client")
+        realnode.record_host(self.directory)
+        realnode.write_files(self.directory, node_name=name, address=self.node_ip, pause_image=self.pause_image,
+                             ca_cert=pki.ca_cert, serving_cert=pki.kubelet_cert, serving_key=pki.kubelet_key,
+                             max_pods=self.node_pods)
+        self._start("containerd", realnode.containerd_argv(self.directory), [])
+        self._wait("containerd", self._containerd_healthy, t0)
+        stale = realnode.remove_containers(self.containerd_socket)  # a crashed run's, in the kept root
+        if stale:
+            raise ClusterStartError(f"containerd still lists containers of an earlier run: {stale}")
+        imported = nodeimages.import_image(self.pause_image, self.containerd_socket, log=self._log)
+        self.timings["pause-import"] = imported.seconds
+        self._start("kubelet", realnode.kubelet_argv(bins["kubelet"], self.directory,
+                                                     Path(self._component_kubeconfig("node-" + name)), name,
+                                                     self.node_ip), ["kubelet", "kubelet-healthz"])
+        self._start("kube-proxy", realnode.kube_proxy_argv(bins["kube-proxy"],
+                                                           Path(self._component_kubeconfig("kube-proxy")), name),
+                    ["kube-proxy-metrics", "kube-proxy-healthz"])
+        self._wait("kubelet", self._nodes_ready, t0)
+        gpus = {"nvidia.com/gpu": str(self.gpus_per_node)}
+        self.kubectl("patch", "node", name, "--subresource=status", "--type=merge",
+                     "-p", json.dumps({"status": {"capacity": gpus, "allocatable": gpus}}))
+        self._wait("kube-proxy", self._kube_proxy_healthy, t0)
+
+    def _containerd_healthy(self) -> bool:
+        from localcluster import nodeimages
+
+        argv = nodeimages.ctr_argv(self.containerd_socket, "version")
+        return subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
+
+    def _kube_proxy_healthy(self) -> bool:
+        url = f"http://127.0.0.1:{realnode.PORTS['kube-proxy-healthz']}/healthz"
+        with _PLAIN.open(url, timeout=2) as resp:
+            return resp.status == 200
+
+    def import_image(self, ref: str):
+        """Import the podman image ``ref`` into the real node's containerd (skipped when the same
+        image ID is there); returns :class:`localcluster.nodeimages.Imported`.
+
+        Raises:
+            RuntimeError: the cluster has no real node.
+            localcluster.nodeimages.ImageError: podman lacks the image, or the import failed.
+        """
+        from localcluster import nodeimages
+
+        if self.node != "real":
+            raise RuntimeError("import_image needs a cluster started with node='real'")
+        return nodeimages.import_image(ref, self.containerd_socket, log=self._log)
+
     def _prepare_directory(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         for sub in ("pki", "etcd", "minio", "pods", "run"):
@@ -467,7 +575,9 @@ class LocalCluster:
         assert pki is not None
         return [str(binary),
                 f"--etcd-servers=http://127.0.0.1:{self.ports['etcd-client']}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                # a real node's pods reach it through the `kubernetes` Service at the node's address
+                f"--bind-address={'0.0.0.0' if self.node == 'real' else '127.0.0.1'}",
+                f"--advertise-address={self.node_ip}",
                 f"--secure-port={self.ports['apiserver']}",
                 f"--cert-dir={self.directory / 'run' / 'apiserver'}",
                 f"--tls-cert-file={pki.apiserver_cert}", f"--tls-private-key-file={pki.apiserver_key}",
@@ -518,10 +628,10 @@ class LocalCluster:
 
     def _start_minio(self, binary: Path) -> None:
         self.s3_access_key, self.s3_secret_key = _random_secret(20), _random_secret(40)
-        self.s3_endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.s3_endpoint = f"http://{self.node_ip}:{self.ports['s3']}"  # the node IP: pods reach it
         data = self.directory / "minio"
         data.mkdir(parents=True, exist_ok=True)
-        argv = [str(binary), "server", str(data), "--address", f"127.0.0.1:{self.ports['s3']}",
+        argv = [str(binary), "server", str(data), "--address", f"{self.node_ip}:{self.ports['s3']}",
                 "--console-address", f"127.0.0.1:{self.ports['s3-console']}", "--quiet"]
         env = {"MINIO_ROOT_USER": self.s3_access_key, "MINIO_ROOT_PASSWORD": self.s3_secret_key,
                "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_REGION": S3_REGION}
@@ -549,6 +659,7 @@ class LocalCluster:
         state = {
             "id": self.id, "server": self.server, "ports": self.ports, "node_names": self.node_names,
             "gpus_per_node": self.gpus_per_node, "s3": self.with_s3, "node_agent": self.with_node_agent,
+            "node": self.node, "node_ip": self.node_ip,
             "kubectl": str(self.kubectl_path), "helm": str(self.helm_path),
             "s3_endpoint": self.s3_endpoint, "s3_access_key": self.s3_access_key,
             "s3_secret_key": self.s3_secret_key, "startup_seconds": self.startup_seconds,
