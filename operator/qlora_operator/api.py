@@ -640,6 +640,21 @@ class Attempt(ApiModel):
     )
 
 
+class ExportArtifact(ApiModel):
+    """One published export (``spec.output.export``), listed after its _SUCCESS marker exists."""
+
+    format: Annotated[str, Field(max_length=16)] = Field(description="gguf or vllm.")
+    quantization: Annotated[str, Field(max_length=16)] | None = Field(
+        default=None, description="GGUF tensor type (f16, bf16, q8_0); unset for vllm."
+    )
+    uri: _Uri = Field(description="<output>/run-<N>/export/<format>[-<quantization>]/.")
+    file: _Uri | None = Field(default=None, description="The .gguf file (gguf) or serve.sh (vllm) in it.")
+
+
+#: Most exports kept in ``status.artifacts.exports`` (one per format).
+MAX_EXPORTS = 4
+
+
 class Artifacts(ApiModel):
     """Artifact URIs; each is listed only after its _SUCCESS marker exists."""
 
@@ -657,6 +672,12 @@ class Artifacts(ApiModel):
     )
     manifest_uri: _Uri | None = Field(default=None, description="The lineage manifest.json.")
     last_checkpoint_uri: _Uri | None = Field(default=None, description="Newest complete checkpoint.")
+    loss_plot_uri: _Uri | None = Field(
+        default=None, description="<output>/run-<N>/adapter/loss.png: train and eval loss and learning rate by step."
+    )
+    exports: Annotated[list[ExportArtifact], Field(max_length=MAX_EXPORTS)] | None = Field(
+        default=None, description="Published exports of spec.output.export (gguf, vllm), each with its own _SUCCESS."
+    )
 
 
 class QLoRAJobStatus(ApiModel):

@@ -264,6 +264,19 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
     "spec.dataset.uri": [_rule(_matches(cfg.DATA_URI_PATTERN), cfg.MSG_DATA_URI)],
     "spec.dataset.evalUri": [_rule(_matches(cfg.DATA_URI_PATTERN), cfg.MSG_DATA_URI)],
     "spec.output.uri": [_rule(_matches(cfg.DATA_URI_PATTERN), cfg.MSG_DATA_URI)],
+    "spec.output": [
+        _rule(
+            "!has(self.export) || size(self.export) == 0 || (has(self.merge) && has(self.merge.enabled) && self.merge.enabled)",
+            cfg.MSG_EXPORT_NEEDS_MERGE,
+            fieldPath=".export",
+        ),
+    ],
+    "spec.output.export": [
+        _rule("self.all(e, self.filter(o, o.format == e.format).size() == 1)", cfg.MSG_EXPORT_FORMATS_UNIQUE),
+    ],
+    "spec.output.export[]": [
+        _rule("!has(self.quantization) || self.format == 'gguf'", cfg.MSG_EXPORT_QUANTIZATION_GGUF_ONLY),
+    ],
     "spec.storage.endpoint": [_rule(_matches(cfg.ENDPOINT_PATTERN), cfg.MSG_ENDPOINT)],
     "spec.storage.credentialsSecretRef.name": [_rule(_matches(api.DNS_SUBDOMAIN), api.MSG_SECRET_NAME)],
     "spec.training": [

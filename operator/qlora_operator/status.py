@@ -61,7 +61,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from qlora_operator import render
-from qlora_operator.api import ConditionType, Phase
+from qlora_operator.api import MAX_EXPORTS, ConditionType, Phase
 from qlora_operator.render import GroupAttempt
 from qlora_operator.settings import OperatorSettings
 
@@ -518,6 +518,30 @@ def attempts_with_job_failure(attempts: Sequence[Mapping[str, Any]], job: Mappin
     return out
 
 
+def exports_from_artifacts(arts: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The well-formed entries of a termination message's ``artifacts.exports`` (``format``, ``uri``,
+    optional ``quantization`` and ``file``: short strings), at most ``api.MAX_EXPORTS``; others dropped."""
+    raw = arts.get("exports")
+    if not isinstance(raw, list):
+        return []
+    out = []
+    for item in raw[:MAX_EXPORTS]:
+        if not isinstance(item, Mapping):
+            continue
+        fmt, uri = item.get("format"), item.get("uri")
+        if not (isinstance(fmt, str) and 0 < len(fmt) <= 16 and isinstance(uri, str) and 0 < len(uri) <= 4096):
+            continue
+        entry = {"format": fmt, "uri": uri}
+        quant = item.get("quantization")
+        if isinstance(quant, str) and 0 < len(quant) <= 16:
+            entry["quantization"] = quant
+        file = item.get("file")
+        if isinstance(file, str) and 0 < len(file) <= 4096:
+            entry["file"] = file
+        out.append(entry)
+    return out
+
+
 def artifacts_from_pods(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """Artifact URIs from the termination message of a pod that exited 0 (never from a failed one)."""
     for pod in sorted(pods, key=_pod_sort_key, reverse=True):
@@ -527,7 +551,10 @@ def artifacts_from_pods(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | N
         tmsg = parse_termination_message(term.get("message")) or {}
         arts = tmsg.get("artifacts")
         if isinstance(arts, dict):
-            keep = {k: v for k, v in arts.items() if k in ("adapterUri", "mergedUri", "manifestUri", "lastCheckpointUri") and isinstance(v, str) and v}
+            keep = {k: v for k, v in arts.items() if k in ("adapterUri", "mergedUri", "manifestUri", "lastCheckpointUri", "lossPlotUri") and isinstance(v, str) and v}
+            exports = exports_from_artifacts(arts)
+            if exports:
+                keep["exports"] = exports
             if keep:
                 return keep
     return None

@@ -1152,3 +1152,32 @@ def test_an_unnamed_trainer_crash_is_a_trainer_error_with_the_traceback_last_lin
     attempt = status_mod.attempt_from_pod(pod(terminated={"exitCode": 1, "reason": "Error", "message": log_tail}), 0)
     assert attempt["reason"] == "TrainerError"
     assert attempt["message"] == "RuntimeError: size mismatch for lora_A [16, 576] vs [8, 576]"
+
+
+# ----------------------------------------------------------------------------- exports (issue 17)
+_EXPORTS_CASES = [
+    ("both", [{"format": "gguf", "quantization": "q8_0", "uri": "s3://o/run-1/export/gguf-q8_0/",
+               "file": "s3://o/run-1/export/gguf-q8_0/model-q8_0.gguf"},
+              {"format": "vllm", "uri": "s3://o/run-1/export/vllm/"}],
+     [{"format": "gguf", "quantization": "q8_0", "uri": "s3://o/run-1/export/gguf-q8_0/",
+       "file": "s3://o/run-1/export/gguf-q8_0/model-q8_0.gguf"},
+      {"format": "vllm", "uri": "s3://o/run-1/export/vllm/"}]),
+    ("malformed-dropped", [{"format": "gguf"}, "x", {"format": 3, "uri": "s3://o/"}, {"format": "vllm", "uri": "s3://o/v/",
+                                                                                        "extra": "ignored"}],
+     [{"format": "vllm", "uri": "s3://o/v/"}]),
+    ("bounded", [{"format": "vllm", "uri": f"s3://o/{i}/"} for i in range(10)],
+     [{"format": "vllm", "uri": f"s3://o/{i}/"} for i in range(4)]),
+    ("not-a-list", {"format": "gguf"}, None),
+]
+
+
+@pytest.mark.parametrize("case,exports,expected", _EXPORTS_CASES, ids=[c[0] for c in _EXPORTS_CASES])
+def test_artifacts_copy_exports_and_loss_plot_from_the_termination_message(case, exports, expected):
+    message = {"exitCode": 0, "artifacts": {"adapterUri": "s3://o/run-1/adapter/", "exports": exports,
+                                             "lossPlotUri": "s3://o/run-1/adapter/loss.png"}}
+    arts = status_mod.artifacts_from_pods([pod(terminated={"exitCode": 0, "message": message})])
+    assert arts["adapterUri"] == "s3://o/run-1/adapter/" and arts["lossPlotUri"] == "s3://o/run-1/adapter/loss.png"
+    assert arts.get("exports") == expected
+    from qlora_operator.api import Artifacts
+
+    Artifacts.model_validate(arts)  # what the status schema accepts

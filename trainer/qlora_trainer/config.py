@@ -80,6 +80,14 @@ MSG_ALL_LINEAR_ALONE = (
     "lora.targetModules: all-linear already selects every linear layer: list it alone, or list module names"
 )
 MSG_TARGET_MODULES_UNIQUE = "lora.targetModules: module names must be unique"
+MSG_EXPORT_NEEDS_MERGE = (
+    "output.export needs output.merge.enabled: true (GGUF and the vLLM merged copy are made from the merged model): "
+    "enable the merge, or remove output.export"
+)
+MSG_EXPORT_FORMATS_UNIQUE = "output.export: each format may be listed once"
+MSG_EXPORT_QUANTIZATION_GGUF_ONLY = (
+    "output.export[].quantization applies to format gguf only: remove it from the vllm entry"
+)
 
 
 def pattern_check(pattern: str, hint: str) -> AfterValidator:
@@ -482,6 +490,59 @@ class MergeSettings(ApiModel):
     dtype: MergeDtype = Field(default=MergeDtype.bfloat16, description="Dtype of the merged weights. Default bfloat16.")
 
 
+class ExportFormat(str, Enum):
+    """A deployable export of the merged model (``export``)."""
+
+    gguf = "gguf"
+    vllm = "vllm"
+
+
+class GgufQuantization(str, Enum):
+    """GGUF tensor type, llama.cpp ``convert_hf_to_gguf.py --outtype`` (what its pure-Python writer makes)."""
+
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+#: GGUF quantization used when a gguf export names none.
+DEFAULT_GGUF_QUANTIZATION = GgufQuantization.q8_0.value
+
+
+class ExportTarget(ApiModel):
+    """One export under ``<uri>/run-<N>/export/`` with its own ``_SUCCESS`` marker (``qlora_trainer.export``)."""
+
+    format: ExportFormat = Field(
+        description=(
+            "gguf: the merged model converted by llama.cpp's convert_hf_to_gguf.py into one .gguf file "
+            "(export/gguf-<quantization>/); vllm: the adapter laid out for vllm serve --enable-lora, with serve.sh "
+            "and a README naming the merged model (export/vllm/)."
+        ),
+    )
+    quantization: GgufQuantization | None = Field(
+        default=None,
+        description="gguf only: f16, bf16 or q8_0 (8-bit blocks, about half the size of f16). Unset: q8_0.",
+    )
+
+    @model_validator(mode="after")
+    def _quantization_gguf_only(self) -> ExportTarget:
+        if self.quantization is not None and self.format != ExportFormat.gguf.value:
+            raise PydanticCustomError("export_quantization", MSG_EXPORT_QUANTIZATION_GGUF_ONLY)
+        return self
+
+    def resolved_quantization(self) -> str | None:
+        """The GGUF quantization (default q8_0); ``None`` for vllm."""
+        if self.format != ExportFormat.gguf.value:
+            return None
+        return self.quantization or DEFAULT_GGUF_QUANTIZATION
+
+    @property
+    def name(self) -> str:
+        """Directory under ``export/``: ``gguf-q8_0``, ``vllm``."""
+        quant = self.resolved_quantization()
+        return f"{self.format}-{quant}" if quant else str(self.format)
+
+
 class OutputTarget(ApiModel):
     """Where artifacts go: ``<uri>/run-<N>/adapter/``, ``.../merged/``, ``.../checkpoints/`` (``runs``: one prefix per run)."""
 
@@ -492,6 +553,23 @@ class OutputTarget(ApiModel):
         default_factory=MergeSettings,
         description="Optionally merge the adapter into a dequantised copy of the base (<uri>/run-<N>/merged/).",
     )
+    export: Annotated[list[ExportTarget], Field(max_length=2)] = Field(
+        default_factory=list,
+        description=(
+            "Deployable exports made from the merged model (needs merge.enabled), each under "
+            "<uri>/run-<N>/export/<format>[-<quantization>]/ with its own _SUCCESS marker: gguf (llama.cpp, "
+            "Llama/Mistral/Qwen2/Qwen3 architectures) and vllm (LoRA serving layout). Each format at most once."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _export_needs_merge(self) -> OutputTarget:
+        formats = [e.format for e in self.export]
+        if len(set(formats)) != len(formats):
+            raise PydanticCustomError("export_unique", MSG_EXPORT_FORMATS_UNIQUE)
+        if self.export and not self.merge.enabled:
+            raise PydanticCustomError("export_needs_merge", MSG_EXPORT_NEEDS_MERGE)
+        return self
 
 
 class StorageSettings(ApiModel):
