@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/hack:$(PYTHONPATH)
 
-.PHONY: venv binaries images cluster-up cluster-down test demo crds
+.PHONY: venv binaries converter images cluster-up cluster-down test demo crds
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ venv: $(VENV)/.installed
 binaries:
 	bash hack/build-binaries.sh >/dev/null
 
+# llama.cpp's convert_hf_to_gguf.py for output.export gguf (pinned sdist, sha256 checked; cached by version).
+converter: venv
+	PIP="$(PY) -m pip" sh hack/fetch-converter.sh
+
 # The operator and trainer images from the Dockerfiles, built with podman on local base
 # images (podman, buildah, runc and debootstrap installed with apt-get when missing, as
 # root); tags keyed by the inputs' hash, so a warm run builds nothing (hack/localimages).
@@ -35,10 +39,10 @@ cluster-up: venv binaries
 cluster-down: venv
 	$(PY) -m localcluster down
 
-test: venv binaries images
+test: venv binaries converter images
 	$(PY) -m pytest
 
-demo: venv binaries
+demo: venv binaries converter
 	$(PY) hack/demo.py
 
 crds: venv

@@ -13,7 +13,14 @@ Steps (each named; a failure stops the demo and names its step):
    status live, as ``kubectl get qj -w`` would;
 6. print the artifact URIs, the eval loss before and after training (from the
    adapter's manifest) and one held-out prompt answered by the base model and by
-   base + adapter.
+   base + adapter;
+7. download ``loss.png`` (train/eval loss and learning rate by step) and the GGUF q8_0
+   export (``spec.output.export``), answer the prompt with the GGUF through
+   transformers' GGUF loader, and print where they are and how to open/load them.
+
+The GGUF export runs llama.cpp's ``convert_hf_to_gguf.py`` (``make converter`` fetches it;
+``make demo`` depends on it); the pod finds it through ``QLORA_LLAMA_CPP_DIR``, which the
+demo sets for the node agent it starts (a cluster already up must have been started with it).
 
 The cluster is left running so that the job can be inspected; ``make cluster-down``
 stops it. Environment: ``QLORA_DEMO_MAX_STEPS`` overrides ``training.maxSteps``
@@ -189,6 +196,19 @@ def answer(model_dir: Path, adapter_dir: Path | None, messages: list[dict[str, s
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def answer_gguf(directory: Path, gguf_file: str, messages: list[dict[str, str]], max_new_tokens: int = 40) -> str:
+    """Greedy answer of a GGUF export (transformers' GGUF loader, dequantised to fp32) to a chat prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32).eval()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the QLoRA demo job on the local cluster.")
     parser.add_argument("--state-dir", default=str(REPO / ".local-cluster"))
@@ -197,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     state = Path(args.state_dir)
     sys.path.insert(0, str(REPO / "hack"))
+
+    import embedded
+    from qlora_trainer.export import CONVERTER_VERSION
+
+    converter = Path(embedded.cache_root()) / "llama.cpp" / f"llama-cpp-python-{CONVERTER_VERSION}"
+    os.environ.setdefault("QLORA_LLAMA_CPP_DIR", str(converter))  # passed to pods by the node agent
 
     with step("Start the local cluster (etcd, kube-apiserver, controller-manager, scheduler, node agent, MinIO)"):
         run([sys.executable, "-m", "localcluster", "up", "--dir", str(state)])
@@ -287,6 +313,33 @@ def main(argv: list[str] | None = None) -> int:
             raise DemoError(f"eval loss did not go down: before {before}, after {after}")
         if base_answer == tuned_answer:
             raise DemoError("the adapter's answer equals the base model's")
+
+    with step("Loss curve and the GGUF q8_0 export: download, load with transformers, and how to open them"):
+        plot_uri = artifacts.get("lossPlotUri")
+        if plot_uri:
+            p_bucket, p_key = split_uri(plot_uri)
+            png = work / "loss.png"
+            s3.download_file(p_bucket, p_key, str(png))
+            print(f"    loss curve:  {plot_uri}")
+            print(f"                 downloaded to {png} (open it with: xdg-open {png}, or any image viewer)")
+        gguf = next((e for e in artifacts.get("exports") or [] if e.get("format") == "gguf"), None)
+        if gguf is None:
+            raise DemoError("status.artifacts.exports lists no gguf export")
+        g_bucket, g_key = split_uri(gguf["file"])
+        gguf_dir = work / "gguf"
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        gguf_file = gguf_dir / g_key.rsplit("/", 1)[-1]
+        s3.download_file(g_bucket, g_key, str(gguf_file))
+        gguf_answer = answer_gguf(gguf_dir, gguf_file.name, prompt)
+        print(f"    GGUF ({gguf['quantization']}): {gguf['file']}")
+        print(f"                 downloaded to {gguf_file} ({gguf_file.stat().st_size / 2**20:.0f} MiB)")
+        print(f"    GGUF answer:        {gguf_answer!r}")
+        print("    load it with llama.cpp:  llama-cli -m " + str(gguf_file) + " -cnv")
+        print("                 or serve:  llama-server -m " + str(gguf_file))
+        print("    or with transformers:    AutoModelForCausalLM.from_pretrained("
+              f"{str(gguf_dir)!r}, gguf_file={gguf_file.name!r})")
+        summary.update(lossPlot=str(work / "loss.png") if plot_uri else None, gguf=str(gguf_file), ggufAnswer=gguf_answer)
+        (state / "demo-result.json").write_text(json.dumps(summary, indent=2))
 
     print("\nDemo finished. Inspect with:")
     print(f"  {state / 'bin' / 'kubectl'} --kubeconfig {state / 'kubeconfig'} get qj -n {NAMESPACE} -o yaml")

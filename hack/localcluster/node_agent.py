@@ -149,7 +149,7 @@ LEASE_RENEW_S = 10.0
 STATUS_EVERY_S = 60.0
 DEFAULT_UNPULLABLE = (r"does-not-exist", r"^(invalid\.[^/]*|[^/]*\.invalid(:\d+)?)/")
 PASS_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "XDG_CACHE_HOME",
-            "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SSL_CERT_FILE", MARKER_ENV)
+            "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SSL_CERT_FILE", "QLORA_LLAMA_CPP_DIR", MARKER_ENV)
 
 
 def unpullable_rule(patterns: list[str]):

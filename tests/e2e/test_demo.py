@@ -43,6 +43,12 @@ def test_demo_runs_end_to_end(tmp_path):
         assert result["evalLossAfter"] < result["evalLossBefore"], result
         assert result["adapterAnswer"] != result["baseAnswer"], result
         assert result["artifacts"]["adapterUri"] == "s3://artifacts/demo/run-1/adapter/"
+        # issue 17: the GGUF q8_0 export and the loss curve, downloaded and used by the demo
+        assert [(e["format"], e["quantization"]) for e in result["artifacts"]["exports"]] == [("gguf", "q8_0")]
+        assert result["artifacts"]["exports"][0]["uri"] == "s3://artifacts/demo/run-1/export/gguf-q8_0/"
+        assert Path(result["gguf"]).stat().st_size > 50 * 2**20 and result["ggufAnswer"], result
+        assert Path(result["lossPlot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "llama-cli -m" in output and "loss curve:" in output
     finally:
         down = subprocess.run([sys.executable, "-m", "localcluster", "down", "--dir", str(state)],
                               env=env, capture_output=True, text=True, timeout=120)

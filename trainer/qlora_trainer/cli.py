@@ -204,6 +204,10 @@ def run(
     dist.agree(error)
     base, tokenizer, data = stage_inputs(cfg, storage, cache, dist)
     log_event("data", **data.summary())
+    if cfg.output.export:
+        from .export import check_exportable
+
+        check_exportable(cfg, base.path)  # exit 2 before training for an unsupported architecture
     parallelism = preflight(cfg, base.path, hw, dist)
     if dist.active:
         log_event("distributed", worldSize=dist.world_size, parallelism=parallelism, backend=hw.device)
@@ -230,6 +234,7 @@ def run(
         "hardware": {"device": hw.device, "name": hw.name},
         "distributed": {"worldSize": dist.world_size, "parallelism": parallelism},
     }
+    loss_png = _loss_plot(trained, adapter_dir, identity)
     manifest = build_manifest(
         kind="adapter",
         cfg=cfg,
@@ -239,8 +244,16 @@ def run(
         metrics=trained.metrics,
         run=run_info,
     )
+    if cfg.output.export:
+        from .export import planned
+
+        manifest["exports"] = planned(cfg, layout.export)
     adapter = publish(storage, adapter_dir, layout.adapter, manifest)
     result["artifacts"].update(adapterUri=adapter["uri"], manifestUri=adapter["manifestUri"])
+    if loss_png is not None:
+        from .storage import join_uri
+
+        result["artifacts"]["lossPlotUri"] = join_uri(adapter["uri"], loss_png.name)
     result["metrics"] = {
         k: trained.metrics.get(k)
         for k in ("evalLossBefore", "evalLossAfter", "trainLoss", "steps", "tokensPerSecond", "secondsPerStep")
@@ -258,7 +271,42 @@ def run(
         )
         result["artifacts"]["mergedUri"] = merged["uri"]
         log_event("merged", uri=merged["uri"])
+        if cfg.output.export:
+            result["artifacts"]["exports"] = _export(cfg, storage, cache, layout, adapter_dir, manifest, merged["uri"],
+                                                     identity, reporter)
     reporter.stage("Done", evalLoss=trained.metrics.get("evalLossAfter"))
+
+
+def _loss_plot(trained: Any, adapter_dir: Path, identity: Any) -> Path | None:
+    """``loss.png`` into the adapter directory (``plots``); a failure is logged, never fails the run."""
+    try:
+        from .plots import loss_plot
+
+        title = f"{identity.namespace}/{identity.name} run {identity.run}" if identity.name else f"run {identity.run}"
+        return loss_plot(trained.history, Path(adapter_dir) / "loss.png", title=title)
+    except Exception as err:  # noqa: BLE001 - a plot is never worth a failed run
+        log_event("loss_plot_failed", error=f"{type(err).__name__}: {err}"[:500])
+        return None
+
+
+def _export(cfg: TrainingConfig, storage: Any, cache: Path, layout: Any, adapter_dir: Path,
+            manifest: dict[str, Any], merged_uri: str, identity: Any, reporter: Any) -> list[dict[str, str]]:
+    """``output.export`` from the merged model ``merge_and_publish`` left in ``<cache>/artifacts/merged``
+    (downloaded from ``merged_uri`` when it is not there)."""
+    from .export import export_all
+
+    reporter.stage("Uploading")  # the exports are uploads of the merged model in other formats
+    merged_dir = cache / "artifacts" / "merged"
+    if not (merged_dir / "config.json").is_file():
+        merged_dir = cache / "artifacts" / "merged-download"
+        storage.download_prefix(merged_uri, merged_dir)
+    exports = export_all(
+        cfg, storage, merged_dir=merged_dir, adapter_dir=adapter_dir, work_dir=cache, export_root=layout.export,
+        adapter_manifest=manifest, merged_uri=merged_uri, name=identity.name or "adapter",
+    )
+    for entry in exports:
+        log_event("exported", **entry)
+    return exports
 
 
 def _record_failure(result: dict[str, Any], err: BaseException) -> None:

@@ -9,6 +9,7 @@ one wrote (issue 15):
 ``<output>/run-<N>/checkpoints/step-S/``  checkpoints of run N, ``qlora_state.json`` in each
 ``<output>/run-<N>/adapter/``            the adapter of run N, ``manifest.json``, ``_SUCCESS`` last
 ``<output>/run-<N>/merged/``             the merged model of run N (``output.merge.enabled``)
+``<output>/run-<N>/export/<fmt>/``       exports of run N (``output.export``: gguf-<quant>, vllm), marker last each
 ``<output>/run-<N>/refused/step-S/``     checkpoints found under run N that it could not use,
                                          moved aside (kept, never loaded or pruned)
 =====================================  ==================================================
@@ -116,6 +117,11 @@ class RunLayout:
     @property
     def merged(self) -> str:
         return join_uri(self.root, "merged")
+
+    @property
+    def export(self) -> str:
+        """``<output>/run-<N>/export``: one ``<format>[-<quantization>]/`` per ``output.export`` entry."""
+        return join_uri(self.root, "export")
 
     @property
     def refused(self) -> str:

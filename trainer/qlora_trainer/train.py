@@ -84,6 +84,8 @@ class TrainOutcome:
     adapter_state: dict[str, Any] | None = None
     #: What the run resumed from or why it started fresh (``runs.ResumeDecision.record``).
     resume: dict[str, Any] = field(default_factory=dict)
+    #: The Trainer's ``log_history`` (kept across resumes) plus the eval before and after: ``plots.loss_plot``'s input.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def backoff(micro_batch: int, accumulation: int) -> tuple[int, int]:
@@ -386,6 +388,11 @@ def train(
         or (join_uri(checkpoints_uri, f"step-{resumed_from}") if resumed_from else None),
         adapter_state=adapter_state,
         resume=decision.record(identity),
+        history=[
+            *([{"step": resumed_from or 0, "eval_loss": eval_before}] if eval_before is not None else []),
+            *[dict(e) for e in state.log_history],
+            {"step": state.global_step, "eval_loss": eval_after},
+        ],
     )
 
 
