@@ -29,7 +29,8 @@ BASES = {
 
 
 @pytest.mark.parametrize("spec,expected", [
-    (build.TRAINER, ["pyproject.toml", "constraints.txt", "README.md", "operator", "trainer"]),
+    (build.TRAINER, ["pyproject.toml", "constraints.txt", "hack/versions.env", "hack/fetch-converter.sh", "README.md",
+                     "operator", "trainer"]),
     (build.OPERATOR, ["pyproject.toml", "constraints.txt", "README.md", "operator", "trainer"]),
 ])
 def test_inputs_are_what_the_dockerfile_copies(spec, expected):
@@ -62,6 +63,9 @@ def context(tmp_path) -> Path:
         shutil.copy(REPO / name, root / name)
     for name in ("operator", "trainer"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "hack").mkdir()
+    for name in ("versions.env", "fetch-converter.sh"):  # the llama.cpp converter step (issue 17)
+        shutil.copy(REPO / "hack" / name, root / "hack" / name)
     return root
 
 
@@ -75,6 +79,7 @@ def key(root: Path, local_bases=BASES) -> str:
     lambda r: (r / "constraints.txt").write_text((r / "constraints.txt").read_text() + "\n"),
     lambda r: (r / "Dockerfile.trainer").write_text((r / "Dockerfile.trainer").read_text() + "\n# note\n"),
     lambda r: (r / "operator/qlora_operator/new.py").write_text("x = 1\n"),
+    lambda r: (r / "hack/versions.env").write_text((r / "hack/versions.env").read_text() + "\n"),
 ])
 def test_the_key_changes_with_every_input(context, change):
     before = key(context)
