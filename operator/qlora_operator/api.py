@@ -640,6 +640,24 @@ class Attempt(ApiModel):
     )
 
 
+class MergeCheck(ApiModel):
+    """The merged model's equivalence check against base + adapter (trainer ``merge.passes``)."""
+
+    passed: bool | None = Field(default=None, description="Whether the merge met its rule; false: no merged model.")
+    dtype: _Str253 | None = Field(default=None, description="Merge dtype (output.merge.dtype).")
+    onto: _Str253 | None = Field(default=None, description="Weights merged onto: nf4-dequantised or original.")
+    max_abs_logit_diff: float | None = Field(
+        default=None, description="Largest |logit| difference, merged vs unmerged, teacher-forced over the check prompts."
+    )
+    tolerance: float | None = Field(default=None, description="Largest maxAbsLogitDiff the rule allows for this dtype.")
+    top1_agreement: float | None = Field(
+        default=None, description="Share (0-1) of continuation positions whose top-1 token agrees, teacher-forced."
+    )
+    min_top1_agreement: float | None = Field(default=None, description="Least top1Agreement the rule requires.")
+    greedy_tokens_agree: int | None = Field(default=None, description="Free-running greedy tokens that agree.")
+    greedy_tokens: int | None = Field(default=None, description="Greedy tokens compared (prompts x new tokens).")
+
+
 class Artifacts(ApiModel):
     """Artifact URIs; each is listed only after its _SUCCESS marker exists."""
 
@@ -657,6 +675,9 @@ class Artifacts(ApiModel):
     )
     manifest_uri: _Uri | None = Field(default=None, description="The lineage manifest.json.")
     last_checkpoint_uri: _Uri | None = Field(default=None, description="Newest complete checkpoint.")
+    merge_check: MergeCheck | None = Field(
+        default=None, description="The merge's equivalence check; passed false: MergeCheckFailed, no mergedUri."
+    )
 
 
 class QLoRAJobStatus(ApiModel):
