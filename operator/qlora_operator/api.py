@@ -655,6 +655,24 @@ class ExportArtifact(ApiModel):
 MAX_EXPORTS = 4
 
 
+class MergeCheck(ApiModel):
+    """The merged model's equivalence check against base + adapter (trainer ``merge.passes``)."""
+
+    passed: bool | None = Field(default=None, description="Whether the merge met its rule; false: no merged model.")
+    dtype: _Str253 | None = Field(default=None, description="Merge dtype (output.merge.dtype).")
+    onto: _Str253 | None = Field(default=None, description="Weights merged onto: nf4-dequantised or original.")
+    max_abs_logit_diff: float | None = Field(
+        default=None, description="Largest |logit| difference, merged vs unmerged, teacher-forced over the check prompts."
+    )
+    tolerance: float | None = Field(default=None, description="Largest maxAbsLogitDiff the rule allows for this dtype.")
+    top1_agreement: float | None = Field(
+        default=None, description="Share (0-1) of continuation positions whose top-1 token agrees, teacher-forced."
+    )
+    min_top1_agreement: float | None = Field(default=None, description="Least top1Agreement the rule requires.")
+    greedy_tokens_agree: int | None = Field(default=None, description="Free-running greedy tokens that agree.")
+    greedy_tokens: int | None = Field(default=None, description="Greedy tokens compared (prompts x new tokens).")
+
+
 class Artifacts(ApiModel):
     """Artifact URIs; each is listed only after its _SUCCESS marker exists."""
 
@@ -677,6 +695,9 @@ class Artifacts(ApiModel):
     )
     exports: Annotated[list[ExportArtifact], Field(max_length=MAX_EXPORTS)] | None = Field(
         default=None, description="Published exports of spec.output.export (gguf, vllm), each with its own _SUCCESS."
+    )
+    merge_check: MergeCheck | None = Field(
+        default=None, description="The merge's equivalence check; passed false: MergeCheckFailed, no mergedUri."
     )
 
 

@@ -87,9 +87,10 @@ RUN_AS_USER = 1000
 RESERVED_ENV_PREFIX = "QLORA_"
 
 #: Exit codes of qlora-train that mean retrying cannot help (DESIGN.md section 4): 2 invalid
-#: config, 3 invalid data, 6 non-finite loss, 7 the model does not fit the GPUs. Exit 4
-#: (storage, after the trainer's own retries) and 5 (CUDA out of memory) are retried.
-PERMANENT_EXIT_CODES = (2, 3, 6, 7)
+#: config, 3 invalid data, 6 non-finite loss, 7 the model does not fit the GPUs, 8 the merged
+#: model failed its equivalence check (deterministic for the adapter). Exit 4 (storage, after
+#: the trainer's own retries) and 5 (CUDA out of memory) are retried.
+PERMANENT_EXIT_CODES = (2, 3, 6, 7, 8)
 #: Exit codes that fail a one-node Job at once.
 FAIL_JOB_EXIT_CODES = PERMANENT_EXIT_CODES
 

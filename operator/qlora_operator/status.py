@@ -21,8 +21,10 @@ Complete   True once the Job succeeded; artifacts come from the trainer's
 Failed     True with the cause: InvalidSpec, Unschedulable, QuotaExceeded,
            ImagePullFailed, SecretNotFound, the trainer's exit reason (OOMKilled,
            Killed, CudaOutOfMemory, InvalidData, InvalidConfig, NonFiniteLoss,
-           StorageError), DeadlineExceeded, BackoffLimitExceeded (the message
-           carries the last attempt's reason).
+           StorageError, MergeCheckFailed: the adapter is listed in
+           status.artifacts with the check's numbers, no mergedUri),
+           DeadlineExceeded, BackoffLimitExceeded (the message carries the last
+           attempt's reason).
 Suspended  True while the Job is suspended (runPolicy.suspend, or a Kueue queue).
 Stalled    True while the trainer runs but has not reported progress for longer
            than the stalled timeout.
@@ -88,6 +90,8 @@ INVALID_DATA = "InvalidData"
 INVALID_CONFIG = "InvalidConfig"
 NON_FINITE_LOSS = "NonFiniteLoss"
 INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+#: Exit 8: the merged model failed its equivalence check; the adapter is published.
+MERGE_CHECK_FAILED = "MergeCheckFailed"
 STORAGE_ERROR = "StorageError"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
@@ -120,7 +124,18 @@ EXIT_REASONS = {
     5: CUDA_OOM,
     6: NON_FINITE_LOSS,
     7: INSUFFICIENT_GPU_MEMORY,
+    8: MERGE_CHECK_FAILED,
 }
+#: Exit codes whose termination message carries published artifacts: 0, and 8 (the adapter
+#: was published before the merge check failed; the merged model was not).
+ARTIFACT_EXIT_CODES = (0, 8)
+#: URI fields of the termination message's ``artifacts`` copied into ``status.artifacts``.
+ARTIFACT_URI_FIELDS = ("adapterUri", "mergedUri", "manifestUri", "lastCheckpointUri", "lossPlotUri")
+#: Fields of ``artifacts.mergeCheck`` copied into ``status.artifacts.mergeCheck`` (api.MergeCheck).
+MERGE_CHECK_FIELDS = (
+    "passed", "dtype", "onto", "maxAbsLogitDiff", "tolerance", "top1Agreement", "minTop1Agreement",
+    "greedyTokensAgree", "greedyTokens",
+)
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 #: Running reasons that are worth a Warning event (the run cannot make progress).
 WARNING_REASONS = frozenset({UNSCHEDULABLE, QUOTA_EXCEEDED, IMAGE_PULL_BACKOFF, SECRET_NOT_FOUND, CONTAINER_CONFIG_ERROR})
@@ -542,19 +557,35 @@ def exports_from_artifacts(arts: Mapping[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def _merge_check(value: Any) -> dict[str, Any] | None:
+    """The :data:`MERGE_CHECK_FIELDS` of a termination message's ``mergeCheck`` (scalars only)."""
+    if not isinstance(value, dict):
+        return None
+    keep = {
+        k: v for k, v in value.items()
+        if k in MERGE_CHECK_FIELDS and isinstance(v, (bool, int, float, str)) and not (isinstance(v, str) and len(v) > 253)
+    }
+    return keep or None
+
+
 def artifacts_from_pods(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Artifact URIs from the termination message of a pod that exited 0 (never from a failed one)."""
+    """Artifact URIs (and ``mergeCheck``) from the termination message of the newest pod that
+    exited with one of :data:`ARTIFACT_EXIT_CODES` (0, or 8 with the adapter published);
+    never from another failed pod."""
     for pod in sorted(pods, key=_pod_sort_key, reverse=True):
         term = pod_terminated(pod)
-        if term is None or term.get("exitCode") != 0:
+        if term is None or term.get("exitCode") not in ARTIFACT_EXIT_CODES:
             continue
         tmsg = parse_termination_message(term.get("message")) or {}
         arts = tmsg.get("artifacts")
         if isinstance(arts, dict):
-            keep = {k: v for k, v in arts.items() if k in ("adapterUri", "mergedUri", "manifestUri", "lastCheckpointUri", "lossPlotUri") and isinstance(v, str) and v}
+            keep: dict[str, Any] = {k: v for k, v in arts.items() if k in ARTIFACT_URI_FIELDS and isinstance(v, str) and v}
             exports = exports_from_artifacts(arts)
             if exports:
                 keep["exports"] = exports
+            check = _merge_check(arts.get("mergeCheck"))
+            if check:
+                keep["mergeCheck"] = check
             if keep:
                 return keep
     return None
@@ -1084,7 +1115,13 @@ def compute_status(
     completion = None
     if terminal:
         completion = (old.get("completionTime") if same_run else None) or job_status.get("completionTime") or now_s
-    if not _is_true(conds, "Complete"):
+    # A failed merge check ends the run with its adapter published (and the check's numbers):
+    # those are this run's artifacts, listed like a completed run's.
+    merge_check_failed = (
+        _is_true(conds, "Failed") and conds["Failed"].get("reason") == MERGE_CHECK_FAILED
+        and bool(artifacts) and bool(artifacts.get("adapterUri"))
+    )
+    if not _is_true(conds, "Complete") and not merge_check_failed:
         # Until this run completes, status.artifacts keeps the last successful run's
         # (artifacts.run names it; every run writes under its own <output>/run-<N>/, so
         # those stay valid in storage while this one trains).

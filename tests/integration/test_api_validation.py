@@ -314,7 +314,10 @@ def test_status_accepts_every_field(installed, namespace):
                       "message": "{}", "resumedFromStep": 0}],
         "artifacts": {"adapterUri": "s3://artifacts/t/adapter/", "mergedUri": "s3://artifacts/t/merged/",
                       "manifestUri": "s3://artifacts/t/adapter/manifest.json",
-                      "lastCheckpointUri": "s3://artifacts/t/checkpoints/step-60/"},
+                      "lastCheckpointUri": "s3://artifacts/t/checkpoints/step-60/",
+                      "mergeCheck": {"passed": True, "dtype": "bfloat16", "onto": "nf4-dequantised",
+                                     "maxAbsLogitDiff": 1.16, "tolerance": 3.0, "top1Agreement": 1.0,
+                                     "minTop1Agreement": 0.95, "greedyTokensAgree": 80, "greedyTokens": 80}},
     }
     installed.kubectl("patch", "qj", "job", "-n", namespace, "--subresource=status", "--type=merge",
                       "-p", json.dumps({"status": status}))

@@ -10,6 +10,10 @@
   adapter loads with ``PeftModel.from_pretrained`` and its greedy answer to a held-out
   prompt differs from the base model's, checkpoints are complete and pruned, and the
   JSON log lines and termination message carry the documented fields.
+* ``test_a_planted_wrong_merge_publishes_the_adapter_and_no_merged_model``: the adapter
+  folded in at twice its scale (test hook ``QLORA_TEST_MERGE_ADAPTER_SCALE=2``) fails the
+  merge check: exit 8 ``MergeCheckFailed``, the adapter complete in S3, nothing under
+  ``merged/``.
 * Storage semantics on the same server: multipart uploads, marker written last,
   incomplete checkpoints ignored, unfinished multipart uploads aborted, permanent
   errors (no such bucket, bad credentials) -> exit 4 naming the operation and URI.
@@ -259,6 +263,30 @@ def bucket(cluster):
     name = f"st-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=name)
     return name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_planted_wrong_merge_publishes_the_adapter_and_no_merged_model(cluster, s3_inputs, tmp_path):
+    bucket, s3 = s3_inputs["bucket"], s3_inputs["s3"]
+    out = f"s3://{bucket}/runs/planted-merge/"
+    config = {
+        "model": {"uri": f"s3://{bucket}/models/smollm2-135m-instruct/"},
+        "dataset": {"uri": f"s3://{bucket}/data/train.jsonl", "evalUri": f"s3://{bucket}/data/eval.jsonl"},
+        "training": {
+            "maxSteps": 3, "microBatchSize": 2, "gradientAccumulationSteps": 1, "maxSeqLength": 128,
+            "learningRate": 1e-3, "gradientCheckpointing": False, "checkpointEverySteps": 3, "evalEverySteps": 1000,
+        },
+        "output": {"uri": out, "merge": {"enabled": True, "dtype": "float32"}},
+        "storage": storage_section(cluster),
+    }
+    proc, result = run_trainer(cluster, tmp_path, config, timeout=1700, QLORA_TEST_MERGE_ADAPTER_SCALE="2")
+    assert proc.returncode == 8, proc.stderr[-6000:]
+    assert result["reason"] == "MergeCheckFailed" and result["artifacts"]["mergeCheck"]["passed"] is False
+    assert result["artifacts"]["adapterUri"] == out + "run-1/adapter/" and "mergedUri" not in result["artifacts"]
+    adapter = list_keys(s3, bucket, "runs/planted-merge/run-1/adapter/")
+    assert {"adapter_model.safetensors", "manifest.json", "_SUCCESS"} <= set(adapter), sorted(adapter)
+    assert list_keys(s3, bucket, "runs/planted-merge/run-1/merged/") == {}
 
 
 def test_upload_dir_uses_multipart_and_writes_the_marker_last(storage, bucket, cluster, tmp_path):

@@ -107,7 +107,7 @@ def test_pod_failure_policy():
     rules = job_for(body())["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
-        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 6, 7]},
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 6, 7, 8]},
     }
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert len(rules) == 2  # everything else counts against backoffLimit
@@ -434,7 +434,7 @@ def test_multinode_job_is_indexed_and_fails_as_a_group():
     assert spec["podReplacementPolicy"] == "Failed"
     assert spec["podFailurePolicy"]["rules"] == [
         {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 6, 7]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 6, 7, 8]}},
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0]}},
     ]
     assert pod["subdomain"] == "bot-train" and pod["restartPolicy"] == "Never"

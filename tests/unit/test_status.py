@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from qlora_operator import plan, render
+from qlora_operator.api import QLoRAJobStatus
 from qlora_operator import status as status_mod
 from qlora_operator.settings import OperatorSettings
 from qlora_operator.status import (
@@ -319,6 +320,7 @@ def test_status_table(case, obs, now, phase, expected, fragment, events, effects
         (5, "Error", "CudaOutOfMemory"),
         (6, "Error", "NonFiniteLoss"),
         (7, "Error", "InsufficientGPUMemory"),
+        (8, "Error", "MergeCheckFailed"),
         (137, "OOMKilled", "OOMKilled"),
         (137, "Error", "Killed"),  # SIGKILL without the runtime's OOM kill: grace period over, kill -9
         (-9, None, "Killed"),
@@ -579,6 +581,44 @@ def test_resumed_and_suspended_events():
 )
 def test_parse_termination_message(text, expected):
     assert parse_termination_message(text) == expected
+
+
+MERGE_CHECK = {
+    "passed": True, "dtype": "bfloat16", "onto": "nf4-dequantised", "maxAbsLogitDiff": 1.16, "tolerance": 3.0,
+    "top1Agreement": 1.0, "minTop1Agreement": 0.95, "greedyTokensAgree": 80, "greedyTokens": 80,
+}
+
+
+def test_merge_check_is_copied_into_status_artifacts():
+    term = copy.deepcopy(TERM_OK)
+    term["message"]["artifacts"].update(
+        mergedUri="s3://out/a/merged/", mergeCheck={**MERGE_CHECK, "prompts": ["not copied"], "junk": {"x": 1}}
+    )
+    r = compute_status(qj(), observe(job(("Complete", "", "")), [pod(terminated=term)]), at(100), SETTINGS)
+    assert r.status["phase"] == "Succeeded"
+    assert r.status["artifacts"]["mergedUri"] == "s3://out/a/merged/"
+    assert r.status["artifacts"]["mergeCheck"] == MERGE_CHECK  # the summary fields only
+    QLoRAJobStatus.model_validate(r.status)  # the shape the CRD's status schema accepts
+
+
+def test_failed_merge_check_fails_the_job_and_lists_the_adapter_without_a_merged_model():
+    check = {**MERGE_CHECK, "passed": False, "maxAbsLogitDiff": 18.3, "top1Agreement": 0.41, "greedyTokensAgree": 30}
+    message = ("bfloat16 merge onto nf4-dequantised answers differently from base + adapter: max |logit diff| 18.3 "
+               "(tolerance 3); the adapter is published, the merged model is not")
+    term = {"exitCode": 8, "reason": "Error", "message": {
+        "exitCode": 8, "reason": "MergeCheckFailed", "message": message,
+        "artifacts": {"adapterUri": "s3://out/a/adapter/", "manifestUri": "s3://out/a/adapter/manifest.json",
+                      "mergeCheck": check},
+    }}
+    r = compute_status(qj(), observe(job(("Failed", "PodFailurePolicy", "")), [pod(terminated=term)]), at(300), SETTINGS)
+    failed = conds(r.status)["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", "MergeCheckFailed")
+    assert "max |logit diff| 18.3" in failed["message"] and "not retried" in failed["message"]
+    assert r.status["phase"] == "Failed" and r.terminal
+    assert r.status["artifacts"]["adapterUri"] == "s3://out/a/adapter/"
+    assert "mergedUri" not in r.status["artifacts"] and r.status["artifacts"]["mergeCheck"] == check
+    assert ("Warning", "MergeCheckFailed") in [(e.type, e.reason) for e in r.events]
+    QLoRAJobStatus.model_validate(r.status)
 
 
 def test_artifacts_never_from_a_failed_attempt():

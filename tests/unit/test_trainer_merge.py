@@ -56,6 +56,7 @@ def test_merged_model_matches_base_plus_adapter_in_float32(model_and_adapter, on
     assert check["greedyTokens"] == len(CHECK_PROMPTS) * CHECK_NEW_TOKENS == len(CHECK_PROMPTS) * 20
     assert check["greedyTokensAgree"] == check["greedyTokens"] and check["minPrefixAgree"] == 20
     assert check["greedyAgree"] and check["greedyRequired"] and check["passed"]
+    assert check["top1Agreement"] == 1.0
     assert check["maxAbsLogitDiff"] < LOGIT_TOLERANCE["float32"] == 1e-3
     assert not any("lora" in name for name, _ in merged.named_parameters()), "the adapter is folded in"
 
@@ -86,3 +87,53 @@ def test_nf4_dequantised_weights_are_what_the_4bit_model_computes_with(model_and
         far = (original(input_ids=ids).logits - ref).abs().max().item()
     print(f"\nvs 4-bit: nf4-dequantised {near:.2e}, original {far:.2e}", file=sys.stderr)
     assert near < 1e-3 < far
+
+
+def test_a_planted_wrong_merge_fails_the_check(model_and_adapter, monkeypatch):
+    """The adapter folded in at twice its scale (test hook) answers differently: the check says so."""
+    from qlora_trainer.merge import LOGIT_TOLERANCE, PLANT_SCALE_ENV, merge_adapter
+
+    model_dir, adapter_dir, tokenizer = model_and_adapter
+    monkeypatch.setenv(PLANT_SCALE_ENV, "2")
+    _, check = merge_adapter(model_dir, adapter_dir, torch.float32, tokenizer, onto="original")
+    print(f"\nplanted x2: {check['maxAbsLogitDiff']:.3g} max |logit diff|, top-1 {check['top1Agreement']:.3f}, "
+          f"{check['greedyTokensAgree']}/{check['greedyTokens']} greedy", file=sys.stderr)
+    assert not check["passed"]
+    assert check["maxAbsLogitDiff"] > 100 * LOGIT_TOLERANCE["float32"]
+    assert check["greedyTokensAgree"] < check["greedyTokens"]
+
+
+def check_of(dtype: str, diff: float, top1: float, greedy: int) -> dict:
+    return {"dtype": dtype, "maxAbsLogitDiff": diff, "top1Agreement": top1, "greedyTokensAgree": greedy,
+            "greedyTokens": 80, "greedyAgree": greedy == 80}
+
+
+@pytest.mark.parametrize(
+    ("check", "passes"),
+    [
+        # float32: merging only reorders sums (measured 9.4e-5, 80/80)
+        (check_of("float32", 9.4e-5, 1.0, 80), True),
+        (check_of("float32", 9.4e-5, 1.0, 79), False),  # one greedy token differs
+        (check_of("float32", 2e-3, 1.0, 80), False),
+        # bfloat16: the rounding of W + BA to 8 mantissa bits; see bench/RESULTS.md for the measured rows
+        (check_of("bfloat16", 1.2, 1.0, 80), True),
+        (check_of("bfloat16", 2.9, 0.96, 70), True),
+        (check_of("bfloat16", 3.1, 1.0, 80), False),  # beyond the tolerance
+        (check_of("bfloat16", 1.2, 0.9, 80), False),  # too many top-1 tokens differ
+        (check_of("float16", 1.2, 1.0, 80), True),
+    ],
+)
+def test_the_rule(check, passes):
+    from qlora_trainer import merge
+
+    assert merge.passes(check) is passes
+
+
+def test_check_summary_is_small_and_rounded():
+    from qlora_trainer import merge
+
+    check = {**check_of("bfloat16", 1.23456789, 0.987654321, 80), "onto": "nf4-dequantised", "tolerance": 3.0,
+             "minTop1Agreement": 0.95, "passed": True, "prompts": ["a"] * 4, "newTokens": 20}
+    summary = merge.check_summary(check)
+    assert set(summary) == set(merge.SUMMARY_FIELDS)
+    assert summary["maxAbsLogitDiff"] == 1.235 and summary["top1Agreement"] == 0.9877

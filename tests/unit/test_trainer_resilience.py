@@ -4,6 +4,8 @@
   halved, accumulation doubled (same effective batch) and the run finishes; the merged
   model (``output.merge``) matches base+adapter.
 * Non-finite loss (test hook ``QLORA_TEST_NAN_FROM_STEP``): exit 6, no adapter.
+* A planted wrong merge (test hook ``QLORA_TEST_MERGE_ADAPTER_SCALE=2``: the adapter folded
+  in at twice its scale): exit 8 ``MergeCheckFailed``, the adapter published, no merged model.
 * Resume: a checkpoint without its marker is ignored; the run resumes from the newest
   complete one and ends where an uninterrupted run with the same seed ends.
 * SIGTERM (preemption, eviction): a checkpoint is written at the end of the current
@@ -96,6 +98,26 @@ def test_oom_backoff_keeps_the_effective_batch_and_finishes_then_merges(inputs, 
     check = json.loads((merged / "manifest.json").read_text())["merge"]["check"]
     assert check["greedyAgree"] and check["maxAbsLogitDiff"] < 1e-3  # float32: only summation order differs
     assert result["artifacts"]["mergedUri"] == f"file://{tmp_path}/out/run-1/merged/"
+    summary = result["artifacts"]["mergeCheck"]
+    assert summary["passed"] is True and summary["dtype"] == "float32" and summary["onto"] == "nf4-dequantised"
+    assert summary["greedyTokensAgree"] == summary["greedyTokens"] == 80 and summary["top1Agreement"] == 1.0
+
+
+def test_a_planted_wrong_merge_exits_8_keeping_the_adapter_and_publishing_no_merged_model(inputs, tmp_path):
+    cfg = config(inputs, tmp_path / "out")
+    cfg["output"]["merge"] = {"enabled": True, "dtype": "float32"}
+    proc, result, events = train(tmp_path, cfg, "planted", QLORA_TEST_MERGE_ADAPTER_SCALE="2")
+    assert proc.returncode == 8, proc.stderr[-4000:]
+    assert result["reason"] == "MergeCheckFailed"
+    assert "answers differently from base + adapter" in result["message"]
+    assert "the adapter is published, the merged model is not" in result["message"]
+    check = result["artifacts"]["mergeCheck"]
+    assert check["passed"] is False and check["maxAbsLogitDiff"] > check["tolerance"] == 1e-3
+    assert "mergedUri" not in result["artifacts"]
+    assert result["artifacts"]["adapterUri"] == f"file://{tmp_path}/out/run-1/adapter/"
+    assert (tmp_path / "out/run-1/adapter/_SUCCESS").exists()
+    assert not (tmp_path / "out/run-1/merged").exists()
+    assert [e["passed"] for e in events if e["event"] == "merge_check"] == [False]
 
 
 def test_oom_at_micro_batch_one_exits_5_naming_what_was_tried(inputs, tmp_path):

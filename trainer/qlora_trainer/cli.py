@@ -3,7 +3,8 @@
 Exit codes and the termination message follow DESIGN.md section 4 (see ``errors``):
 0 success, 2 invalid config (the message on stderr, no traceback), 3 invalid data,
 4 storage, 5 CUDA out of memory after back-offs, 6 non-finite loss, 7 the memory
-estimate says the GPUs are too small, 143 preempted.
+estimate says the GPUs are too small, 8 the merged model failed its equivalence check
+(the adapter is published, the merged model is not), 143 preempted.
 The last line on stdout is the result JSON that is also written as the termination
 message (``QLORA_TERMINATION_MESSAGE_PATH``, default ``/dev/termination-log``).
 
@@ -50,7 +51,15 @@ from .distributed import (
     single_gpu_visible,
     write_worker_result,
 )
-from .errors import EXIT_CUDA_OOM, EXIT_DOES_NOT_FIT, EXIT_INVALID_CONFIG, EXIT_OK, OutputInUseError, TrainerError
+from .errors import (
+    EXIT_CUDA_OOM,
+    EXIT_DOES_NOT_FIT,
+    EXIT_INVALID_CONFIG,
+    EXIT_OK,
+    MergeCheckFailedError,
+    OutputInUseError,
+    TrainerError,
+)
 from .runs import RunIdentity, RunLayout
 from .report import ProgressReporter, log_event, now_rfc3339, set_rank, write_termination_message
 
@@ -266,10 +275,15 @@ def run(
         trained.model = None  # free the 4-bit training model before loading the base again
 
         reporter.stage("Merging")
-        merged = merge_and_publish(
-            cfg, base, adapter_dir, tokenizer, storage, cache, manifest, adapter_uri=adapter["uri"], merged_uri=layout.merged
-        )
-        result["artifacts"]["mergedUri"] = merged["uri"]
+        try:
+            merged = merge_and_publish(
+                cfg, base, adapter_dir, tokenizer, storage, cache, manifest,
+                adapter_uri=adapter["uri"], merged_uri=layout.merged,
+            )
+        except MergeCheckFailedError as err:
+            result["artifacts"]["mergeCheck"] = err.check
+            raise
+        result["artifacts"].update(mergedUri=merged["uri"], mergeCheck=merged["check"])
         log_event("merged", uri=merged["uri"])
         if cfg.output.export:
             result["artifacts"]["exports"] = _export(cfg, storage, cache, layout, adapter_dir, manifest, merged["uri"],

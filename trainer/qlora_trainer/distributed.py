@@ -66,6 +66,7 @@ from .errors import (
     EXIT_DOES_NOT_FIT,
     EXIT_INVALID_CONFIG,
     EXIT_INVALID_DATA,
+    EXIT_MERGE_CHECK,
     EXIT_NON_FINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -102,6 +103,7 @@ REASONS = {
     EXIT_CUDA_OOM: "CudaOutOfMemory",
     EXIT_NON_FINITE: "NonFiniteLoss",
     EXIT_DOES_NOT_FIT: "InsufficientGPUMemory",
+    EXIT_MERGE_CHECK: "MergeCheckFailed",
     137: "Killed",
     EXIT_PREEMPTED: "Preempted",
 }

@@ -15,6 +15,8 @@ code  reason                 meaning
 5     CudaOutOfMemory        CUDA out of memory at micro-batch 1, after back-offs
 6     NonFiniteLoss          loss or gradient norm non-finite N logged steps in a row
 7     InsufficientGPUMemory  the memory estimate says training cannot fit these GPUs
+8     MergeCheckFailed       the merged model answers differently from base + adapter
+                             (``merge``): the adapter is published, the merged model not
 143   Preempted              SIGTERM: a checkpoint was written, the next attempt resumes
 ====  =====================  =====================================================
 
@@ -35,6 +37,7 @@ EXIT_STORAGE = 4
 EXIT_CUDA_OOM = 5
 EXIT_NON_FINITE = 6
 EXIT_DOES_NOT_FIT = 7
+EXIT_MERGE_CHECK = 8
 EXIT_PREEMPTED = 143
 
 
@@ -119,6 +122,26 @@ class DoesNotFitError(TrainerError):
 
     exit_code = EXIT_DOES_NOT_FIT
     reason = "InsufficientGPUMemory"
+
+
+class MergeCheckFailedError(TrainerError):
+    """The merged model failed its equivalence check against base + adapter (``merge.passes``).
+
+    Raised after the adapter was published and before anything of the merged model is
+    written, so the run's ``merged/`` prefix stays empty. Deterministic for the same
+    adapter and merge settings: not retried.
+
+    Attributes:
+        check: the check's summary (``merge.check_summary``): dtype, onto, maxAbsLogitDiff,
+            tolerance, top-1 and greedy agreement, passed.
+    """
+
+    exit_code = EXIT_MERGE_CHECK
+    reason = "MergeCheckFailed"
+
+    def __init__(self, message: str, check: dict) -> None:
+        self.check = check
+        super().__init__(message)
 
 
 class Preempted(TrainerError):

@@ -37,27 +37,37 @@ remains available (:func:`merge_adapter` ``onto=``) for who prefers the unquanti
 base and accepts the difference, which the check below then quantifies. (Numbers
 depend on model and adapter; rerun :func:`compare_merge_targets` for another one.)
 
-Equivalence check (every merge, recorded in the manifest as ``merge.check`` and
-logged as ``merge_check``): on the fixed :data:`CHECK_PROMPTS`, base+adapter unmerged
-(on the same weights and dtype) and the merged model each generate
-:data:`CHECK_NEW_TOKENS` greedy tokens, and the maximum absolute logit difference over
-the prompt and the reference continuation is measured against :data:`LOGIT_TOLERANCE`
-for the merge dtype:
+Equivalence check (every merge, recorded in the manifest as ``merge.check``, in the
+result's ``artifacts.mergeCheck`` and so in ``status.artifacts.mergeCheck``, and logged
+as ``merge_check``): on the fixed :data:`CHECK_PROMPTS`, base + adapter unmerged (on the
+same weights, in the merge dtype) generates :data:`CHECK_NEW_TOKENS` greedy tokens per
+prompt; the merged model is then run teacher-forced on prompt + that continuation and
+free-running from the prompt. Measured: the maximum absolute logit difference
+(``maxAbsLogitDiff``), the share of continuation positions whose top-1 token is the
+reference's (``top1Agreement``, teacher-forced: one near-tie flips one position, not
+the rest of the answer) and the free-running greedy tokens that agree
+(``greedyTokensAgree`` of ``greedyTokens``). The rule (:func:`passes`), per merge dtype:
 
-* float32: 1e-3, and all greedy tokens must agree (merging only changes summation
-  order). Measured: 8.4e-5 on CPU (SmolLM2-135M, trained adapter, above) and 9.5e-5 on
-  an H200 (random-weight Mistral-7B shape, random all-linear r=16 adapter), 80/80 greedy
-  tokens both times.
-* bfloat16: 1.0, greedy agreement recorded but not required. Storing ``W + BA`` in
-  bf16 rounds every merged weight to 8 mantissa bits, which the unmerged model (``W``
-  and ``BA`` separately) does not: on the H200 7B shape the merged bf16 model differs by
-  0.47-0.56 in max |logit| (two runs), and greedy tokens agree only where the top-2
-  logit margin exceeds that noise (random weights: median margin 0.31, so 14-19 of 80
-  agree; trained models are far more peaked). fp16 (11 mantissa bits): 0.5, not measured.
-  For an exact check, merge in float32 (``output.merge.dtype``).
+* float32: ``maxAbsLogitDiff <= 1e-3`` and every greedy token agrees (merging only
+  changes summation order).
+* bfloat16 and float16: ``maxAbsLogitDiff <= 3.0`` and ``top1Agreement >= 0.95``.
 
-A failed check does not fail the run (the merged model is still the exact sum) but is
-logged as a warning and recorded as ``passed: false``.
+Chosen from measurements on a real model (bench/merge_check.py; CPU, the embedded
+SmolLM2-135M-Instruct, adapter trained on the demo corpus, merged onto
+``nf4-dequantised``, 4 prompts x 20 tokens; table in bench/RESULTS.md): an honest bf16
+merge differs by about 1.2 in max |logit| because storing ``W + BA`` in bf16 rounds
+every merged weight to 8 mantissa bits (the unmerged model keeps ``W`` and ``BA``
+apart), and its answers agree; the adapter's own effect on the logits is about 9, and a
+merge of the adapter at twice its scale differs by about 18 and changes most greedy
+tokens. An earlier 1.0 tolerance had been set on random weights (Mistral-7B shape on an
+H200: 0.47-0.56), where the near-flat logits make greedy agreement meaningless; a
+trained model is peaked, so agreement is required here. fp16 (11 mantissa bits) is
+given the bf16 rule, which bounds it from above (not measured separately).
+
+A merge that fails the rule raises :class:`~qlora_trainer.errors.MergeCheckFailedError`
+(exit 8, reason ``MergeCheckFailed``) before anything of the merged model is written:
+the adapter stays published, ``merged/`` stays empty, and the operator reports the
+check's numbers. For an exact check, merge in float32 (``output.merge.dtype``).
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +84,7 @@ import torch
 
 from .artifacts import publish
 from .config import QuantizationConfig, TrainingConfig
+from .errors import MergeCheckFailedError
 from .inputs import ModelInput
 from .report import log_event
 from .storage import Storage
@@ -94,10 +106,18 @@ CHECK_PROMPTS = (
 )
 #: Greedy tokens generated per prompt and compared.
 CHECK_NEW_TOKENS = 20
-#: Maximum absolute logit difference allowed between merged and unmerged, per merge dtype.
-LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 1.0, "float16": 0.5}
-#: Merge dtypes whose check also requires every greedy token to agree (see the module docstring).
+#: Maximum absolute logit difference allowed between merged and unmerged, per merge dtype
+#: (measured: see the module docstring and bench/merge_check.py).
+LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 3.0, "float16": 3.0}
+#: Least share of teacher-forced continuation positions whose top-1 token must agree.
+MIN_TOP1_AGREEMENT = {"float32": 1.0, "bfloat16": 0.95, "float16": 0.95}
+#: Merge dtypes whose check also requires every free-running greedy token to agree.
 GREEDY_REQUIRED = ("float32",)
+#: Fields of a check that go into the result and ``status.artifacts.mergeCheck``.
+SUMMARY_FIELDS = (
+    "passed", "dtype", "onto", "maxAbsLogitDiff", "tolerance", "top1Agreement", "minTop1Agreement",
+    "greedyTokensAgree", "greedyTokens",
+)
 
 
 # ---------------------------------------------------------------- check primitives
@@ -140,14 +160,22 @@ def compare_to_reference(model: Any, reference: list[dict[str, torch.Tensor]]) -
     """How close ``model`` is to the reference outputs.
 
     Returns ``maxAbsLogitDiff`` (over every position of prompt + reference continuation,
-    teacher-forced), ``greedyTokensAgree`` / ``greedyTokens`` (same token at the same
-    position of the two free-running greedy continuations), ``minPrefixAgree`` (the
-    fewest leading tokens identical, over prompts) and ``greedyAgree`` (all identical).
+    teacher-forced), ``top1Agreement`` (share of the continuation positions, teacher-forced,
+    where the top-1 token is the reference's: in [0, 1]), ``greedyTokensAgree`` /
+    ``greedyTokens`` (same token at the same position of the two free-running greedy
+    continuations), ``minPrefixAgree`` (the fewest leading tokens identical, over
+    prompts) and ``greedyAgree`` (all identical).
     """
-    max_diff, agree, total, min_prefix = 0.0, 0, 0, None
+    max_diff, agree, total, min_prefix, top1, positions = 0.0, 0, 0, None, 0, 0
     for ref in reference:
         logits = _logits(model, ref["full"])
         max_diff = max(max_diff, float((logits - ref["logits"]).abs().max()))
+        n = len(ref["tokens"])
+        # logits at position i predict token i + 1: the continuation's predictions are the n
+        # positions before the last one.
+        predicted = logits[-n - 1 : -1].argmax(-1)
+        top1 += int((predicted == ref["logits"][-n - 1 : -1].argmax(-1)).sum())
+        positions += n
         tokens = greedy_tokens(model, ref["prompt"], len(ref["tokens"]))
         same = (tokens == ref["tokens"]).tolist()
         agree += sum(same)
@@ -156,11 +184,72 @@ def compare_to_reference(model: Any, reference: list[dict[str, torch.Tensor]]) -
         min_prefix = prefix if min_prefix is None else min(min_prefix, prefix)
     return {
         "maxAbsLogitDiff": max_diff,
+        "top1Agreement": top1 / positions if positions else 1.0,
         "greedyTokensAgree": agree,
         "greedyTokens": total,
         "minPrefixAgree": min_prefix,
         "greedyAgree": agree == total,
     }
+
+
+def passes(check: dict[str, Any]) -> bool:
+    """Whether a check (fields of :func:`compare_to_reference` and ``dtype``) meets the rule of its merge dtype.
+
+    The rule is the module docstring's: ``maxAbsLogitDiff`` within :data:`LOGIT_TOLERANCE`,
+    ``top1Agreement`` at least :data:`MIN_TOP1_AGREEMENT`, and for :data:`GREEDY_REQUIRED`
+    dtypes every free-running greedy token equal. Raises ``KeyError`` for another dtype.
+    """
+    dtype = check["dtype"]
+    return (
+        check["maxAbsLogitDiff"] <= LOGIT_TOLERANCE[dtype]
+        and check["top1Agreement"] >= MIN_TOP1_AGREEMENT[dtype]
+        and (check["greedyAgree"] or dtype not in GREEDY_REQUIRED)
+    )
+
+
+def check_summary(check: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`SUMMARY_FIELDS` of a check, floats rounded to 4 significant digits (result and status)."""
+    return {
+        k: float(f"{check[k]:.4g}") if isinstance(check[k], float) else check[k]
+        for k in SUMMARY_FIELDS
+        if k in check
+    }
+
+
+def describe_failure(check: dict[str, Any]) -> str:
+    """One line naming what failed, e.g. ``bfloat16 merge onto nf4-dequantised: max |logit diff| 18.3 > 3 ...``."""
+    return (
+        f"{check['dtype']} merge onto {check['onto']} answers differently from base + adapter: "
+        f"max |logit diff| {check['maxAbsLogitDiff']:.3g} (tolerance {check['tolerance']:g}), "
+        f"top-1 agreement {check['top1Agreement']:.3f} (at least {check['minTop1Agreement']:g}), "
+        f"{check['greedyTokensAgree']}/{check['greedyTokens']} greedy tokens agree; "
+        "the adapter is published, the merged model is not"
+    )
+
+
+#: Test hook (unset in production, like ``callbacks``' hooks): ``QLORA_TEST_MERGE_ADAPTER_SCALE=F``
+#: multiplies every ``lora_B`` weight by ``F`` after the reference outputs and before the
+#: merge, planting a wrong merge (``F=2``: the adapter folded in at twice its scale).
+PLANT_SCALE_ENV = "QLORA_TEST_MERGE_ADAPTER_SCALE"
+
+
+@torch.no_grad()
+def plant_wrong_scale(peft_model: Any) -> None:
+    """Apply :data:`PLANT_SCALE_ENV` when set (tests only); raises ``ValueError`` for a non-number."""
+    value = os.environ.get(PLANT_SCALE_ENV)
+    if not value:
+        return
+    scale = float(value)
+    log.warning("test hook %s=%s: merging the adapter at %g x its scale", PLANT_SCALE_ENV, value, scale)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.mul_(scale)
+
+
+def fold_adapter(peft_model: Any) -> Any:
+    """``peft_model.merge_and_unload()``: the base with every LoRA update added into its weights."""
+    plant_wrong_scale(peft_model)
+    return peft_model.merge_and_unload()
 
 
 # ---------------------------------------------------------------- loading the merge target
@@ -250,7 +339,8 @@ def merge_adapter(
     ``nf4-dequantised``; default: the config defaults on this hardware).
 
     Returns ``(model, check)``; ``check`` has ``dtype``, ``onto``, ``prompts``,
-    ``newTokens``, ``tolerance``, ``passed`` and the fields of :func:`compare_to_reference`.
+    ``newTokens``, ``tolerance``, ``minTop1Agreement``, ``greedyRequired``, ``passed``
+    (:func:`passes`) and the fields of :func:`compare_to_reference`.
     """
     from peft import PeftModel
 
@@ -258,17 +348,18 @@ def merge_adapter(
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     peft_model.eval()
     reference = reference_outputs(peft_model, _encode(tokenizer, prompts, _device()), new_tokens)
-    merged = peft_model.merge_and_unload()
+    merged = fold_adapter(peft_model)
     merged.eval()
     name = str(dtype).removeprefix("torch.")
     check = {"dtype": name, "onto": onto, **compare_to_reference(merged, reference)}
     check.update(
         tolerance=LOGIT_TOLERANCE[name],
+        minTop1Agreement=MIN_TOP1_AGREEMENT[name],
         greedyRequired=name in GREEDY_REQUIRED,
-        passed=check["maxAbsLogitDiff"] <= LOGIT_TOLERANCE[name] and (check["greedyAgree"] or name not in GREEDY_REQUIRED),
         prompts=list(prompts),
         newTokens=new_tokens,
     )
+    check["passed"] = passes(check)
     return merged, check
 
 
@@ -344,10 +435,15 @@ def merge_and_publish(
     adapter_uri: str,
     merged_uri: str,
 ) -> dict[str, str]:
-    """Merge, save sharded safetensors + tokenizer + manifest, upload to ``merged_uri`` (marker last).
+    """Merge, check, save sharded safetensors + tokenizer + manifest, upload to ``merged_uri`` (marker last).
 
     ``adapter_uri`` / ``merged_uri``: the run's ``<output>/run-<N>/adapter`` and ``.../merged``
-    (``runs.RunLayout``).
+    (``runs.RunLayout``). Returns :func:`~qlora_trainer.artifacts.publish`'s ``uri`` and
+    ``manifestUri`` with ``check`` (:func:`check_summary`).
+
+    Raises:
+        MergeCheckFailedError: the merged model fails :func:`passes`; nothing was saved or
+            uploaded (its ``check`` attribute holds the summary).
     """
     from .model import Hardware, compute_dtype
 
@@ -361,14 +457,9 @@ def merge_and_publish(
     )
     log_event("merge_check", **{k: v for k, v in check.items() if k != "prompts"})
     if not check["passed"]:
-        log.warning(
-            "merged model differs from base+adapter beyond the tolerance: max |logit diff| %.3g (tolerance %g), "
-            "%d/%d greedy tokens agree",
-            check["maxAbsLogitDiff"],
-            check["tolerance"],
-            check["greedyTokensAgree"],
-            check["greedyTokens"],
-        )
+        del merged
+        gc.collect()
+        raise MergeCheckFailedError(describe_failure(check), check_summary(check))
     local = Path(work_dir) / "artifacts" / "merged"
     local.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(local), max_shard_size="2GB", safe_serialization=True)
@@ -382,4 +473,4 @@ def merge_and_publish(
         "onto": onto,
         "check": check,
     }
-    return publish(storage, local, merged_uri, manifest)
+    return {**publish(storage, local, merged_uri, manifest), "check": check_summary(check)}
