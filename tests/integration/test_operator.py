@@ -838,7 +838,9 @@ def test_real_trainer_end_to_end(cluster, namespace, buckets, s3_secret, start_o
         b = wait_for(running_with_progress, 600, "training progress with a loss", interval=0.5)
         assert b["status"]["phase"] == "Running"
         out = cluster.kubectl("get", "qj", "-n", namespace, "smol").stdout
-        assert "Running" in out and "/6" in out, out
+        # The trainer may be past its last step by now (6 short steps): the live Running rows are
+        # asserted on the watch below; here the printer columns must show the progress.
+        assert "/6" in out and any(p in out for p in ("Running", "Uploading", "Merging", "Succeeded")), out
         b = wait_terminal(api, namespace, "smol", 900)
     finally:
         watch.terminate()
