@@ -408,6 +408,13 @@ def unsloth_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
         report_to="none",
         max_length=max_len,
         seed=seed,
+        # Unsloth's patched SFTConfig defaults to adamw_8bit and a short warm-up (measured 2026-12-07):
+        # the reference's transformers defaults, spelled out.
+        optim="adamw_torch_fused",
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=callbacks)
