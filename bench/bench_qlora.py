@@ -104,7 +104,15 @@ FIRST_ID = 32
 ZIPF_S = 1.1
 
 VERSION_PACKAGES = ["torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
-                    "liger-kernel", "pydantic", "safetensors", "numpy"]
+                    "liger-kernel", "pydantic", "safetensors", "numpy", "unsloth", "unsloth_zoo", "torchao", "xformers"]
+
+#: The ``unsloth`` variants (issue 19): Unsloth's ``FastLanguageModel`` on the same model directory, LoRA,
+#: data, effective batch, sequence length, optimizer and schedule, run in their own environment (its own
+#: trl/datasets pins, ``--unsloth-site``). Keys override :data:`HP` (``micro_batch``, ``grad_accum``,
+#: ``dropout``); ``--unsloth-variant NAME=JSON`` defines ``unsloth-NAME``. The default layout is the
+#: product-mb16 variants' (16 x 1, same effective batch); dropout stays the reference's 0.05 (Unsloth
+#: fuses LoRA dropout into its fast LoRA kernels, ``UNSLOTH_FUSED_LORA_DROPOUT``, so 0.05 keeps its fast path).
+UNSLOTH_DEFAULT = {"micro_batch": 16, "grad_accum": 1}
 
 
 # --------------------------------------------------------------------------------------------- shared
@@ -350,6 +358,68 @@ def product_config_dict(model_dir: Path, setting: str, total_steps: int, seed: i
         },
         "output": {"uri": (Path(out_dir).resolve() / "product-output").as_uri() + "/"},
     }
+
+
+def unsloth_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: int, device: str, seed: int,
+                    out_dir: Path, callbacks: list[Any], overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Unsloth's documented QLoRA path on the bench model: ``FastLanguageModel`` + TRL's ``SFTTrainer``.
+
+    ``FastLanguageModel.from_pretrained(model_name=<the saved directory>, max_seq_length, dtype=bf16,
+    load_in_4bit=True)`` (Unsloth's 4-bit config: NF4, double quantisation, bf16 compute, as the
+    reference's), ``FastLanguageModel.get_peft_model`` with the reference's LoRA (q/k/v/o, r 16, alpha 32,
+    dropout 0.05, bias none), ``use_gradient_checkpointing="unsloth"`` and ``random_state=seed``; then
+    ``SFTTrainer`` with the reference's ``SFTConfig`` fields except the layout (``UNSLOTH_DEFAULT``, same
+    effective batch) and ``gradient_checkpointing`` (left to Unsloth, which installed its own). Unsloth's
+    defaults stay (its automatic padding-free batching when packing is off, its fused loss and kernels).
+    CUDA only. ``unsloth`` must be imported before transformers/trl: :func:`child_main` does that.
+    """
+    import torch
+    from unsloth import FastLanguageModel
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    if device != "cuda":
+        raise SystemExit("the unsloth variants need a GPU")
+    hp = {**HP, **UNSLOTH_DEFAULT, **overrides}
+    max_len = DATA[setting]["max_length"]
+    t0 = time.time()
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir), max_seq_length=max_len, dtype=torch.bfloat16, load_in_4bit=True,
+        use_exact_model_name=True,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    load_s = time.time() - t0
+    set_seed(seed)  # bench harness: same LoRA init as the other variants
+    model = FastLanguageModel.get_peft_model(
+        model, r=hp["r"], target_modules=list(hp["targets"]), lora_alpha=hp["alpha"], lora_dropout=hp["dropout"],
+        bias="none", use_gradient_checkpointing="unsloth", random_state=seed,
+    )
+    args = SFTConfig(
+        output_dir=str(out_dir),
+        max_steps=total_steps,
+        per_device_train_batch_size=hp["micro_batch"],
+        gradient_accumulation_steps=hp["grad_accum"],
+        learning_rate=hp["lr"],
+        bf16=True,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        max_length=max_len,
+        seed=seed,
+        # Unsloth's patched SFTConfig defaults to adamw_8bit and a short warm-up (measured 2026-12-07):
+        # the reference's transformers defaults, spelled out.
+        optim="adamw_torch_fused",
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=callbacks)
+    return trainer, {"load_s": round(load_s, 1), "api": "unsloth.FastLanguageModel + trl.SFTTrainer",
+                     "unsloth_hp": {k: hp[k] for k in ("r", "alpha", "dropout", "micro_batch", "grad_accum")}}
 
 
 def compile_decoder_layers(model: Any) -> int:
@@ -658,6 +728,9 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
     if variant == "reference":
         trainer, info = reference_trainer(model_dir, dataset, setting, total_steps, device, spec["seed"], out_dir,
                                           [meter])
+    elif variant.startswith("unsloth"):
+        trainer, info = unsloth_trainer(model_dir, dataset, setting, total_steps, device, spec["seed"], out_dir,
+                                        [meter], spec.get("overrides") or {})
     else:
         trainer, info = product_trainer(model_dir, dataset, setting, total_steps, device, spec["seed"], out_dir,
                                         [meter], spec.get("overrides") or {})
@@ -701,7 +774,7 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         from torch._dynamo.utils import counters
 
         res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "graph_break", "recompiles") if counters.get(k)}
-    if variant != "reference":
+    if variant.startswith("product"):
         from qlora_trainer import speed as qspeed
 
         res["varlen_fallback"] = qspeed._VARLEN_ERROR
@@ -709,6 +782,8 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
     res["sft_args"] = {k: _jsonable(getattr(trainer.args, k, None)) for k in SFT_FIELDS if hasattr(trainer.args, k)}
     res["collator"] = type(trainer.data_collator).__name__
     res["padding_free"] = getattr(trainer, "padding_free", None)
+    if res["padding_free"] is None and hasattr(trainer.args, "padding_free"):
+        res["padding_free"] = trainer.args.padding_free
     res["train_rows_after_prep"] = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
     res.update({k: v for k, v in info.items() if k != "config"})
     if "config" in info:
@@ -741,6 +816,9 @@ def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     result_path = Path(spec["result"])
     try:
+        if spec["kind"] == "run" and spec["variant"].startswith("unsloth"):
+            import unsloth  # noqa: F401 - before transformers / trl / peft, as Unsloth requires
+
         if spec["kind"] == "build":
             result = child_build(spec)
         else:
@@ -790,6 +868,13 @@ def run_child(spec: dict[str, Any], name: str, out: Path, timeout: float) -> dic
     log_path = out / "logs" / f"{name}.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if spec.get("kind") == "run" and str(spec.get("variant", "")).startswith("unsloth"):
+        # Unsloth's own environment: its wheel set (trl <= 1.15, datasets < 5) ahead of the product's.
+        compile_dir = Path(spec["work_dir"]) / "unsloth_compiled_cache"
+        compile_dir.mkdir(parents=True, exist_ok=True)
+        env.update(UNSLOTH_DISABLE_STATISTICS="1", UNSLOTH_COMPILE_LOCATION=str(compile_dir))
+        if spec.get("unsloth_site"):
+            env["PYTHONPATH"] = os.pathsep.join([spec["unsloth_site"]] + [x for x in [os.environ.get("PYTHONPATH")] if x])
     t0 = time.time()
     with open(log_path, "w") as fh:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_child", str(spec_path)],
@@ -898,6 +983,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--product-variant", action="append", default=[], metavar="NAME=JSON",
                    help="define variant product-NAME as the product with these TrainingConfig overrides (JSON, "
                         "deep-merged), e.g. 'mb16={\"training\":{\"microBatchSize\":16,\"gradientAccumulationSteps\":1}}'")
+    p.add_argument("--unsloth-site", type=Path, default=None,
+                   help="directory with Unsloth's own packages (pip install --target), put first on PYTHONPATH of "
+                        "the unsloth variants' subprocesses only")
+    p.add_argument("--unsloth-variant", action="append", default=[], metavar="NAME=JSON",
+                   help="define variant unsloth-NAME with these overrides of the recipe (keys micro_batch, "
+                        "grad_accum, dropout), e.g. 'mb4={\"micro_batch\":4,\"grad_accum\":4}'")
     p.add_argument("--profile", default="", metavar="VARIANTS",
                    help="comma-separated variants (or 'all') whose warm-up steps 2..warmup-1 are profiled with "
                         "torch.profiler (GPU time per kernel category, busy fraction); needs --warmup >= 3")
@@ -950,10 +1041,19 @@ def main(argv: list[str]) -> int:
             print(f"error: --product-variant {item!r}: not JSON: {err}", file=sys.stderr)
             return 2
         product_variants[f"product-{name}"] = deep_merge(product_set, extra)
+    unsloth_variants: dict[str, dict[str, Any]] = {"unsloth": {}}
+    for item in args.unsloth_variant:
+        name, _, raw = item.partition("=")
+        try:
+            unsloth_variants[f"unsloth-{name}"] = json.loads(raw)
+        except json.JSONDecodeError as err:
+            print(f"error: --unsloth-variant {item!r}: not JSON: {err}", file=sys.stderr)
+            return 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
-        if v != "reference" and v not in product_variants:
-            print(f"error: unknown variant {v!r} (reference, {', '.join(product_variants)})", file=sys.stderr)
+        if v != "reference" and v not in product_variants and v not in unsloth_variants:
+            print(f"error: unknown variant {v!r} (reference, {', '.join(product_variants)}, "
+                  f"{', '.join(unsloth_variants)})", file=sys.stderr)
             return 2
 
     profiled = {v.strip() for v in args.profile.split(",") if v.strip()}
@@ -965,6 +1065,7 @@ def main(argv: list[str]) -> int:
         "shape": args.shape, "shape_config": SHAPES[args.shape], "device": args.device, "steps": args.steps,
         "warmup": args.warmup, "seed": args.seed, "peak_tflops": args.peak_tflops, "data": settings,
         "variants": variants, "product_overrides": {k: v for k, v in product_variants.items() if k in variants},
+        "unsloth_overrides": {k: {**UNSLOTH_DEFAULT, **v} for k, v in unsloth_variants.items() if k in variants},
         "hyperparameters": HP, "data_settings": {s: DATA[s] for s in settings}, "zipf_s": ZIPF_S,
         "max_train_s": args.max_train_s, "tokenizer": str(tokenizer), "model_dir": str(model_dir),
         "argv": argv,
@@ -1024,7 +1125,9 @@ def main(argv: list[str]) -> int:
             spec = {"kind": "run", "variant": variant, "data": setting, "shape": args.shape, "device": args.device,
                     "seed": args.seed, "steps": args.steps, "warmup": args.warmup, "model_dir": str(model_dir),
                     "work_dir": str(work_root / name), "peak_tflops": args.peak_tflops,
-                    "max_train_s": args.max_train_s, "overrides": product_variants.get(variant, {}),
+                    "max_train_s": args.max_train_s,
+                    "overrides": (unsloth_variants if variant.startswith("unsloth") else product_variants).get(variant, {}),
+                    "unsloth_site": str(args.unsloth_site.resolve()) if args.unsloth_site else None,
                     "profile": variant in profiled or "all" in profiled,
                     "trace": str(out / f"trace-{name}.json.gz") if variant in traced else None}
             log(f"{name}: starting")
@@ -1068,6 +1171,13 @@ def render(env: dict[str, Any], s: dict[str, Any], meta: dict[str, Any], rows: l
     for name, ov in s.get("product_overrides", {}).items():
         if ov:
             lines.append(f"- {name} TrainingConfig overrides: `{json.dumps(ov)}`")
+    for name, ov in s.get("unsloth_overrides", {}).items():
+        lines.append(f"- {name} recipe overrides: `{json.dumps(ov)}`")
+    for r in rows:
+        if r.get("ok") and r["variant"].startswith("unsloth"):
+            uv = (r.get("env") or {}).get("versions", {})
+            lines.append(f"- {r['data']}/{r['variant']} environment: "
+                         + ", ".join(f"{k} {val}" for k, val in uv.items() if val and val != v.get(k)))
     for r in rows:
         if r.get("ok") and r["variant"] != "reference":
             lines.append(f"- {r['data']}/{r['variant']}: api = {r.get('api')}; padding_free={r.get('padding_free')}, "
