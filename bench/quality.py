@@ -204,10 +204,7 @@ def merge_table(model_dir: Path, adapter_dir: Path, tokenizer: Any, cfg: Any, hw
         reference = merge.reference_outputs(tuned, prompts, merge.CHECK_NEW_TOKENS)
         for scale in MERGE_SCALES:
             planted = copy.deepcopy(tuned)
-            with torch.no_grad():
-                for pname, param in planted.named_parameters():
-                    if "lora_B" in pname:
-                        param.mul_(scale)
+            merge.scale_adapter(planted, scale)
             merged = planted.merge_and_unload()
             merged.eval()
             check = {"dtype": name, "onto": "nf4-dequantised", **merge.compare_to_reference(merged, reference)}

@@ -63,7 +63,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from qlora_operator import render
-from qlora_operator.api import MAX_EXPORTS, ConditionType, Phase
+from qlora_operator.api import MAX_EXPORTS, ConditionType, MergeCheck, Phase
 from qlora_operator.render import GroupAttempt
 from qlora_operator.settings import OperatorSettings
 
@@ -131,11 +131,8 @@ EXIT_REASONS = {
 ARTIFACT_EXIT_CODES = (0, 8)
 #: URI fields of the termination message's ``artifacts`` copied into ``status.artifacts``.
 ARTIFACT_URI_FIELDS = ("adapterUri", "mergedUri", "manifestUri", "lastCheckpointUri", "lossPlotUri")
-#: Fields of ``artifacts.mergeCheck`` copied into ``status.artifacts.mergeCheck`` (api.MergeCheck).
-MERGE_CHECK_FIELDS = (
-    "passed", "dtype", "onto", "maxAbsLogitDiff", "tolerance", "top1Agreement", "minTop1Agreement",
-    "greedyTokensAgree", "greedyTokens",
-)
+#: Fields of ``artifacts.mergeCheck`` copied into ``status.artifacts.mergeCheck``: those of api.MergeCheck.
+MERGE_CHECK_FIELDS = tuple(field.alias or name for name, field in MergeCheck.model_fields.items())
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 #: Running reasons that are worth a Warning event (the run cannot make progress).
 WARNING_REASONS = frozenset({UNSCHEDULABLE, QUOTA_EXCEEDED, IMAGE_PULL_BACKOFF, SECRET_NOT_FOUND, CONTAINER_CONFIG_ERROR})

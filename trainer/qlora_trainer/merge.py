@@ -249,6 +249,13 @@ PLANT_SCALE_ENV = "QLORA_TEST_MERGE_ADAPTER_SCALE"
 
 
 @torch.no_grad()
+def scale_adapter(peft_model: Any, scale: float) -> None:
+    """Multiply every ``lora_B`` weight of ``peft_model`` by ``scale`` in place (the adapter's update ``BA`` scales alike)."""
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.mul_(scale)
+
+
 def plant_wrong_scale(peft_model: Any) -> None:
     """Apply :data:`PLANT_SCALE_ENV` when set (tests only); raises ``ValueError`` for a non-number."""
     value = os.environ.get(PLANT_SCALE_ENV)
@@ -256,9 +263,7 @@ def plant_wrong_scale(peft_model: Any) -> None:
         return
     scale = float(value)
     log.warning("test hook %s=%s: merging the adapter at %g x its scale", PLANT_SCALE_ENV, value, scale)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.mul_(scale)
+    scale_adapter(peft_model, scale)
 
 
 def fold_adapter(peft_model: Any) -> Any:
