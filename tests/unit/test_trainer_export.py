@@ -29,10 +29,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "hack") not in sys.path:
-    sys.path.insert(0, str(REPO / "hack"))
-
 pytestmark = pytest.mark.slow
 
 #: q8_0 keeps 8 bits per weight in blocks of 32 with one f16 scale (relative error about 0.4 %
