@@ -27,9 +27,10 @@ converter: venv
 
 # The operator and trainer images from the Dockerfiles, built with podman on local base
 # images (podman, buildah, runc and debootstrap installed with apt-get when missing, as
-# root); tags keyed by the inputs' hash, so a warm run builds nothing (hack/localimages).
+# root); tags keyed by the inputs' hash, so a warm run builds nothing (hack/localimages);
+# tags of older inputs are removed (a trainer image is 6 GB).
 images: venv
-	$(PY) -m localimages
+	$(PY) -m localimages --prune
 
 # NODE=real: a real node (containerd, kubelet, kube-proxy; root) instead of the stand-in node agent.
 NODE ?= agent
@@ -39,8 +40,10 @@ cluster-up: venv binaries
 cluster-down: venv
 	$(PY) -m localcluster down
 
+# A full run writes about 10 GB (clusters, checkpoints, exports) under pytest's tmp: keep a
+# test's directory only when it failed, and only the last run's.
 test: venv binaries converter images
-	$(PY) -m pytest
+	$(PY) -m pytest -o tmp_path_retention_policy=failed -o tmp_path_retention_count=1
 
 demo: venv binaries converter
 	$(PY) hack/demo.py

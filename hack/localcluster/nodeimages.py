@@ -113,6 +113,32 @@ def _present_id(address: Path | str, ref: str) -> str | None:
     return None
 
 
+def drop_other_tags(ref: str, address: Path | str) -> list[str]:
+    """Remove from containerd every other tag of ``ref``'s repository (tags are keyed by the
+    images' inputs, so those are older builds: a trainer tag holds about 13 GB there, content
+    plus unpacked snapshot); returns the refs removed. Only ``localhost/`` repositories are touched."""
+    repository = ref.rsplit(":", 1)[0]
+    if not repository.startswith("localhost/"):
+        return []
+    listed = subprocess.run(ctr_argv(address, "images", "ls", "-q"), capture_output=True, text=True)
+    others = [r for r in listed.stdout.split() if r.rsplit(":", 1)[0] == repository and r != ref]
+    if others:
+        subprocess.run(ctr_argv(address, "images", "rm", "--sync", *others), capture_output=True, text=True)
+    return others
+
+
+def _sweep_save_dirs(parent: Path) -> None:
+    """Remove ``save-<pid>-*`` scratch dirs under ``parent`` whose process is gone (a killed
+    ``podman save`` leaves a file as large as the image there)."""
+    for entry in parent.glob("save-*"):
+        try:
+            pid = int(entry.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def import_image(ref: str, address: Path | str, log=print) -> Imported:
     """Import the podman image ``ref`` into the containerd at socket ``address`` (namespace k8s.io).
 
@@ -128,14 +154,25 @@ def import_image(ref: str, address: Path | str, log=print) -> Imported:
         raise ImageError(f"podman has no image {ref} (build it first)")
     if _present_id(address, ref) == image:
         return Imported(ref, image, False, round(time.monotonic() - start, 2))
-    save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], env=engine.podman_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    load = subprocess.run(ctr_argv(address, "images", "import", "-"), stdin=save.stdout, capture_output=True,
-                          text=True)
-    assert save.stdout is not None and save.stderr is not None
-    save.stdout.close()
-    save_err = save.stderr.read().decode(errors="replace")
-    if save.wait() != 0:
+    dropped = drop_other_tags(ref, address)
+    if dropped:
+        log(f"removed older tags of {ref.rsplit(':', 1)[0]} from containerd: {', '.join(dropped)}")
+    scratch_parent = engine.cache_dir() / "tmp"
+    scratch_parent.mkdir(exist_ok=True)
+    _sweep_save_dirs(scratch_parent)
+    # podman save stages the whole archive under TMPDIR (default /var/tmp): keep it in a
+    # per-process dir removed afterwards (and swept when a killed run left it).
+    with tempfile.TemporaryDirectory(prefix=f"save-{os.getpid()}-", dir=scratch_parent) as scratch:
+        save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref],
+                                env={**engine.podman_env(), "TMPDIR": scratch},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        load = subprocess.run(ctr_argv(address, "images", "import", "-"), stdin=save.stdout, capture_output=True,
+                              text=True)
+        assert save.stdout is not None and save.stderr is not None
+        save.stdout.close()
+        save_err = save.stderr.read().decode(errors="replace")
+        save.wait()
+    if save.returncode != 0:
         raise ImageError(f"podman save {ref} exited {save.returncode}: {save_err.strip()[-2000:]}")
     if load.returncode != 0:
         raise ImageError(f"ctr images import of {ref} exited {load.returncode}: {load.stderr.strip()[-2000:]}")

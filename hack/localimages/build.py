@@ -192,7 +192,8 @@ def stale_tags(current: dict[str, Built]) -> list[str]:
 
 
 def prune(current: dict[str, Built], log=print) -> list[str]:
-    """Remove :func:`stale_tags` (images of older inputs; layers still used stay); return those removed.
+    """Remove :func:`stale_tags` (images of older inputs; layers still used stay) and untagged
+    images older than an hour; return the tags removed.
 
     A tag podman refuses to remove (e.g. a container uses it) is logged and kept.
     """
@@ -205,6 +206,9 @@ def prune(current: dict[str, Built], log=print) -> list[str]:
             log(f"kept {ref}: {str(exc).strip().splitlines()[-1]}")
     if removed:
         log(f"removed {len(removed)} stale image tag(s): {' '.join(removed)}")
+    # Untagged images left by older builds (a replaced 6 GB trainer image among them); the last
+    # hour's are kept: they are the build cache of what was just built.
+    engine.podman("image", "prune", "--force", "--filter", "until=1h")
     return removed
 
 

@@ -125,3 +125,24 @@ def test_an_egress_ca_named_by_the_environment_must_exist(monkeypatch, tmp_path)
     (tmp_path / "proxy.crt").write_text(pem("UFJPWFlQUk9YWUNB"))
     monkeypatch.setenv("QLORA_EGRESS_CA", str(tmp_path / "proxy.crt"))
     assert ca.host_bundle() == (tmp_path / "proxy.crt").resolve()
+
+
+def test_import_scratch_dirs_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
+    """A killed ``podman save`` leaves an image-sized file in its scratch dir: the next import
+    removes scratch dirs whose process is gone and keeps those of running processes."""
+    import os
+    import subprocess
+
+    from localcluster import nodeimages
+
+    dead = subprocess.Popen(["true"])  # a pid that has exited
+    dead.wait()
+    gone = tmp_path / f"save-{dead.pid}-abc"
+    live = tmp_path / f"save-{os.getpid()}-def"
+    other = tmp_path / "unrelated"
+    for directory in (gone, live, other):
+        directory.mkdir()
+        (directory / "blob").write_bytes(b"x" * 10)
+    nodeimages._sweep_save_dirs(tmp_path)
+    assert not gone.exists()
+    assert live.exists() and other.exists()
