@@ -93,9 +93,24 @@ if ! have helm "$HELM_KEY"; then
   install_into helm "$HELM_KEY" build_helm
 fi
 
+name=kueue
+# Kueue (DESIGN.md section 5): started on demand by hack/localcluster/kueue.py. Its go.mod asks
+# for go 1.25, which the installed toolchain serves; GitCommit is the module's version as no git
+# checkout exists in the module cache.
+build_kueue() {
+  local p=sigs.k8s.io/kueue/pkg/version
+  GOBIN="$out" go install -trimpath \
+    -ldflags "-s -w -X $p.GitVersion=$KUEUE_VERSION -X $p.GitCommit=$KUEUE_VERSION -X $p.BuildDate=$build_date" \
+    "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+}
+if ! have kueue "$KUEUE_VERSION"; then
+  log "building kueue $KUEUE_VERSION"
+  install_into kueue "$KUEUE_VERSION" build_kueue
+fi
+
 for pair in kube-apiserver:$KUBERNETES_VERSION kube-controller-manager:$KUBERNETES_VERSION \
             kube-scheduler:$KUBERNETES_VERSION kubectl:$KUBERNETES_VERSION kubelet:$KUBERNETES_VERSION \
             kube-proxy:$KUBERNETES_VERSION etcd:$ETCD_VERSION \
-            minio:$MINIO_VERSION helm:$HELM_KEY; do
+            minio:$MINIO_VERSION helm:$HELM_KEY kueue:$KUEUE_VERSION; do
   echo "${pair%%:*}=$bin/${pair%%:*}-${pair#*:}/${pair%%:*}"
 done

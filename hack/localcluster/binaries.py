@@ -26,6 +26,7 @@ VERSION_KEYS = {
     "etcd": "ETCD_VERSION",
     "minio": "MINIO_VERSION",
     "helm": "HELM_VERSION",
+    "kueue": "KUEUE_VERSION",
 }
 
 

@@ -1,0 +1,104 @@
+"""Real Kueue (built from its Go module, :mod:`localcluster.kueue`) on the real local control plane.
+
+A ClusterQueue with 1 ``nvidia.com/gpu`` of quota: two 1-GPU Jobs labelled
+``kueue.x-k8s.io/queue-name``, as the operator renders them. Kueue's job webhook
+suspends both on create; the first is admitted (unsuspended, its pod runs on the stand-in
+node), the second's Workload stays pending with Kueue's reason and is admitted once the
+first ends.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from helpers import wait_for
+
+
+
+@pytest.fixture(scope="module")
+def kueue(cluster):
+    """Kueue started on the session cluster for this module; its webhooks removed after."""
+    from localcluster.kueue import Kueue
+
+    with Kueue(cluster) as running:
+        print(f"\nkueue {running.version} up in {running.startup_seconds:.1f}s", file=sys.stderr)
+        yield running
+    assert running.pid == 0
+
+
+def _apply(cluster, *docs):
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(docs)}))
+
+
+def _queues(cluster, namespace: str, gpus: int = 1):
+    flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default-flavor"}}
+    cq = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": f"cq-{namespace}"},
+          "spec": {"namespaceSelector": {}, "resourceGroups": [{
+              "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+              "flavors": [{"name": "default-flavor", "resources": [
+                  {"name": "cpu", "nominalQuota": "8"}, {"name": "memory", "nominalQuota": "32Gi"},
+                  {"name": "nvidia.com/gpu", "nominalQuota": gpus}]}]}]}}
+    lq = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+          "metadata": {"name": "team", "namespace": namespace}, "spec": {"clusterQueue": f"cq-{namespace}"}}
+    _apply(cluster, flavor, cq, lq)
+    return cq["metadata"]["name"]
+
+
+def _job(name: str, namespace: str, seconds: float) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"kueue.x-k8s.io/queue-name": "team"}},
+            "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [{
+                "name": "main", "image": "python:3",
+                "command": [sys.executable, "-c", f"import time; time.sleep({seconds})"],
+                "resources": {"requests": {"cpu": "100m", "memory": "64Mi", "nvidia.com/gpu": "1"},
+                              "limits": {"nvidia.com/gpu": "1"}}}]}}}}
+
+
+def _workload(api, namespace: str, job: str) -> dict | None:
+    for wl in api.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{namespace}/workloads")["items"]:
+        if any(o.get("kind") == "Job" and o.get("name") == job for o in wl["metadata"].get("ownerReferences") or []):
+            return wl
+    return None
+
+
+def _condition(obj: dict | None, kind: str) -> dict:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == kind:
+            return c
+    return {}
+
+
+def test_second_job_waits_for_quota_with_kueues_reason(cluster, kueue, namespace):
+    api = cluster.api()
+    cq = _queues(cluster, namespace)
+    try:
+        _apply(cluster, _job("first", namespace, 8))
+        first = wait_for(lambda: (lambda wl: wl if _condition(wl, "Admitted").get("status") == "True" else None)(
+            _workload(api, namespace, "first")), 60, "the first Job's Workload to be admitted")
+        _apply(cluster, _job("second", namespace, 1))
+        second = wait_for(lambda: (lambda wl: wl if _condition(wl, "QuotaReserved").get("status") == "False"
+                                   else None)(_workload(api, namespace, "second")), 60,
+                          "the second Workload to be evaluated")
+        pending = _condition(second, "QuotaReserved")
+        assert pending["reason"] == "Pending", pending
+        assert "insufficient" in pending["message"] and "nvidia.com/gpu" in pending["message"], pending
+        # Kueue's webhook created it suspended; it stays so while the first holds the GPU
+        assert api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/second")["spec"]["suspend"] is True
+        assert api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/first")["spec"].get("suspend") is False
+        assert _condition(first, "Admitted")["status"] == "True"
+
+        def finished(job):
+            status = api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{job}").get("status") or {}
+            return status.get("succeeded") == 1
+
+        wait_for(lambda: finished("first"), 90, "the first Job to succeed")
+        wait_for(lambda: _condition(_workload(api, namespace, "second"), "Admitted").get("status") == "True", 60,
+                 "the second Workload to be admitted once the first ended")
+        wait_for(lambda: finished("second"), 90, "the second Job to succeed")
+    finally:
+        cluster.kubectl("delete", "jobs", "--all", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "localqueue", "team", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "clusterqueue", cq, "--wait=false", check=False)
