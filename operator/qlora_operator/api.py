@@ -150,6 +150,15 @@ class Resources(ApiModel):
         default=None,
         description="Extended resource name of a GPU. Default: the operator's setting (nvidia.com/gpu).",
     )
+    gpu_memory_gib: Annotated[float, Field(gt=0, le=1024)] | None = Field(
+        default=None,
+        alias="gpuMemoryGiB",
+        description=(
+            "Memory of one GPU in GiB (e.g. 24, 80). When set, a CPU-only fit-check pod reads only the model's "
+            "config.json and runs the memory estimate before any GPU is requested: a run that cannot fit "
+            "nodes x gpus GPUs of this size fails with InsufficientGPUMemory naming what would fit."
+        ),
+    )
     cpu: Quantity = Field(default="4", description="CPU request and limit (Kubernetes quantity, e.g. 8 or 500m). Default 4.")
     memory: Quantity = Field(
         default="32Gi", description="Memory request and limit (Kubernetes quantity, e.g. 64Gi). Default 32Gi."
