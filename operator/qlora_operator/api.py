@@ -154,9 +154,9 @@ class Resources(ApiModel):
         default=None,
         alias="gpuMemoryGiB",
         description=(
-            "Memory of one GPU in GiB (e.g. 24, 80). When set, a CPU-only fit-check pod reads only the model's "
-            "config.json and runs the memory estimate before any GPU is requested: a run that cannot fit "
-            "nodes x gpus GPUs of this size fails with InsufficientGPUMemory naming what would fit."
+            "Memory of one GPU in GiB (e.g. 24, 80), for the fit check before any GPU is requested "
+            "(a CPU-only pod that reads only the model's config.json). Not yet acted on by the operator "
+            "(issue 18 item 3 in progress); the trainer's in-pod preflight still checks the fit."
         ),
     )
     cpu: Quantity = Field(default="4", description="CPU request and limit (Kubernetes quantity, e.g. 8 or 500m). Default 4.")
