@@ -150,6 +150,15 @@ class Resources(ApiModel):
         default=None,
         description="Extended resource name of a GPU. Default: the operator's setting (nvidia.com/gpu).",
     )
+    gpu_memory_gib: Annotated[float, Field(gt=0, le=1024)] | None = Field(
+        default=None,
+        alias="gpuMemoryGiB",
+        description=(
+            "Memory of one GPU in GiB (e.g. 24, 80), for the fit check before any GPU is requested "
+            "(a CPU-only pod that reads only the model's config.json). Not yet acted on by the operator "
+            "(issue 18 item 3 in progress); the trainer's in-pod preflight still checks the fit."
+        ),
+    )
     cpu: Quantity = Field(default="4", description="CPU request and limit (Kubernetes quantity, e.g. 8 or 500m). Default 4.")
     memory: Quantity = Field(
         default="32Gi", description="Memory request and limit (Kubernetes quantity, e.g. 64Gi). Default 32Gi."

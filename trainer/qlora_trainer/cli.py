@@ -19,6 +19,10 @@ rank 0 reports progress, uploads and writes the result.
 [--gpu-memory GIB]`` prints the per-GPU memory estimate (``estimate``) as a table and
 exits 0 when the run fits, 7 when it does not, 2 for an unusable config.
 
+``qlora-train fitcheck --config FILE --gpus N [--nodes M] --gpu-memory GIB`` reads only
+``<model.uri>/config.json`` and reports the fit as its termination message
+(``qlora_trainer.fitcheck``; the operator's CPU-only preflight pod runs it).
+
 Caches (Hugging Face, datasets, torch, triton) go under ``QLORA_CACHE_DIR`` (default:
 a new temp dir, shared by the workers of a multi-GPU pod), so the trainer runs with a
 read-only root filesystem and an emptyDir for that directory. The hub is switched off
@@ -517,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["estimate"]:
         return estimate_main(argv[1:])
+    if argv[:1] == ["fitcheck"]:
+        from .fitcheck import main as fitcheck_main
+
+        return fitcheck_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
