@@ -154,9 +154,11 @@ class Resources(ApiModel):
         default=None,
         alias="gpuMemoryGiB",
         description=(
-            "Memory of one GPU in GiB (e.g. 24, 80), for the fit check before any GPU is requested "
-            "(a CPU-only pod that reads only the model's config.json). Not yet acted on by the operator "
-            "(issue 18 item 3 in progress); the trainer's in-pod preflight still checks the fit."
+            "Memory of one GPU in GiB (e.g. 24, 80). When set, each run starts with a fit check before any GPU "
+            "is requested: a CPU-only Job (<name>-train-fit, <name>-train-r<N>-fit for run N) reads only the model's config.json and runs the "
+            "memory estimate for nodes x gpus GPUs of this size; a run that cannot fit fails with "
+            "InsufficientGPUMemory naming what would fit, without a GPU pod or a weight download. Unset: "
+            "no fit check (the trainer's in-pod preflight still checks on the GPU)."
         ),
     )
     cpu: Quantity = Field(default="4", description="CPU request and limit (Kubernetes quantity, e.g. 8 or 500m). Default 4.")
@@ -710,6 +712,31 @@ class Artifacts(ApiModel):
     )
 
 
+class QueueStatus(ApiModel):
+    """The current run's Kueue Workload as the operator last read it (``scheduling.queueName`` set).
+
+    Mirrors the Workload's conditions (Kueue v1beta2): ``QuotaReserved`` false with reason
+    ``Pending`` while it waits (``message``: Kueue's, e.g. "insufficient unused quota for
+    nvidia.com/gpu"), ``Admitted``, and ``Evicted`` (reason ``Preempted`` when a
+    higher-priority Workload took the quota): the Job is suspended, its pods stop, the
+    trainer checkpoints on SIGTERM and the run resumes from that checkpoint once readmitted.
+    """
+
+    workload: _Str253 | None = Field(default=None, description="Name of the Workload Kueue made for the run's Job.")
+    local_queue: _Str253 | None = Field(default=None, description="The LocalQueue (spec.scheduling.queueName).")
+    cluster_queue: _Str253 | None = Field(
+        default=None, description="The ClusterQueue that admitted the Workload (its status.admission)."
+    )
+    admitted: bool = Field(default=False, description="The Workload's Admitted condition is True.")
+    reason: _Str253 | None = Field(
+        default=None, description="Kueue's reason: of Evicted when evicted, else of Admitted or QuotaReserved."
+    )
+    message: _Message | None = Field(default=None, description="Kueue's message for that reason.")
+    evictions: int = Field(
+        default=0, ge=0, description="Times Kueue evicted (e.g. preempted) this run's Workload (schedulingStats)."
+    )
+
+
 class QLoRAJobStatus(ApiModel):
     """``status`` of a QLoRAJob; every field the operator or trainer writes."""
 
@@ -741,6 +768,9 @@ class QLoRAJobStatus(ApiModel):
     start_time: _Time | None = Field(default=None, description="When the current run started (RFC 3339).")
     completion_time: _Time | None = Field(default=None, description="When the current run finished (RFC 3339).")
     message: _Message | None = Field(default=None, description="Summary of the current state, for people.")
+    queue: QueueStatus | None = Field(
+        default=None, description="The current run's Kueue Workload (scheduling.queueName set and Kueue installed)."
+    )
 
 
 def multinode_name_problem(name: str, nodes: int) -> str | None:

@@ -18,6 +18,7 @@ batch jobs                                    get, list, watch, create, patch, d
 "" configmaps, serviceaccounts                get, create, patch
 "" services                                   get, create, patch, delete (nodes > 1: headless, per run)
 rbac.authorization.k8s.io roles, rolebindings  get, create, patch
+kueue.x-k8s.io workloads                      get, list (status.queue of queued runs; optional)
 =============================================  ==========================================
 
 Creating a Role that grants ``get``/``patch`` on ``qlorajobs/status`` requires the
@@ -42,6 +43,11 @@ from qlora_operator.status import fmt_time, utcnow
 log = logging.getLogger("qlora_operator.kube")
 
 #: (apiVersion, kind) -> (path prefix, plural)
+#: Kueue's Workload API (v0.17 serves and stores v1beta2).
+KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
+#: The label Kueue puts on a Workload: the UID of the Job it was made for.
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+
 RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
     ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
@@ -51,6 +57,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
+    (KUEUE_API_VERSION, "Workload"): (f"/apis/{KUEUE_API_VERSION}", "workloads"),
     (API_VERSION, KIND): (f"/apis/{API_VERSION}", PLURAL),
 }
 MERGE_PATCH = "application/merge-patch+json"
@@ -292,6 +299,24 @@ class Kube:
     def list_pods(self, namespace: str, qlorajob: str, run: int) -> list[dict[str, Any]]:
         """Trainer pods of run ``run``."""
         selector = f"{render.LABEL_JOB}={render.label_value(qlorajob)},{render.LABEL_RUN}={run}"
+        return self.list("v1", "Pod", namespace, labels=selector)
+
+    def get_workload(self, namespace: str, job: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Kueue's Workload for ``job`` (label ``kueue.x-k8s.io/job-uid``), newest first; None when
+        there is none yet, Kueue is not installed (404) or the operator may not read Workloads (403)."""
+        uid = (job.get("metadata") or {}).get("uid")
+        if not uid:
+            return None
+        try:
+            items = self.list(KUEUE_API_VERSION, "Workload", namespace, labels=f"{KUEUE_JOB_UID_LABEL}={uid}")
+        except (NotFound, Forbidden):
+            return None
+        items.sort(key=lambda w: (w.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+        return items[0] if items else None
+
+    def list_fitcheck_pods(self, namespace: str, qlorajob: str, run: int) -> list[dict[str, Any]]:
+        """Pods of run ``run``'s fit-check Job (label ``qlora.dev/fitcheck-run``)."""
+        selector = f"{render.LABEL_JOB}={render.label_value(qlorajob)},{render.LABEL_FITCHECK_RUN}={run}"
         return self.list("v1", "Pod", namespace, labels=selector)
 
     def list_job_events(self, namespace: str, job: Mapping[str, Any]) -> list[dict[str, Any]]:

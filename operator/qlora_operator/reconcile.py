@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from qlora_operator import fitcheck
 from qlora_operator import kube as k
 from qlora_operator import plan as planning
 from qlora_operator import render
@@ -100,6 +101,40 @@ def _ensure(
                 text = f"created Job {manifest['metadata']['name']} for run {run}" + (f": {why}" if why else "")
                 _emit(api, body, [EventSpec("Normal", "JobCreated", text)])
     return job
+
+
+def _fit_check(
+    api: k.Kube, body: Mapping[str, Any], spec: QLoRAJobSpec, settings: OperatorSettings, run: int
+) -> fitcheck.FitCheck | None:
+    """Create-or-adopt run ``run``'s CPU-only fit-check Job and read it; None when
+    ``spec.resources.gpuMemoryGiB`` is unset (no check asked for).
+
+    The run's other children (the ConfigMap holding the trainer config, the ServiceAccount)
+    are ensured first: the fit-check pod mounts them. It reads only the model's
+    ``config.json`` with the job's own credentials (the operator reads no Secret).
+    """
+    if spec.resources.gpu_memory_gib is None:
+        return None
+    meta = body["metadata"]
+    _ensure(api, body, spec, settings, run, with_job=False)
+    manifest = render.render_fitcheck_job(body, spec, settings, run)
+    job, what = api.create_or_adopt(manifest, meta["uid"])
+    if what == "created":
+        res = spec.resources
+        text = (
+            f"created Job {manifest['metadata']['name']} for run {run}: reading only the model's config.json to check "
+            f"that training fits {res.nodes * res.gpus} GPU(s) of {res.gpu_memory_gib:g} GiB before requesting any"
+        )
+        _emit(api, body, [EventSpec("Normal", "FitCheckStarted", text)])
+    return fitcheck.read(job, api.list_fitcheck_pods(meta["namespace"], meta["name"], run))
+
+
+def _fit_check_why(fit: fitcheck.FitCheck | None) -> str:
+    """The JobCreated event's tail for a run whose fit check passed."""
+    if fit is None:
+        return ""
+    took = f" in {fit.seconds:.1f}s" if fit.seconds is not None else ""
+    return f"fit check {fit.job_name} passed{took}: {fit.message}"
 
 
 def _retire_service(api: k.Kube, namespace: str, name: str, jobs: list[dict[str, Any]], run: int) -> None:
@@ -187,6 +222,7 @@ def reconcile(
             job_events=events,
             suspend_requested=bool(spec and spec.run_policy.suspend),
             queued=bool(use and use.scheduling.queue_name),
+            local_queue=use.scheduling.queue_name if use else "",
             backoff_limit=use.run_policy.backoff_limit if use else 3,
             active_deadline_seconds=use.run_policy.active_deadline_seconds if use else None,
             image=render.trainer_image(use, settings) if use else "",
@@ -209,16 +245,22 @@ def reconcile(
         prefix = f"{spec.output.uri.rstrip('/')}/run-{the_plan.run}/"
         message = f"spec changed ({fields}): starting run {the_plan.run} from step 0 under {prefix}"
         _emit(api, body, [EventSpec("Normal", "RunStarted", message)])
-        job = _ensure(api, body, spec, settings, the_plan.run, with_job=True)
         run = the_plan.run
         _retire_service(api, namespace, name, jobs, run)
+        fit = _fit_check(api, body, spec, settings, run)
+        if fit is not None and fit.state != "fits":
+            return _fit_check_outcome(api, body, observed(run, None, [], [], fit_check=fit), settings, now)
+        job = _ensure(api, body, spec, settings, run, with_job=True, why=_fit_check_why(fit))
     elif the_plan.action == "create":
         run = the_plan.run
         if (body.get("status") or {}).get("run") != run:
             result = compute_status(body, observed(run, None, [], []), now(), settings)
             body = _patch_status(api, body, result.patch)
             _emit(api, body, result.events)
-        job = _ensure(api, body, spec, settings, run, with_job=True)
+        fit = _fit_check(api, body, spec, settings, run)
+        if fit is not None and fit.state != "fits":
+            return _fit_check_outcome(api, body, observed(run, None, [], [], fit_check=fit), settings, now)
+        job = _ensure(api, body, spec, settings, run, with_job=True, why=_fit_check_why(fit))
     else:
         run, job = the_plan.run, the_plan.job
         active = job is not None and not planning.run_finished(body.get("status"), run, job)
@@ -247,8 +289,11 @@ def reconcile(
         live = sum(1 for p in pods if p.get("status", {}).get("phase") in ("Pending", "Running"))
         if live < render.job_nodes(job):  # a pod is missing: the Job controller may be refused (quota)
             events = api.list_job_events(namespace, job)
+    workload = None
+    if job is not None and ((job.get("metadata") or {}).get("labels") or {}).get(render.KUEUE_QUEUE_LABEL):
+        workload = api.get_workload(namespace, job)  # Kueue's view of a queued run: status.queue
     result = compute_status(
-        body, observed(run, job, pods, events, spec_rejected=the_plan.spec_rejected), now(), settings
+        body, observed(run, job, pods, events, spec_rejected=the_plan.spec_rejected, workload=workload), now(), settings
     )
     body = _patch_status(api, body, result.patch)
     if result.restart is not None:
@@ -276,6 +321,16 @@ def reconcile(
         api.delete_pod(namespace, pod)
     _emit(api, body, result.events)
     return Outcome(phase=result.phase, terminal=result.terminal, action=the_plan.action, **_seen(body))
+
+
+def _fit_check_outcome(
+    api: k.Kube, body: dict[str, Any], obs: Observed, settings: OperatorSettings, now: Callable[[], datetime]
+) -> Outcome:
+    """Status while the fit check runs (Pending) or after it refused the run (Failed, no GPU Job)."""
+    result = compute_status(body, obs, now(), settings)
+    body = _patch_status(api, body, result.patch)
+    _emit(api, body, result.events)
+    return Outcome(phase=result.phase, terminal=result.terminal, action="fit-check", **_seen(body))
 
 
 def _seen(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -227,6 +227,11 @@ class Observed:
     active_deadline_seconds: int | None = None
     image: str = ""
     secret_name: str | None = None
+    #: The run's fit check (:class:`qlora_operator.fitcheck.FitCheck`) while no GPU Job exists.
+    fit_check: Any = None
+    #: The Kueue Workload of the run's Job (queued runs; None without Kueue or before it made one).
+    workload: Mapping[str, Any] | None = None
+    local_queue: str = ""
 
 
 @dataclass(frozen=True)
@@ -716,11 +721,56 @@ def _failed_state(reason: str, msg: str) -> _State:
     )
 
 
+def queue_status(workload: Mapping[str, Any] | None, local_queue: str) -> dict[str, Any] | None:
+    """``status.queue`` from a Kueue (v1beta2) Workload, or None without one (pure).
+
+    ``reason``/``message``: of ``Evicted`` when it is True (``Preempted``: a higher-priority
+    Workload took the quota), else of ``Admitted`` when True, else of ``QuotaReserved``
+    (``Pending`` with Kueue's explanation while it waits). ``evictions``: the counts of
+    ``status.schedulingStats.evictions`` (1 when only the Evicted condition tells).
+    """
+    if not workload:
+        return None
+    conds = _conditions(workload)
+    wstatus = workload.get("status") or {}
+    admitted = (conds.get("Admitted") or {}).get("status") == "True"
+    evicted = (conds.get("Evicted") or {}).get("status") == "True"
+    source = conds.get("Evicted") if evicted else conds.get("Admitted") if admitted else conds.get("QuotaReserved")
+    evictions = sum(int(e.get("count") or 0) for e in (wstatus.get("schedulingStats") or {}).get("evictions") or [])
+    out = {
+        "workload": (workload.get("metadata") or {}).get("name"),
+        "localQueue": local_queue or None,
+        "clusterQueue": (wstatus.get("admission") or {}).get("clusterQueue"),
+        "admitted": admitted,
+        "reason": (source or {}).get("reason"),
+        "message": _truncate((source or {}).get("message")) or None,
+        "evictions": max(evictions, 1 if evicted else 0),
+    }
+    return out
+
+
+def _queued_message(obs: Observed) -> tuple[str, str]:
+    """(reason, message) of a queued run's suspended Job, from its Workload when there is one."""
+    queue = queue_status(obs.workload, obs.local_queue)
+    where = f"LocalQueue {obs.local_queue}" if obs.local_queue else "scheduling.queueName"
+    if queue is None:
+        return "Queued", f"waiting for Kueue to admit the Job ({where})"
+    if queue["reason"] == "Preempted" or (queue["evictions"] and not queue["admitted"]):
+        why = queue["message"] or queue["reason"] or "evicted"
+        return "Preempted", (
+            f"Kueue evicted the run's Workload {queue['workload']} ({queue['reason']}: {why}): its pods stop, the "
+            "trainer checkpoints on SIGTERM, and the run resumes from that checkpoint when Kueue readmits it"
+        )
+    said = f": {queue['message']}" if queue["message"] else ""
+    return "Queued", f"waiting for Kueue to admit Workload {queue['workload']} ({where}; {queue['reason'] or 'Pending'}{said})"
+
+
 def _suspended_state(obs: Observed) -> _State:
     if obs.suspend_requested:
         reason, msg, phase = "SuspendedByUser", "runPolicy.suspend is true: pods are stopped, checkpoints kept", Phase.suspended.value
     elif obs.queued:
-        reason, msg, phase = "Queued", "waiting for Kueue to admit the Job (scheduling.queueName)", Phase.queued.value
+        reason, msg = _queued_message(obs)
+        phase = Phase.queued.value
     else:
         reason, msg, phase = "Suspended", f"Job {obs.job_name} is suspended", Phase.suspended.value
     return _State(running=("False", reason, msg), suspended=("True", reason, msg), phase=phase, message=msg)
@@ -840,6 +890,14 @@ def _decide(
             message=msg,
         )
     job = obs.job
+    fit = obs.fit_check
+    if job is None and fit is not None and fit.state == "failed":
+        # Refused before the GPU Job exists: no GPU was requested and no weight was read.
+        msg = _truncate(f"{fit.message} (fit check Job {fit.job_name}; no GPU was requested)")
+        return _failed_state(fit.reason, msg)
+    if job is None and fit is not None and fit.state == "running":
+        msg = f"checking that the model fits the requested GPUs before requesting them ({fit.message})"
+        return _State(running=("False", fit.reason, msg), phase=Phase.pending.value, message=msg)
     if job is None:
         msg = f"creating Job {obs.job_name}" if obs.job_name else "waiting for the operator"
         return _State(running=("False", PENDING, msg), phase=Phase.pending.value, message=msg)
@@ -1063,6 +1121,12 @@ def compute_status(
     attempts = attach_checkpoint_decision(attempts_with_job_failure(merge_attempts(
         old.get("attempts") or [] if carry else [], obs.pods, group.attempt if nodes > 1 else None
     ), obs.job), progress)
+    evicted = _conditions(obs.workload).get("Evicted") if obs.queued and obs.workload else None
+    if evicted and evicted.get("status") == "True":
+        # Kueue evicted the Workload (e.g. preempted it) and suspended the Job: the pods it
+        # stopped (SIGTERM, exit 143) are a disruption, not a failure of the run.
+        said = _truncate(f"Kueue evicted the Workload ({evicted.get('reason')}): {evicted.get('message') or ''}")
+        attempts = [{**a, "reason": DISRUPTED, "message": said} if a.get("reason") == TERMINATED else a for a in attempts]
     # This run's artifacts (a pod exited 0), else the ones recorded for this run; the
     # earlier run's recorded ones stay listed until this run completes (below).
     training_run = group.training_run or obs.run
@@ -1143,7 +1207,10 @@ def compute_status(
         "startTime": start_time,
         "completionTime": completion,
         "message": _truncate(message) or None,
+        "queue": queue_status(obs.workload, obs.local_queue) if obs.queued else None,
     }
+    if obs.queued and obs.workload is None and same_run and old.get("queue"):
+        desired["queue"] = old["queue"]  # not read this time (the Job is finished or gone): keep what was seen
     patch = {k: v for k, v in desired.items() if old.get(k) != v and not (v is None and k not in old)}
     if not carry and old.get("progress") is not None:
         patch["progress"] = None  # a new run: the previous run's progress is history

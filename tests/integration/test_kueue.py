@@ -102,3 +102,66 @@ def test_second_job_waits_for_quota_with_kueues_reason(cluster, kueue, namespace
         cluster.kubectl("delete", "jobs", "--all", "-n", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "localqueue", "team", "-n", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "clusterqueue", cq, "--wait=false", check=False)
+
+
+# ----------------------------------------------------------------------------- QLoRAJobs through Kueue
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from test_operator import (  # noqa: E402,F401 - fixtures and helpers of the operator tests, reused
+    apply,
+    buckets,
+    condition,
+    crd,
+    get_qj,
+    is_true,
+    manifest,
+    s3_secret,
+    start_operator,
+    wait_terminal,
+)
+
+
+def test_qlorajobs_queue_in_kueue_and_status_mirrors_the_workload(cluster, kueue, namespace, buckets, s3_secret,
+                                                                   start_operator):
+    """Two 1-GPU QLoRAJobs on a 1-GPU ClusterQueue: the second shows Queued with Kueue's reason
+    and message in status (phase, Suspended condition, status.queue) and runs once the first ends."""
+    api = cluster.api()
+    cq = _queues(cluster, namespace)
+    try:
+        start_operator()
+        scheduling = {"queueName": "team"}
+        apply(cluster, manifest(cluster, namespace, "first", "sleep-8", scheduling=scheduling))
+
+        def running(name):
+            body = get_qj(api, namespace, name)
+            queue = (body.get("status") or {}).get("queue") or {}
+            return body if (body.get("status") or {}).get("phase") == "Running" and queue.get("admitted") else None
+
+        first = wait_for(lambda: running("first"), 90, "the first QLoRAJob to be admitted and run")
+        assert first["status"]["queue"]["clusterQueue"] == cq and first["status"]["queue"]["localQueue"] == "team"
+
+        apply(cluster, manifest(cluster, namespace, "second", "sleep-4", scheduling=scheduling))
+
+        def queued_with_reason():
+            body = get_qj(api, namespace, "second")
+            queue = (body.get("status") or {}).get("queue") or {}
+            return body if queue.get("reason") == "Pending" and "nvidia.com/gpu" in (queue.get("message") or "") else None
+
+        second = wait_for(queued_with_reason, 60, "the second QLoRAJob to show Kueue's pending reason")
+        status = second["status"]
+        assert status["phase"] == "Queued" and status["queue"]["admitted"] is False, status
+        assert status["queue"]["workload"] and "insufficient" in status["queue"]["message"], status["queue"]
+        suspended = condition(second, "Suspended")
+        assert suspended["status"] == "True" and suspended["reason"] == "Queued", suspended
+        assert "insufficient" in suspended["message"] and "LocalQueue team" in suspended["message"], suspended
+        assert "insufficient" in status["message"]
+
+        first = wait_terminal(api, namespace, "first", 120)
+        assert is_true(first, "Complete"), first["status"]
+        second = wait_for(lambda: running("second"), 90, "the second QLoRAJob to be admitted once the first ended")
+        assert second["status"]["queue"]["clusterQueue"] == cq and "Queued" not in second["status"]["message"]
+        second = wait_terminal(api, namespace, "second", 120)
+        assert is_true(second, "Complete"), second["status"]
+    finally:
+        cluster.kubectl("delete", "qlorajobs", "--all", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "localqueue", "team", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "clusterqueue", cq, "--wait=false", check=False)

@@ -63,4 +63,8 @@ that Role and bind it only because it holds those verbs itself.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create", "patch"]
+# Kueue's Workloads of queued runs, read into status.queue (without Kueue the list is a 404).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list"]
 {{- end -}}
