@@ -1124,9 +1124,11 @@ def compute_status(
     evicted = _conditions(obs.workload).get("Evicted") if obs.queued and obs.workload else None
     if evicted and evicted.get("status") == "True":
         # Kueue evicted the Workload (e.g. preempted it) and suspended the Job: the pods it
-        # stopped (SIGTERM, exit 143) are a disruption, not a failure of the run.
+        # stopped (SIGTERM, exit 143; or deleted before their end was seen) are a disruption,
+        # not a failure of the run.
         said = _truncate(f"Kueue evicted the Workload ({evicted.get('reason')}): {evicted.get('message') or ''}")
-        attempts = [{**a, "reason": DISRUPTED, "message": said} if a.get("reason") == TERMINATED else a for a in attempts]
+        attempts = [{**a, "reason": DISRUPTED, "message": said} if a.get("reason") in (TERMINATED, STOPPED) else a
+                    for a in attempts]
     # This run's artifacts (a pod exited 0), else the ones recorded for this run; the
     # earlier run's recorded ones stay listed until this run completes (below).
     training_run = group.training_run or obs.run

@@ -33,10 +33,12 @@ def _apply(cluster, *docs):
     cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(docs)}))
 
 
-def _queues(cluster, namespace: str, gpus: int = 1):
+def _queues(cluster, namespace: str, gpus: int = 1, preemption: bool = False):
     flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default-flavor"}}
     cq = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": f"cq-{namespace}"},
-          "spec": {"namespaceSelector": {}, "resourceGroups": [{
+          "spec": {"namespaceSelector": {},
+                   **({"preemption": {"withinClusterQueue": "LowerPriority"}} if preemption else {}),
+                   "resourceGroups": [{
               "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
               "flavors": [{"name": "default-flavor", "resources": [
                   {"name": "cpu", "nominalQuota": "8"}, {"name": "memory", "nominalQuota": "32Gi"},
@@ -111,6 +113,7 @@ from test_operator import (  # noqa: E402,F401 - fixtures and helpers of the ope
     buckets,
     condition,
     crd,
+    events,
     get_qj,
     is_true,
     manifest,
@@ -165,3 +168,81 @@ def test_qlorajobs_queue_in_kueue_and_status_mirrors_the_workload(cluster, kueue
         cluster.kubectl("delete", "qlorajobs", "--all", "-n", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "localqueue", "team", "-n", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "clusterqueue", cq, "--wait=false", check=False)
+
+
+def _upload_embedded_model_and_data(buckets, namespace: str, tmp_path) -> None:
+    import embedded  # hack/embedded.py
+
+    model_dir = embedded.ensure_model(quiet=True)
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file():
+            buckets.upload_file(str(path), "models", f"{namespace}/smollm2/{path.relative_to(model_dir)}")
+    corpus = tmp_path / "corpus"
+    embedded.build_corpus(corpus)
+    rows = (corpus / "train.jsonl").read_text().splitlines()[:96]
+    buckets.put_object(Bucket="data", Key=f"{namespace}/train.jsonl", Body="\n".join(rows).encode() + b"\n")
+
+
+def _real_job(cluster, namespace: str, name: str, steps: int, priority: str) -> dict:
+    body = manifest(cluster, namespace, name, scheduling={"queueName": "team", "priorityClassName": priority})
+    body["spec"].update({
+        "model": {"uri": f"s3://models/{namespace}/smollm2/"},
+        "dataset": {"uri": f"s3://data/{namespace}/train.jsonl", "format": "chat"},
+        "lora": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
+        "training": {"maxSteps": steps, "microBatchSize": 2, "gradientAccumulationSteps": 1, "maxSeqLength": 128,
+                     "checkpointEverySteps": 2, "optimizer": "adamw_torch", "learningRate": 1e-3},
+        "resources": {"gpus": 1, "cpu": "1", "memory": "4Gi"},
+    })
+    return body
+
+
+@pytest.mark.slow
+def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_checkpoint(
+        cluster, kueue, namespace, buckets, s3_secret, start_operator, tmp_path):
+    """Kueue preemption with the real trainer: the low-priority run is evicted mid-training (Job
+    suspended, SIGTERM), checkpoints, shows Queued/Preempted, and once the high-priority run ends it
+    is readmitted, resumes from that checkpoint and succeeds; the stopped pod is a disruption."""
+    api = cluster.api()
+    _upload_embedded_model_and_data(buckets, namespace, tmp_path)
+    low_pc, high_pc = f"low-{namespace}", f"high-{namespace}"
+    _apply(cluster, *({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": n},
+                       "value": v} for n, v in ((low_pc, 100), (high_pc, 1000))))
+    cq = _queues(cluster, namespace, preemption=True)
+    try:
+        start_operator(trainer_command=json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"]),
+                       stalled_timeout_seconds=600)
+        apply(cluster, _real_job(cluster, namespace, "low", 24, low_pc))
+
+        def training(min_step):
+            body = get_qj(api, namespace, "low")
+            if is_true(body, "Failed") or is_true(body, "Complete"):
+                raise AssertionError(f"low ended early: {body['status']}")
+            return body if ((body.get("status") or {}).get("progress") or {}).get("step", 0) >= min_step else None
+
+        wait_for(lambda: training(3), 420, "the low-priority run to pass step 3")
+        apply(cluster, _real_job(cluster, namespace, "high", 2, high_pc))
+
+        def preempted():
+            body = get_qj(api, namespace, "low")
+            cond = condition(body, "Suspended")
+            return body if cond.get("status") == "True" and cond.get("reason") == "Preempted" else None
+
+        low = wait_for(preempted, 120, "the low-priority run to show Preempted")
+        assert low["status"]["phase"] == "Queued" and low["status"]["queue"]["evictions"] >= 1, low["status"]
+        high = wait_terminal(api, namespace, "high", 420)
+        assert is_true(high, "Complete"), high["status"]
+        low = wait_terminal(api, namespace, "low", 600)
+        assert is_true(low, "Complete"), (condition(low, "Failed"), low["status"].get("attempts"))
+        attempts = low["status"]["attempts"]
+        assert len(attempts) >= 2, attempts
+        stopped, last = attempts[0], attempts[-1]
+        assert stopped["reason"] == "Disrupted" and "Preempted" in stopped["message"], stopped
+        assert last.get("resumedFromStep", 0) >= 2 and last["exitCode"] == 0, last
+        assert low["status"]["progress"]["step"] == 24 and low["status"]["queue"]["evictions"] >= 1
+        reasons = [r for _, r, _ in events(api, namespace, "low")]
+        assert "ResumedFromCheckpoint" in reasons and "Failed" not in reasons, reasons
+    finally:
+        cluster.kubectl("delete", "qlorajobs", "--all", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "localqueue", "team", "-n", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "clusterqueue", cq, "--wait=false", check=False)
+        cluster.kubectl("delete", "priorityclass", low_pc, high_pc, "--wait=false", check=False)

@@ -72,3 +72,13 @@ def test_pods_stopped_by_a_kueue_eviction_are_a_disruption_not_a_failure():
     attempt = result.status["attempts"][-1]
     assert attempt["reason"] == "Disrupted" and "Preempted" in attempt["message"], attempt
     assert result.phase == "Queued" and not result.terminal
+
+
+def test_a_pod_deleted_by_the_eviction_before_its_end_was_seen_is_a_disruption_too():
+    wl = workload(("Evicted", "True", "Preempted", "Preempted to accommodate a higher priority workload"), evictions=1)
+    previous = [{"index": 0, "podName": "bot-train-aaaaa", "phase": "Running", "startTime": "2026-01-01T00:00:02Z"}]
+    body = qj({"run": 1, "attempts": previous, "conditions": []})
+    result = compute_status(body, observe(job(suspend=True), [], queued=True, local_queue="team", workload=wl),
+                            at(60), SETTINGS)
+    attempt = result.status["attempts"][0]
+    assert attempt["reason"] == "Disrupted" and "Preempted" in attempt["message"], attempt
