@@ -226,6 +226,8 @@ def run(
     )
     result["resumedFromStep"] = trained.resumed_from_step
     result["artifacts"]["lastCheckpointUri"] = trained.last_checkpoint_uri
+    if trained.tracking:
+        result["artifacts"]["tracking"] = trained.tracking
     if not dist.is_main:
         return  # rank 0 saves and uploads; the others wait for its verdict (cli.train_main)
 
@@ -242,6 +244,7 @@ def run(
         "oomBackoffs": trained.backoffs,
         "hardware": {"device": hw.device, "name": hw.name},
         "distributed": {"worldSize": dist.world_size, "parallelism": parallelism},
+        "tracking": trained.tracking,
     }
     loss_png = _loss_plot(trained, adapter_dir, identity)
     manifest = build_manifest(

@@ -1,0 +1,114 @@
+"""Experiment tracking (``tracking``) through transformers' own integrations.
+
+transformers' ``MLflowCallback`` and ``TensorBoardCallback`` do the logging (``report_to``);
+this module only sets their environment and keeps the MLflow run across attempts:
+
+- ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_TAGS`` (JSON: the spec's tags plus
+  ``qlora.job``, ``qlora.namespace``, ``qlora.run``) from ``tracking.mlflow``; credentials
+  (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``) are already in the environment (the pod's Secret).
+- The run id is recorded in ``<output>/run-<N>/tracking/mlflow.json`` at train begin; a later
+  attempt of the same run N sets ``MLFLOW_RUN_ID`` from it, so ``mlflow.start_run`` continues that run.
+- ``TENSORBOARD_LOGGING_DIR`` is a local directory uploaded to ``<output>/run-<N>/tensorboard/``
+  after training (:func:`upload_tensorboard`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .config import TrainingConfig
+from .storage import join_uri
+
+#: The run-id record under ``<output>/run-<N>/``.
+RECORD = "tracking/mlflow.json"
+#: TensorBoard event files under ``<output>/run-<N>/``.
+TENSORBOARD_DIR = "tensorboard"
+
+
+def record_uri(run_root: str) -> str:
+    """``<run_root>/tracking/mlflow.json``."""
+    return join_uri(run_root, RECORD)
+
+
+def run_uri(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI link ``<trackingUri>/#/experiments/<id>/runs/<runId>`` (``None`` for file:// stores)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def prepare(cfg: TrainingConfig, storage: Any, run_root: str, work_dir: Path, identity: Any) -> dict[str, Any]:
+    """Set the integrations' environment for ``cfg.tracking``; returns what is known so far.
+
+    Returns ``{"mlflowRunId": <id of an earlier attempt>}`` when resuming, else ``{}``.
+    Raises ``StorageError`` when the run-id record cannot be read.
+    """
+    out: dict[str, Any] = {}
+    mlflow = cfg.tracking.mlflow
+    if mlflow is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri
+        if mlflow.experiment_name:
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = mlflow.experiment_name
+        tags = {"qlora.run": str(identity.run), **({"qlora.job": identity.name} if identity.name else {}),
+                **({"qlora.namespace": identity.namespace} if identity.namespace else {}), **mlflow.tags}
+        os.environ["MLFLOW_TAGS"] = json.dumps(tags)
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        uri = record_uri(run_root)
+        if storage.exists(uri):
+            previous = json.loads(storage.read_bytes(uri))
+            if previous.get("runId"):
+                os.environ["MLFLOW_RUN_ID"] = str(previous["runId"])
+                out["mlflowRunId"] = str(previous["runId"])
+    if cfg.tracking.tensorboard.enabled:
+        logdir = Path(work_dir) / "tensorboard"
+        logdir.mkdir(parents=True, exist_ok=True)
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(logdir)
+    return out
+
+
+class RecordMlflowRun(TrainerCallback):
+    """After ``MLflowCallback`` started (or resumed) its run at train begin, record the run id.
+
+    Must come after the integration callbacks (the Trainer adds ``report_to`` callbacks before
+    the ones it is given). Writes :func:`record_uri` on global rank 0 and fills ``info``
+    (``mlflowRunId``, ``mlflowExperimentId``, ``mlflowRunUri``) for the termination message.
+    """
+
+    def __init__(self, cfg: TrainingConfig, storage: Any, run_root: str, info: dict[str, Any], is_main: bool) -> None:
+        self.cfg, self.storage, self.run_root, self.info, self.is_main = cfg, storage, run_root, info, is_main
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.is_main or self.cfg.tracking.mlflow is None:
+            return
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:
+            return
+        run_id, exp_id = run.info.run_id, run.info.experiment_id
+        # MLflowCallback ends the run at train end; later logs (the eval after training) start a run
+        # through mlflow's fluent API, which continues MLFLOW_RUN_ID instead of opening a second one.
+        os.environ["MLFLOW_RUN_ID"] = run_id
+        self.info.update(mlflowRunId=run_id, mlflowExperimentId=exp_id)
+        link = run_uri(self.cfg.tracking.mlflow.tracking_uri, exp_id, run_id)
+        if link:
+            self.info["mlflowRunUri"] = link
+        record = {"runId": run_id, "experimentId": exp_id, "trackingUri": self.cfg.tracking.mlflow.tracking_uri}
+        self.storage.put_bytes(record_uri(self.run_root), json.dumps(record).encode(), "application/json")
+
+
+def upload_tensorboard(cfg: TrainingConfig, storage: Any, run_root: str, info: dict[str, Any]) -> None:
+    """Upload ``TENSORBOARD_LOGGING_DIR`` to ``<run_root>/tensorboard/`` (with a ``_SUCCESS`` marker)."""
+    if not cfg.tracking.tensorboard.enabled:
+        return
+    logdir = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    if not logdir or not any(Path(logdir).rglob("events.out.tfevents.*")):
+        return
+    uri = join_uri(run_root, TENSORBOARD_DIR)
+    storage.upload_dir(Path(logdir), uri, marker={"kind": "tensorboard"})
+    info["tensorboardUri"] = uri
