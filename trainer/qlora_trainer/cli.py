@@ -271,6 +271,10 @@ def run(
         for k in ("evalLossBefore", "evalLossAfter", "trainLoss", "steps", "tokensPerSecond", "secondsPerStep")
     }
     log_event("adapter", uri=adapter["uri"], manifest=adapter["manifestUri"])
+    if cfg.tracking.mlflow is not None:
+        from .tracking import log_adapter
+
+        log_adapter(cfg, trained.tracking, adapter_dir)  # the published adapter, as the MLflow run's artifacts
 
     if cfg.output.merge.enabled:
         from .merge import merge_and_publish

@@ -4,10 +4,14 @@ transformers' ``MLflowCallback`` and ``TensorBoardCallback`` do the logging (``r
 this module only sets their environment and keeps the MLflow run across attempts:
 
 - ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_TAGS`` (JSON: the spec's tags plus
-  ``qlora.job``, ``qlora.namespace``, ``qlora.run``) from ``tracking.mlflow``; credentials
+  ``qlora.job``, ``qlora.namespace``, ``qlora.run``) from ``tracking.mlflow`` (and, for a ``file:///``
+  store, ``MLFLOW_ALLOW_FILE_STORE=true``: MLflow 3 refuses its file store without it); credentials
   (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``) are already in the environment (the pod's Secret).
 - The run id is recorded in ``<output>/run-<N>/tracking/mlflow.json`` at train begin; a later
-  attempt of the same run N sets ``MLFLOW_RUN_ID`` from it, so ``mlflow.start_run`` continues that run.
+  attempt of the same run N sets ``MLFLOW_RUN_ID`` from it, so ``mlflow.start_run`` continues that run
+  (a record of another tracking server is ignored: that run does not exist on this one).
+- The published adapter directory is logged as the run's artifacts under ``adapter/``
+  (:func:`log_adapter`; a failure is logged and never fails the job).
 - ``TENSORBOARD_LOGGING_DIR`` is a local directory uploaded to ``<output>/run-<N>/tensorboard/``
   after training (:func:`upload_tensorboard`).
 """
@@ -42,25 +46,47 @@ def run_uri(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def read_record(storage: Any, run_root: str) -> dict[str, Any] | None:
+    """The run-id record ``{"runId", "experimentId", "trackingUri"}`` of ``run_root``; ``None`` when
+    there is none or it is not a JSON object (a torn write: the attempt then starts a new run).
+
+    Raises ``StorageError`` when storage cannot be read.
+    """
+    uri = record_uri(run_root)
+    if not storage.exists(uri):
+        return None
+    try:
+        record = json.loads(storage.read_bytes(uri))
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def prepare(cfg: TrainingConfig, storage: Any, run_root: str, work_dir: Path, identity: Any) -> dict[str, Any]:
     """Set the integrations' environment for ``cfg.tracking``; returns what is known so far.
 
-    Returns ``{"mlflowRunId": <id of an earlier attempt>}`` when resuming, else ``{}``.
+    Returns ``{"mlflowRunId": <id of an earlier attempt>}`` when an earlier attempt of this run
+    recorded a run on the same tracking server, else ``{}``.
     Raises ``StorageError`` when the run-id record cannot be read.
     """
     out: dict[str, Any] = {}
     mlflow = cfg.tracking.mlflow
     if mlflow is not None:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri
+        if mlflow.tracking_uri.startswith("file:"):
+            # MLflow 3 refuses its file store ("maintenance mode") unless this opts in; a file:/// trackingUri
+            # is a local mlruns directory by the API's own rule (TRACKING_URI_PATTERN).
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         if mlflow.experiment_name:
             os.environ["MLFLOW_EXPERIMENT_NAME"] = mlflow.experiment_name
+        else:
+            os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
         tags = {"qlora.run": str(identity.run), **({"qlora.job": identity.name} if identity.name else {}),
                 **({"qlora.namespace": identity.namespace} if identity.namespace else {}), **mlflow.tags}
         os.environ["MLFLOW_TAGS"] = json.dumps(tags)
         os.environ.pop("MLFLOW_RUN_ID", None)
-        uri = record_uri(run_root)
-        if storage.exists(uri):
-            previous = json.loads(storage.read_bytes(uri))
+        previous = read_record(storage, run_root)
+        if previous and previous.get("trackingUri") == mlflow.tracking_uri:
             if previous.get("runId"):
                 os.environ["MLFLOW_RUN_ID"] = str(previous["runId"])
                 out["mlflowRunId"] = str(previous["runId"])
@@ -112,3 +138,32 @@ def upload_tensorboard(cfg: TrainingConfig, storage: Any, run_root: str, info: d
     uri = join_uri(run_root, TENSORBOARD_DIR)
     storage.upload_dir(Path(logdir), uri, marker={"kind": "tensorboard"})
     info["tensorboardUri"] = uri
+
+
+#: Artifact path of the adapter in the MLflow run.
+ADAPTER_ARTIFACT_PATH = "adapter"
+
+
+def log_adapter(cfg: TrainingConfig, info: dict[str, Any], adapter_dir: Path) -> bool:
+    """Log ``adapter_dir`` (safetensors, adapter config, tokenizer, manifest) to the MLflow run
+    ``info["mlflowRunId"]`` under :data:`ADAPTER_ARTIFACT_PATH`, through ``MlflowClient`` (no fluent
+    run state); the server stores it where its artifact root says.
+
+    Returns ``True`` when logged; ``False`` without MLflow tracking or run id, or when the upload
+    failed (logged as a ``tracking_failed`` event: the adapter is already published, tracking is
+    never worth a failed job).
+    """
+    mlflow = cfg.tracking.mlflow
+    run_id = info.get("mlflowRunId")
+    if mlflow is None or not run_id:
+        return False
+    from .report import log_event
+
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=mlflow.tracking_uri).log_artifacts(run_id, str(adapter_dir), ADAPTER_ARTIFACT_PATH)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log_event("tracking_failed", what="log adapter artifacts", error=f"{type(err).__name__}: {err}"[:500])
+        return False
+    return True
