@@ -197,6 +197,9 @@ def test_the_next_attempt_continues_the_recorded_mlflow_run(tmp_path, out):
         assert resumed == {"mlflowRunId": first} and os.environ["MLFLOW_RUN_ID"] == first
         second = start_like_the_callback("exp").info.run_id
         assert second == first
+        again: dict = {}
+        tracking.RecordMlflowRun(config, storage, root, again, is_main=True).on_train_begin(None, None, None)
+        assert again == info and json.loads(storage.read_bytes(tracking.record_uri(root))) == record
         mlflow.log_metric("loss", 1.5, step=2)
         mlflow.end_run()
     finally:
@@ -206,6 +209,27 @@ def test_the_next_attempt_continues_the_recorded_mlflow_run(tmp_path, out):
     runs = client.search_runs([info["mlflowExperimentId"]])
     assert [r.info.run_id for r in runs] == [first], "one run, continued"
     assert [(m.step, m.value) for m in client.get_metric_history(first, "loss")] == [(1, 2.0), (2, 1.5)]
+    params = runs[0].data.params
+    assert params["qlora.lora.r"] == "16" and params["qlora.lora.alpha"] == "32.0"  # logged twice, same values
+    assert params == tracking.config_params(config)
+
+
+def test_config_params_flatten_the_trainer_config(out):
+    config = TrainingConfig.model_validate({
+        "model": {"uri": "s3://models/m/"}, "dataset": {"uri": "s3://data/a.jsonl"}, "output": {"uri": out},
+        "lora": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
+        "training": {"maxSteps": 6, "learningRate": 1e-3},
+        "tracking": {"mlflow": {"trackingUri": "http://mlflow:5000", "tags": {"secretish": "x"}}},
+    })
+    params = tracking.config_params(config)
+    assert params["qlora.lora.r"] == "8" and params["qlora.lora.alpha"] == "16.0"
+    assert params["qlora.lora.targetModules"] == '["q_proj", "v_proj"]'
+    assert params["qlora.training.maxSteps"] == "6" and params["qlora.training.learningRate"] == "0.001"
+    assert params["qlora.quantization.quantType"] == "nf4" and params["qlora.model.uri"] == "s3://models/m/"
+    assert params["qlora.output.uri"] == out
+    assert "qlora.training.epochs" not in params, "None is left out"
+    assert not [k for k in params if k.startswith("qlora.tracking")]
+    assert all(isinstance(v, str) and len(v) <= tracking.MAX_PARAM_VALUE for v in params.values())
 
 
 def test_record_is_written_only_by_global_rank_0_with_an_active_run(tmp_path, out):

@@ -97,12 +97,47 @@ def prepare(cfg: TrainingConfig, storage: Any, run_root: str, work_dir: Path, id
     return out
 
 
+#: Prefix of the params :func:`config_params` adds to the run (transformers logs its TrainingArguments unprefixed).
+PARAM_PREFIX = "qlora."
+#: MLflow's limits: characters of a param value, params per ``log_params`` batch.
+MAX_PARAM_VALUE, PARAMS_PER_BATCH = 6000, 100
+
+
+def config_params(cfg: TrainingConfig) -> dict[str, str]:
+    """The trainer config as flat MLflow params: ``{"qlora.lora.r": "16", "qlora.lora.alpha": "32",
+    "qlora.quantization.quantType": "nf4", "qlora.lora.targetModules": '["all-linear"]', ...}``.
+
+    transformers' ``MLflowCallback`` logs ``TrainingArguments`` and the base model's config, but
+    nothing of LoRA or quantization; these fill that gap. Keys are the camelCase config paths;
+    lists and objects are JSON, ``None`` is left out, as is ``tracking`` and any value longer than
+    MLflow's :data:`MAX_PARAM_VALUE` characters. A run's config is fixed (a changed spec is a new
+    run), so a resumed attempt logs the same values again, which MLflow accepts.
+    """
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        elif value is not None:
+            text = value if isinstance(value, str) else json.dumps(value)
+            if len(text) <= MAX_PARAM_VALUE:
+                out[prefix] = text
+
+    for key, value in cfg.model_dump(by_alias=True, mode="json", exclude={"tracking"}).items():
+        walk(PARAM_PREFIX + key, value)
+    return out
+
+
 class RecordMlflowRun(TrainerCallback):
-    """After ``MLflowCallback`` started (or resumed) its run at train begin, record the run id.
+    """After ``MLflowCallback`` started (or resumed) its run at train begin, record the run id
+    and log :func:`config_params`.
 
     Must come after the integration callbacks (the Trainer adds ``report_to`` callbacks before
     the ones it is given). Writes :func:`record_uri` on global rank 0 and fills ``info``
     (``mlflowRunId``, ``mlflowExperimentId``, ``mlflowRunUri``) for the termination message.
+    A failure to log the params is a ``tracking_failed`` event; a failure to write the record
+    raises ``StorageError`` (the next attempt could not continue the run).
     """
 
     def __init__(self, cfg: TrainingConfig, storage: Any, run_root: str, info: dict[str, Any], is_main: bool) -> None:
@@ -126,6 +161,14 @@ class RecordMlflowRun(TrainerCallback):
             self.info["mlflowRunUri"] = link
         record = {"runId": run_id, "experimentId": exp_id, "trackingUri": self.cfg.tracking.mlflow.tracking_uri}
         self.storage.put_bytes(record_uri(self.run_root), json.dumps(record).encode(), "application/json")
+        params = list(config_params(self.cfg).items())
+        try:
+            for i in range(0, len(params), PARAMS_PER_BATCH):
+                mlflow.log_params(dict(params[i : i + PARAMS_PER_BATCH]))
+        except Exception as err:  # noqa: BLE001 - params are worth an event, not a failed run
+            from .report import log_event
+
+            log_event("tracking_failed", what="log config params", error=f"{type(err).__name__}: {err}"[:500])
 
 
 def upload_tensorboard(cfg: TrainingConfig, storage: Any, run_root: str, info: dict[str, Any]) -> None:
