@@ -4,9 +4,9 @@
 pinned ``mlflow`` from PyPI (``mlflow_server`` fixture: SQLite store, proxied artifact
 store); the data and the output live in the cluster's MinIO; ``qlora-train`` (the real
 ``python -m qlora_trainer.cli``, in a subprocess) trains the embedded SmolLM2 on CPU with
-``tracking.mlflow`` pointing at the server. Attempt 1 is SIGKILLed at step 3, after its
-step-2 checkpoint is complete in S3; attempt 2 (same config, same cache path as a new pod
-would have) resumes from step 2 and finishes. Asserted through the MLflow client, that is
+``tracking.mlflow`` pointing at the server and ``tracking.tensorboard`` on. Attempt 1 is
+SIGKILLed at step 3, after its step-2 checkpoint is complete in S3; attempt 2 (same config,
+the same cache path emptied, as a new pod's emptyDir) resumes from step 2 and finishes. Asserted through the MLflow client, that is
 the server's REST API:
 
 - the experiment holds exactly one run, whose id is the one recorded in
@@ -16,7 +16,9 @@ the server's REST API:
   (``learning_rate``, ``max_steps``); tags: the spec's and ``qlora.run``;
 - ``loss`` by step: attempt 1's steps up to the kill and attempt 2's steps 3..6 in that same
   run, attempt 2's values equal to the losses its log lines report;
-- the published adapter is the run's ``adapter/`` artifacts, byte-identical to S3's.
+- the published adapter is the run's ``adapter/`` artifacts, byte-identical to S3's;
+- TensorBoard event files of the finishing attempt under ``<output>/run-1/tensorboard/`` with
+  ``_SUCCESS`` (a killed attempt's event files die with its pod: they are uploaded at the end).
 
 Tiny settings (6 steps, checkpoint every 2, 64-token rows) as in
 ``test_trainer_resilience_s3.py``, whose subprocess helpers this reuses.
@@ -25,6 +27,7 @@ Tiny settings (6 steps, checkpoint every 2, 64-token rows) as in
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -80,7 +83,7 @@ def test_one_mlflow_run_across_a_killed_attempt_and_its_resume(cluster, mlflow_s
         storage, maxSteps=MAX_STEPS, checkpointEverySteps=CHECKPOINT_EVERY,
     )
     config["tracking"] = {"mlflow": {"trackingUri": mlflow_server.url, "experimentName": experiment,
-                                     "tags": {"suite": "integration"}}}
+                                     "tags": {"suite": "integration"}}, "tensorboard": {"enabled": True}}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
 
@@ -103,7 +106,8 @@ def test_one_mlflow_run_across_a_killed_attempt_and_its_resume(cluster, mlflow_s
     newest = max(complete_steps(s3, bucket, "out/run-1/checkpoints/"))
     t1 = time.monotonic()
 
-    # ---- attempt 2: resumes the checkpoint and the MLflow run
+    # ---- attempt 2: resumes the checkpoint and the MLflow run (a new pod: its cache emptyDir is empty)
+    shutil.rmtree(tmp_path / "cache")
     second = Run(cli_argv(path), attempt_env(cluster, tmp_path, 2), tmp_path, "attempt-2")
     code, result = second.finish()
     assert code == 0, second.tail()
@@ -128,6 +132,7 @@ def test_one_mlflow_run_across_a_killed_attempt_and_its_resume(cluster, mlflow_s
     assert tracked == {
         "mlflowRunId": run_id, "mlflowExperimentId": exp.experiment_id,
         "mlflowRunUri": f"{mlflow_server.url}/#/experiments/{exp.experiment_id}/runs/{run_id}",
+        "tensorboardUri": f"s3://{bucket}/out/run-1/tensorboard",
     }
     assert run.info.status == "FINISHED"
 
@@ -160,3 +165,9 @@ def test_one_mlflow_run_across_a_killed_attempt_and_its_resume(cluster, mlflow_s
     assert local.read_bytes() == s3_body and json.loads(s3_body)["r"] == 16
     stored = list(mlflow_server.artifacts_dir.rglob("adapter_model.safetensors"))
     assert len(stored) == 1 and run_id in str(stored[0]), "the server stores what the run logged"
+
+    # ---- TensorBoard event files next to the artifacts
+    tensorboard = keys(s3, bucket, "out/run-1/tensorboard/")
+    events = [k for k in tensorboard if Path(k).name.startswith("events.out.tfevents.")]
+    assert events and "_SUCCESS" in tensorboard, sorted(tensorboard)
+    assert all(tensorboard[k]["Size"] > 0 for k in events)
