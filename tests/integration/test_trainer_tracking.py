@@ -153,7 +153,13 @@ def test_one_mlflow_run_across_a_killed_attempt_and_its_resume(cluster, mlflow_s
     last_by_step = {m.step: m.value for m in history}  # the newest value of each step: attempt 2 for > newest
     for step, loss in resumed_steps.items():
         assert last_by_step[step] == pytest.approx(loss, rel=1e-4, abs=1e-4), (step, last_by_step[step], loss)
-    assert len(client.get_metric_history(run_id, "eval_loss")) >= 1
+    for key in ("learning_rate", "grad_norm"):
+        assert {m.step for m in client.get_metric_history(run_id, key)} == set(range(1, MAX_STEPS + 1)), key
+    evals = {m.step: m.value for m in client.get_metric_history(run_id, "eval_loss")}
+    assert set(evals) == {0, MAX_STEPS}, evals  # before training (attempt 1) and after it (attempt 2)
+    assert evals[MAX_STEPS] == pytest.approx(result["metrics"]["evalLossAfter"], rel=1e-5)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="out/run-1/adapter/manifest.json")["Body"].read())
+    assert manifest["run"]["tracking"]["mlflowRunId"] == run_id
 
     # ---- the adapter is the run's artifacts, byte-identical to the published one
     listed = {f.path: f.file_size for f in client.list_artifacts(run_id, "adapter")}
