@@ -104,7 +104,7 @@ MAX_PARAM_VALUE, PARAMS_PER_BATCH = 6000, 100
 
 
 def config_params(cfg: TrainingConfig) -> dict[str, str]:
-    """The trainer config as flat MLflow params: ``{"qlora.lora.r": "16", "qlora.lora.alpha": "32",
+    """The trainer config as flat MLflow params: ``{"qlora.lora.r": "16", "qlora.lora.alpha": "32.0",
     "qlora.quantization.quantType": "nf4", "qlora.lora.targetModules": '["all-linear"]', ...}``.
 
     transformers' ``MLflowCallback`` logs ``TrainingArguments`` and the base model's config, but
