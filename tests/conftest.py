@@ -6,6 +6,9 @@
   ``python -m localcluster up --dir DIR`` already runs a cluster to reuse it instead.
 - ``namespace``: a fresh ``t-<uuid>`` namespace per test (its ``default``
   ServiceAccount and ``kube-root-ca.crt`` ConfigMap exist), deleted afterwards.
+- ``mlflow_server`` (session): a real MLflow tracking server
+  (:class:`localcluster.mlflow_server.MlflowServer`: the pinned ``mlflow`` from PyPI in a
+  cached venv, SQLite store, proxied artifacts) on a free loopback port, stopped at the end.
 - ``wait_for`` lives in ``tests/helpers.py`` (``from helpers import wait_for``).
 """
 
@@ -70,3 +73,18 @@ def namespace(cluster):
     wait_for(ready, 30, f"namespace {name} to get its default ServiceAccount and kube-root-ca.crt")
     yield name
     api.delete(f"/api/v1/namespaces/{name}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A running MLflow tracking server for the whole session; ``.url`` is its tracking URI."""
+    from localcluster.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start(timeout_s=120)
+    print(f"\nmlflow server {server.version} up in {server.startup_seconds}s at {server.url}", file=sys.stderr)
+    try:
+        yield server
+    finally:
+        leftovers = server.stop()
+        assert not leftovers, f"mlflow server processes left behind: {leftovers}"

@@ -31,7 +31,9 @@ from qlora_trainer.config import (
     ModelSource,
     OutputTarget,
     QuantizationConfig,
+    MlflowSettings,
     StorageSettings,
+    TrackingSettings,
     TrainingConfig,
     TrainingSettings,
     pattern_check,
@@ -126,6 +128,41 @@ class JobStorageSettings(StorageSettings):
             "identity (e.g. IRSA) is used."
         ),
     )
+
+
+#: Keys of ``tracking.mlflow.credentialsSecretRef`` that become the trainer's environment (each optional).
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+class TrackingSecretReference(ApiModel):
+    """A Secret in the job's own namespace with MLflow credentials (no namespace field)."""
+
+    name: Annotated[
+        str,
+        Field(min_length=1, max_length=253, json_schema_extra={"pattern": DNS_SUBDOMAIN}),
+        pattern_check(DNS_SUBDOMAIN, MSG_SECRET_NAME),
+    ] = Field(
+        description=(
+            "Secret name in the QLoRAJob's own namespace; its keys MLFLOW_TRACKING_USERNAME / "
+            "MLFLOW_TRACKING_PASSWORD (basic auth) or MLFLOW_TRACKING_TOKEN (bearer), each optional, become "
+            "the trainer's environment. The operator never reads it."
+        )
+    )
+
+
+class JobMlflowSettings(MlflowSettings):
+    """``tracking.mlflow`` plus the Secret the trainer pod reads MLflow credentials from."""
+
+    credentials_secret_ref: TrackingSecretReference | None = Field(
+        default=None,
+        description="Secret (same namespace) with MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN. Unset: none.",
+    )
+
+
+class JobTrackingSettings(TrackingSettings):
+    """``spec.tracking``: the trainer's tracking settings and the MLflow credentials Secret."""
+
+    mlflow: JobMlflowSettings | None = Field(default=None, description="Log the run to an MLflow tracking server.")
 
 
 class Resources(ApiModel):
@@ -472,6 +509,13 @@ class QLoRAJobSpec(TrainingConfig):
         default_factory=JobStorageSettings,
         description="How the trainer reaches S3: endpoint, region, addressing, and the credentials Secret (same namespace).",
     )
+    tracking: JobTrackingSettings = Field(
+        default_factory=JobTrackingSettings,
+        description=(
+            "Experiment tracking through transformers' integrations: an MLflow run (tracking URI, experiment, "
+            "tags, credentials Secret) and/or TensorBoard event files under <output>/run-<N>/tensorboard/."
+        ),
+    )
     resources: Resources = Field(
         default_factory=Resources, description="Compute per trainer pod: GPUs, CPU and memory (requests = limits)."
     )
@@ -498,6 +542,8 @@ class QLoRAJobSpec(TrainingConfig):
         """The part of the spec the trainer reads, as a plain :class:`TrainingConfig`."""
         data = self.model_dump(by_alias=True, mode="json", include=set(TrainingConfig.model_fields))
         data["storage"].pop("credentialsSecretRef", None)
+        if data["tracking"].get("mlflow"):
+            data["tracking"]["mlflow"].pop("credentialsSecretRef", None)
         return TrainingConfig.model_validate(data)
 
 
@@ -684,6 +730,23 @@ class MergeCheck(ApiModel):
     greedy_tokens: int | None = Field(default=None, description="Greedy tokens compared (prompts x new tokens).")
 
 
+class TrackingArtifacts(ApiModel):
+    """Where the run was tracked (``spec.tracking``), from the trainer's termination message."""
+
+    mlflow_run_id: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="MLflow run id; a resumed attempt of the same run continues this run."
+    )
+    mlflow_experiment_id: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="MLflow experiment id of the run."
+    )
+    mlflow_run_uri: _Uri | None = Field(
+        default=None, description="Link to the run in the MLflow UI: <trackingUri>/#/experiments/<id>/runs/<runId>."
+    )
+    tensorboard_uri: _Uri | None = Field(
+        default=None, description="<output>/run-<N>/tensorboard/: TensorBoard event files (tensorboard --logdir)."
+    )
+
+
 class Artifacts(ApiModel):
     """Artifact URIs; each is listed only after its _SUCCESS marker exists."""
 
@@ -709,6 +772,9 @@ class Artifacts(ApiModel):
     )
     merge_check: MergeCheck | None = Field(
         default=None, description="The merge's equivalence check; passed false: MergeCheckFailed, no mergedUri."
+    )
+    tracking: TrackingArtifacts | None = Field(
+        default=None, description="The MLflow run (id, link) and TensorBoard event files of spec.tracking."
     )
 
 
@@ -865,7 +931,7 @@ def training_fields_changed(
 #: new run: they decide how the operator retries a run, which Secret holds the keys and
 #: the pod's identity and plumbing (``pod``), not what is trained (a new ``backoffLimit``
 #: or pull Secret applies from the next run).
-NOT_STARTING_A_RUN = ("runPolicy", "storage.credentialsSecretRef", "pod")
+NOT_STARTING_A_RUN = ("runPolicy", "storage.credentialsSecretRef", "tracking.mlflow.credentialsSecretRef", "pod")
 
 
 def run_fields_changed(

@@ -51,6 +51,7 @@ from qlora_operator.api import (
     GROUP,
     KIND,
     MSG_MOUNT_UNKNOWN_VOLUME,
+    MLFLOW_SECRET_KEYS,
     MSG_SA_ANNOTATION_RESERVED,
     OPERATOR_ANNOTATION_PREFIX,
     PLURAL,
@@ -440,7 +441,7 @@ def _env(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int, training_run: in
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *distributed_env(body["metadata"]["name"], spec, run),
     ]
-    return env + credentials_env(spec)
+    return env + credentials_env(spec) + tracking_env(spec)
 
 
 def credentials_env(spec: QLoRAJobSpec) -> list[dict[str, Any]]:
@@ -461,6 +462,24 @@ def credentials_env(spec: QLoRAJobSpec) -> list[dict[str, Any]]:
     token = {"name": secret.name, "key": "AWS_SESSION_TOKEN", "optional": True}
     env.append({"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": token}})
     return env
+
+
+def tracking_env(spec: QLoRAJobSpec) -> list[dict[str, Any]]:
+    """MLflow credentials from ``tracking.mlflow.credentialsSecretRef`` (none without it).
+
+    Each of :data:`api.MLFLOW_SECRET_KEYS` (``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` for basic
+    auth, ``MLFLOW_TRACKING_TOKEN`` for a bearer token) is an ``optional`` ``secretKeyRef``: the
+    Secret holds the keys its server needs. The operator never reads the Secret; the tracking
+    URI, experiment and tags travel in ``config.json`` and the trainer sets ``MLFLOW_*`` itself.
+    """
+    mlflow = spec.tracking.mlflow
+    secret = mlflow.credentials_secret_ref if mlflow else None
+    if secret is None:
+        return []
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key, "optional": True}}}
+        for key in MLFLOW_SECRET_KEYS
+    ]
 
 
 def operator_volumes(job: str, run: int = 1) -> list[dict[str, Any]]:
@@ -494,6 +513,7 @@ def reserved_env_names() -> tuple[str, ...]:
     spec = QLoRAJobSpec.model_validate({
         "model": {"uri": "s3://models/m/"}, "dataset": {"uri": "s3://data/d.jsonl"}, "output": {"uri": "s3://out/o/"},
         "storage": {"credentialsSecretRef": {"name": "s"}}, "resources": {"nodes": 2, "gpus": 2},
+        "tracking": {"mlflow": {"trackingUri": "http://m:5000", "credentialsSecretRef": {"name": "t"}}},
     })
     body = {"metadata": {"name": "j", "namespace": "n", "uid": "u", "generation": 1}}
     return tuple(sorted({e["name"] for e in _env(body, spec, 2, 1)}))

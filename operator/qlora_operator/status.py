@@ -63,7 +63,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from qlora_operator import render
-from qlora_operator.api import MAX_EXPORTS, ConditionType, MergeCheck, Phase
+from qlora_operator.api import MAX_EXPORTS, ConditionType, MergeCheck, Phase, TrackingArtifacts
 from qlora_operator.render import GroupAttempt
 from qlora_operator.settings import OperatorSettings
 
@@ -133,6 +133,8 @@ ARTIFACT_EXIT_CODES = (0, 8)
 ARTIFACT_URI_FIELDS = ("adapterUri", "mergedUri", "manifestUri", "lastCheckpointUri", "lossPlotUri")
 #: Fields of ``artifacts.mergeCheck`` copied into ``status.artifacts.mergeCheck``: those of api.MergeCheck.
 MERGE_CHECK_FIELDS = tuple(field.alias or name for name, field in MergeCheck.model_fields.items())
+#: Fields of ``artifacts.tracking`` copied into ``status.artifacts.tracking``: those of api.TrackingArtifacts.
+TRACKING_FIELDS = tuple(field.alias or name for name, field in TrackingArtifacts.model_fields.items())
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 #: Running reasons that are worth a Warning event (the run cannot make progress).
 WARNING_REASONS = frozenset({UNSCHEDULABLE, QUOTA_EXCEEDED, IMAGE_PULL_BACKOFF, SECRET_NOT_FOUND, CONTAINER_CONFIG_ERROR})
@@ -570,6 +572,14 @@ def _merge_check(value: Any) -> dict[str, Any] | None:
     return keep or None
 
 
+def _tracking(value: Any) -> dict[str, str] | None:
+    """The :data:`TRACKING_FIELDS` of a termination message's ``tracking`` (short strings only)."""
+    if not isinstance(value, dict):
+        return None
+    keep = {k: v for k, v in value.items() if k in TRACKING_FIELDS and isinstance(v, str) and 0 < len(v) <= 4096}
+    return keep or None
+
+
 def artifacts_from_pods(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """Artifact URIs (and ``mergeCheck``) from the termination message of the newest pod that
     exited with one of :data:`ARTIFACT_EXIT_CODES` (0, or 8 with the adapter published);
@@ -588,6 +598,9 @@ def artifacts_from_pods(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | N
             check = _merge_check(arts.get("mergeCheck"))
             if check:
                 keep["mergeCheck"] = check
+            tracking = _tracking(arts.get("tracking"))
+            if tracking:
+                keep["tracking"] = tracking
             if keep:
                 return keep
     return None

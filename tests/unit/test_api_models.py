@@ -113,6 +113,13 @@ def test_examples_cover_what_the_issue_asks():
         ("memory-quantity", with_("resources.memory", "1.5Ti")),
         ("empty-sections", merged(("lora", {}), ("training", {}), ("scheduling", {}), ("runPolicy", {}))),
         ("node-selector", with_("scheduling.nodeSelector", {"nvidia.com/gpu.product": "NVIDIA-H200"})),
+        ("tracking-http", with_("tracking.mlflow", {"trackingUri": "http://mlflow.mlflow:5000"})),
+        ("tracking-https-path", with_("tracking.mlflow", {"trackingUri": "https://ml.example.com/mlflow/",
+                                                          "experimentName": "support bot", "tags": {"team/a": "x y"}})),
+        ("tracking-file", with_("tracking.mlflow", {"trackingUri": "file:///tmp/mlruns"})),
+        ("tracking-secret", with_("tracking.mlflow", {"trackingUri": "http://m:5000",
+                                                      "credentialsSecretRef": {"name": "mlflow-creds"}})),
+        ("tensorboard-only", with_("tracking", {"tensorboard": {"enabled": True}})),
     ],
 )
 def test_valid_specs(case: str, spec: dict[str, Any]):
@@ -204,6 +211,33 @@ INVALID = [
      "the operator's own"),
     ("pod-pull-secret-name", with_("pod.imagePullSecrets", ["Reg_Cred"]), "spec.pod.imagePullSecrets[0]",
      "RFC 1123 subdomain"),
+    *[(f"tracking-uri-{case}", with_("tracking.mlflow", {"trackingUri": uri}), "spec.tracking.mlflow.trackingUri",
+       "must be an http://, https:// or file:/// URI such as http://mlflow.mlflow:5000")
+      for case, uri in [("no-scheme", "mlflow:5000"), ("s3", "s3://bucket/mlruns"), ("no-host", "http://"),
+                        ("space", "http://mlflow :5000"), ("file-relative", "file://mlruns"), ("empty", ""),
+                        ("databricks", "databricks"), ("newline", "http://mlflow:5000\n")]],
+    ("tracking-uri-missing", with_("tracking.mlflow", {"experimentName": "x"}), "spec.tracking.mlflow.trackingUri",
+     "Field required"),
+    ("tracking-uri-64k", with_("tracking.mlflow", {"trackingUri": "http://m/" + "a" * 65536}),
+     "spec.tracking.mlflow.trackingUri", "at most 2048 characters"),
+    ("tracking-experiment-empty", with_("tracking.mlflow", {"trackingUri": "http://m:5000", "experimentName": ""}),
+     "spec.tracking.mlflow.experimentName", "at least 1 character"),
+    ("tracking-tag-key", with_("tracking.mlflow", {"trackingUri": "http://m:5000", "tags": {"a*b": "x", "ok": "y"}}),
+     "spec.tracking.mlflow.tags", "keys are 1-250 of letters, digits, _ - . / and space (MLflow's rule): a*b"),
+    ("tracking-tags-too-many", with_("tracking.mlflow", {"trackingUri": "http://m:5000",
+                                                         "tags": {f"t{i}": "x" for i in range(51)}}),
+     "spec.tracking.mlflow.tags", "at most 50 items"),
+    ("tracking-secret-name", with_("tracking.mlflow", {"trackingUri": "http://m:5000",
+                                                       "credentialsSecretRef": {"name": "MLflow_Creds"}}),
+     "spec.tracking.mlflow.credentialsSecretRef.name", "must be a Secret name"),
+    ("tracking-secret-namespace", with_("tracking.mlflow", {"trackingUri": "http://m:5000",
+                                                            "credentialsSecretRef": {"name": "m", "namespace": "x"}}),
+     "spec.tracking.mlflow.credentialsSecretRef.namespace", "unknown field"),
+    ("tracking-unknown", with_("tracking", {"wandb": {}}), "spec.tracking.wandb", "unknown field"),
+    ("tensorboard-not-bool", with_("tracking", {"tensorboard": {"enabled": "yes"}}), "spec.tracking.tensorboard.enabled",
+     "valid boolean"),
+    ("pod-env-mlflow-credentials", with_("pod.env", [{"name": "MLFLOW_TRACKING_PASSWORD", "value": "x"}]), "spec.pod",
+     "pod.env[0].name"),
 ]
 
 
@@ -244,6 +278,17 @@ def test_spec_to_trainer_config_drops_the_secret():
     cfg = spec.trainer_config()
     assert isinstance(cfg, TrainingConfig) and cfg.storage.endpoint == "http://m:9000"
     assert "credentialsSecretRef" not in cfg.model_dump(by_alias=True)["storage"]
+
+
+def test_spec_to_trainer_config_drops_the_tracking_secret():
+    spec = parse_spec(with_("tracking.mlflow", {"trackingUri": "http://m:5000", "experimentName": "e",
+                                                "tags": {"team": "a"}, "credentialsSecretRef": {"name": "mlflow"}}))
+    assert spec.tracking.mlflow.credentials_secret_ref.name == "mlflow"
+    cfg = spec.trainer_config()
+    dumped = cfg.model_dump(by_alias=True)["tracking"]
+    assert dumped["mlflow"] == {"trackingUri": "http://m:5000", "experimentName": "e", "tags": {"team": "a"}}
+    assert cfg.tracking.report_to() == ["mlflow"]
+    assert parse_spec(BASE).trainer_config().tracking.mlflow is None  # no tracking by default
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -357,6 +402,9 @@ def test_training_fields_changed(change: dict[str, Any], expected: list[str]):
         ({"storage": {"credentialsSecretRef": {"name": "rotated"}}}, []),
         ({"pod": {"runtimeClassName": "nvidia", "env": [{"name": "X", "value": "1"}]}}, []),  # plumbing, not training
         ({"pod": {"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}}}, []),
+        ({"tracking": {"mlflow": {"trackingUri": "http://m:5000"}}},
+         ["spec.tracking.mlflow.tags", "spec.tracking.mlflow.trackingUri"]),  # turning MLflow on: a new run
+        ({"tracking": {"tensorboard": {"enabled": True}}}, ["spec.tracking.tensorboard.enabled"]),
     ],
 )
 def test_run_fields_changed(change: dict[str, Any], expected: list[str]):
@@ -364,6 +412,14 @@ def test_run_fields_changed(change: dict[str, Any], expected: list[str]):
     for key, value in change.items():
         new[key] = value if not isinstance(value, dict) else {**new.get(key, {}), **value}
     assert run_fields_changed(BASE, new) == expected
+
+
+def test_rotating_the_mlflow_secret_starts_no_run_a_new_server_does():
+    old = with_("tracking.mlflow", {"trackingUri": "http://m:5000", "credentialsSecretRef": {"name": "mlflow-a"}})
+    rotated = with_("tracking.mlflow.credentialsSecretRef", {"name": "mlflow-b"}, old)
+    assert run_fields_changed(old, rotated) == []
+    moved = with_("tracking.mlflow.trackingUri", "http://mlflow-2:5000", old)
+    assert run_fields_changed(old, moved) == ["spec.tracking.mlflow.trackingUri"]
 
 
 def test_reordered_keys_are_no_change():

@@ -174,6 +174,44 @@ def test_no_secret_reference_without_credentials_ref():
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
 
 
+MLFLOW = {"trackingUri": "http://mlflow.mlflow:5000", "experimentName": "support-bot", "tags": {"team": "support"}}
+
+
+def test_mlflow_credentials_are_optional_secret_key_refs_never_values():
+    b = body(tracking={"mlflow": {**MLFLOW, "credentialsSecretRef": {"name": "mlflow-creds"}}})
+    env = env_of(job_for(b))
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "mlflow-creds", "key": key,
+                                                                        "optional": True}}}
+    # The URI, experiment and tags travel in config.json (the trainer sets MLFLOW_* itself), not the pod env.
+    assert not {"MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS", "MLFLOW_RUN_ID"} & set(env)
+    cm = render.render_config_map(b, parsed(b))
+    config = json.loads(cm["data"]["config.json"])
+    assert config["tracking"] == {"mlflow": MLFLOW, "tensorboard": {"enabled": False}}
+    assert "mlflow-creds" not in cm["data"]["config.json"]
+    assert parse_config(config).tracking.report_to() == ["mlflow"]  # the trainer accepts what we render
+
+
+@pytest.mark.parametrize(
+    "tracking",
+    [None, {"mlflow": MLFLOW}, {"tensorboard": {"enabled": True}}],
+    ids=["no-tracking", "mlflow-without-secret", "tensorboard"],
+)
+def test_no_mlflow_secret_reference_without_its_credentials_ref(tracking):
+    b = body(**({"tracking": tracking} if tracking else {}))
+    env = env_of(job_for(b))
+    assert not [name for name in env if name.startswith("MLFLOW_")]
+    config = json.loads(render.render_config_map(b, parsed(b))["data"]["config.json"])
+    assert parse_config(config).tracking.report_to() == (
+        [] if tracking is None else ["mlflow"] if "mlflow" in tracking else ["tensorboard"]
+    )
+
+
+def test_mlflow_credential_names_are_reserved_for_pod_env():
+    reserved = set(render.reserved_env_names())
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"} <= reserved
+
+
 @pytest.mark.parametrize(
     ("scheduling", "pod_fields", "job_labels"),
     [

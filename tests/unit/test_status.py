@@ -601,6 +601,30 @@ def test_merge_check_is_copied_into_status_artifacts():
     QLoRAJobStatus.model_validate(r.status)  # the shape the CRD's status schema accepts
 
 
+TRACKING = {"mlflowRunId": "a" * 32, "mlflowExperimentId": "4", "tensorboardUri": "s3://out/a/run-1/tensorboard",
+            "mlflowRunUri": "http://mlflow:5000/#/experiments/4/runs/" + "a" * 32}
+
+
+@pytest.mark.parametrize(
+    ("tracking", "expected"),
+    [
+        (TRACKING, TRACKING),
+        ({**TRACKING, "password": "not copied", "mlflowExperimentId": 4, "mlflowRunUri": "x" * 5000},
+         {"mlflowRunId": "a" * 32, "tensorboardUri": "s3://out/a/run-1/tensorboard"}),  # strings <= 4 KiB only
+        ({"mlflowRunId": ""}, None),
+        ("a" * 32, None),
+    ],
+    ids=["copied", "filtered", "empty", "not-an-object"],
+)
+def test_tracking_is_copied_into_status_artifacts(tracking, expected):
+    term = copy.deepcopy(TERM_OK)
+    term["message"]["artifacts"]["tracking"] = tracking
+    r = compute_status(qj(), observe(job(("Complete", "", "")), [pod(terminated=term)]), at(100), SETTINGS)
+    assert r.status["artifacts"].get("tracking") == expected
+    assert r.status["artifacts"]["adapterUri"] == TERM_OK["message"]["artifacts"]["adapterUri"]
+    QLoRAJobStatus.model_validate(r.status)  # the shape the CRD's status schema accepts
+
+
 def test_failed_merge_check_fails_the_job_and_lists_the_adapter_without_a_merged_model():
     check = {**MERGE_CHECK, "passed": False, "maxAbsLogitDiff": 18.3, "top1Agreement": 0.41, "greedyTokensAgree": 30}
     message = ("bfloat16 merge onto nf4-dequantised answers differently from base + adapter: max |logit diff| 18.3 "

@@ -230,6 +230,8 @@ def run(
     )
     result["resumedFromStep"] = trained.resumed_from_step
     result["artifacts"]["lastCheckpointUri"] = trained.last_checkpoint_uri
+    if trained.tracking:
+        result["artifacts"]["tracking"] = trained.tracking
     if not dist.is_main:
         return  # rank 0 saves and uploads; the others wait for its verdict (cli.train_main)
 
@@ -246,6 +248,7 @@ def run(
         "oomBackoffs": trained.backoffs,
         "hardware": {"device": hw.device, "name": hw.name},
         "distributed": {"worldSize": dist.world_size, "parallelism": parallelism},
+        "tracking": trained.tracking,
     }
     loss_png = _loss_plot(trained, adapter_dir, identity)
     manifest = build_manifest(
@@ -272,6 +275,10 @@ def run(
         for k in ("evalLossBefore", "evalLossAfter", "trainLoss", "steps", "tokensPerSecond", "secondsPerStep")
     }
     log_event("adapter", uri=adapter["uri"], manifest=adapter["manifestUri"])
+    if cfg.tracking.mlflow is not None:
+        from .tracking import log_adapter
+
+        log_adapter(cfg, trained.tracking, adapter_dir)  # the published adapter, as the MLflow run's artifacts
 
     if cfg.output.merge.enabled:
         from .merge import merge_and_publish

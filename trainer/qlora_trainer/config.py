@@ -587,6 +587,71 @@ class StorageSettings(ApiModel):
     )
 
 
+#: MLflow tracking server URI: http(s):// (a tracking server) or file:/// (a local mlruns directory).
+TRACKING_URI_PATTERN = r"^(https?://[^\s/]+(/\S*)?|file:///\S*)$"
+MSG_TRACKING_URI = "must be an http://, https:// or file:/// URI such as http://mlflow.mlflow:5000"
+#: MLflow tag keys (its own rule: alphanumerics, underscores, dashes, periods, spaces, slashes).
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.\-/ ]{1,250}$"
+MSG_TAG_KEY = "tracking.mlflow.tags: keys are 1-250 of letters, digits, _ - . / and space (MLflow's rule)"
+
+TrackingUri = Annotated[
+    str,
+    Field(max_length=MAX_URI_LENGTH, json_schema_extra={"pattern": TRACKING_URI_PATTERN}),
+    pattern_check(TRACKING_URI_PATTERN, MSG_TRACKING_URI),
+]
+
+
+def _check_tag_keys(tags: dict[str, str]) -> dict[str, str]:
+    bad = [k for k in tags if not re.match(TAG_KEY_PATTERN, k)]
+    if bad:
+        raise PydanticCustomError("tag_key", MSG_TAG_KEY + ": {bad}", {"bad": ", ".join(sorted(bad))})
+    return tags
+
+
+class MlflowSettings(ApiModel):
+    """MLflow tracking through transformers' ``MLflowCallback`` (``report_to: ["mlflow"]``).
+
+    The trainer sets ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_TAGS`` and, when a run of
+    this job resumes, ``MLFLOW_RUN_ID``; the callback logs params at train begin and every logged metric by step.
+    """
+
+    tracking_uri: TrackingUri = Field(
+        description="MLflow tracking server (http(s)://host:port[/path]) or file:///path for a local store."
+    )
+    experiment_name: Annotated[str, Field(min_length=1, max_length=500)] | None = Field(
+        default=None, description="Experiment the run goes into (created when missing). Unset: MLflow's Default."
+    )
+    tags: Annotated[
+        dict[Annotated[str, Field(max_length=250)], Annotated[str, Field(max_length=5000)]],
+        Field(max_length=50),
+        AfterValidator(_check_tag_keys),
+    ] = Field(
+        default_factory=dict,
+        description="Tags set on the run (MLFLOW_TAGS), at most 50; the trainer adds qlora.job, qlora.namespace, qlora.run.",
+    )
+
+
+class TensorboardSettings(ApiModel):
+    """TensorBoard event files through transformers' ``TensorBoardCallback`` (``report_to: ["tensorboard"]``)."""
+
+    enabled: bool = Field(
+        default=False, description="Write TensorBoard event files, uploaded under <output>/run-<N>/tensorboard/."
+    )
+
+
+class TrackingSettings(ApiModel):
+    """Experiment tracking through the transformers integrations (``report_to``); none by default."""
+
+    mlflow: MlflowSettings | None = Field(default=None, description="Log the run to an MLflow tracking server.")
+    tensorboard: TensorboardSettings = Field(
+        default_factory=TensorboardSettings, description="Write TensorBoard event files with the artifacts."
+    )
+
+    def report_to(self) -> list[str]:
+        """transformers' ``report_to``: ``[]`` (none), ``["mlflow"]``, ``["tensorboard"]`` or both."""
+        return (["mlflow"] if self.mlflow else []) + (["tensorboard"] if self.tensorboard.enabled else [])
+
+
 class TrainingConfig(ApiModel):
     """Everything ``qlora-train`` needs; the ``config.json`` the operator renders.
 
@@ -615,6 +680,10 @@ class TrainingConfig(ApiModel):
     )
     storage: StorageSettings = Field(
         default_factory=StorageSettings, description="How the trainer reaches S3 (endpoint, region, addressing)."
+    )
+    tracking: TrackingSettings = Field(
+        default_factory=TrackingSettings,
+        description="Experiment tracking: an MLflow run and/or TensorBoard event files (<output>/run-<N>/tensorboard/).",
     )
 
     @model_validator(mode="after")

@@ -354,7 +354,7 @@ def sft_config(
         "save_total_limit": t.keep_checkpoints,
         "eval_strategy": "steps" if with_eval else "no",
         "eval_steps": t.eval_every_steps,
-        "report_to": "none",
+        "report_to": cfg.tracking.report_to() or "none",  # transformers' MLflow/TensorBoard callbacks (tracking)
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "dataset_num_proc": None,

@@ -86,6 +86,8 @@ class TrainOutcome:
     resume: dict[str, Any] = field(default_factory=dict)
     #: The Trainer's ``log_history`` (kept across resumes) plus the eval before and after: ``plots.loss_plot``'s input.
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: ``tracking``: mlflowRunId/ExperimentId/RunUri and tensorboardUri (``qlora_trainer.tracking``).
+    tracking: dict[str, Any] = field(default_factory=dict)
 
 
 def backoff(micro_batch: int, accumulation: int) -> tuple[int, int]:
@@ -230,6 +232,9 @@ def train(
     checkpoints_uri = layout.checkpoints
     expected = fingerprint(cfg, base.lineage, data.lineage)
 
+    from . import tracking
+
+    tracked = tracking.prepare(cfg, storage, layout.root, Path(work_dir), identity)
     decision, local_ckpt = _restore_checkpoint(storage, layout, identity, expected, out_dir, dist)
     resumed_from = decision.checkpoint.step if decision.checkpoint else None
     run_state = decision.state
@@ -267,12 +272,13 @@ def train(
     guard = NonFiniteGuard(t.non_finite_patience)
     preempt = PreemptionCallback(dist)
     faults = FaultInjection()
+    record_run = tracking.RecordMlflowRun(cfg, storage, layout.root, tracked, dist.is_main)
     backoffs: list[dict[str, int]] = []
     tried: list[int] = []
     preempt.install()
     try:
         while True:
-            callbacks = [before, progress, sync, guard, preempt] + ([faults] if faults.active else [])
+            callbacks = [before, progress, sync, guard, preempt, record_run] + ([faults] if faults.active else [])
             trainer = build_sft_trainer(
                 cfg,
                 model,
@@ -377,6 +383,8 @@ def train(
         "trainableParams": trainable,
         **gpu_memory_gib(),
     }
+    if dist.is_main:
+        tracking.upload_tensorboard(cfg, storage, layout.root, tracked)
     return TrainOutcome(
         model=trainer.model,
         metrics=metrics,
@@ -388,6 +396,7 @@ def train(
         or (join_uri(checkpoints_uri, f"step-{resumed_from}") if resumed_from else None),
         adapter_state=adapter_state,
         resume=decision.record(identity),
+        tracking=dict(tracked),
         history=[
             *([{"step": resumed_from or 0, "eval_loss": eval_before}] if eval_before is not None else []),
             *[dict(e) for e in state.log_history],
