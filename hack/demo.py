@@ -2,26 +2,26 @@
 
 Steps (each named; a failure stops the demo and names its step):
 
-0. build the operator and trainer images from ``Dockerfile.operator`` and
+1. build the operator and trainer images from ``Dockerfile.operator`` and
    ``Dockerfile.trainer`` with podman (``localimages.build_images()``; a warm run builds nothing);
-1. start the local cluster (control plane, MinIO and one real node: containerd, runc, CNI,
+2. start the local cluster (control plane, MinIO and one real node: containerd, runc, CNI,
    kubelet, kube-proxy, with a fake ``nvidia.com/gpu`` capacity), or reuse the one already
    up in ``.local-cluster/``, and import both images into the node's containerd (skipped
    when there);
-2. build the embedded SmolLM2-135M-Instruct model and the chatterbot-corpus chat
+3. build the embedded SmolLM2-135M-Instruct model and the chatterbot-corpus chat
    data (cached), upload both to the local S3 server;
-3. install the Helm chart (CRD, RBAC, operator Deployment from the operator image, the
+4. install the Helm chart (CRD, RBAC, operator Deployment from the operator image, the
    trainer image as the default of every job) into ``qlora-system``;
-4. create the namespace ``qlora-demo`` (Pod Security ``restricted``) and the S3
+5. create the namespace ``qlora-demo`` (Pod Security ``restricted``) and the S3
    credentials Secret;
-5. ``kubectl apply -f examples/demo.yaml`` (endpoint filled in), then show the job's
+6. ``kubectl apply -f examples/demo.yaml`` (endpoint filled in), then show the job's
    status live, as ``kubectl get qj -w`` would;
-6. show the trainer pod's image, its uid / read-only root, the container in containerd
+7. show the trainer pod's image, its uid / read-only root, the container in containerd
    (``ctr``) and the end of ``kubectl logs`` through the real kubelet;
-   print the artifact URIs, the eval loss before and after training (from the
+8. print the artifact URIs, the eval loss before and after training (from the
    adapter's manifest) and one held-out prompt answered by the base model and by
    base + adapter;
-7. download ``loss.png`` (train/eval loss and learning rate by step) and the GGUF q8_0
+9. download ``loss.png`` (train/eval loss and learning rate by step) and the GGUF q8_0
    export (``spec.output.export``), answer the prompt with the GGUF through
    transformers' GGUF loader, and print where they are and how to open/load them.
 

@@ -113,6 +113,20 @@ def _present_id(address: Path | str, ref: str) -> str | None:
     return None
 
 
+def drop_other_tags(ref: str, address: Path | str) -> list[str]:
+    """Remove from containerd every other tag of ``ref``'s repository (tags are keyed by the
+    images' inputs, so those are older builds: a trainer tag holds about 13 GB there); returns
+    the refs removed. Only ``localhost/`` repositories are touched."""
+    repository = ref.rsplit(":", 1)[0]
+    if not repository.startswith("localhost/"):
+        return []
+    listed = subprocess.run(ctr_argv(address, "images", "ls", "-q"), capture_output=True, text=True)
+    others = [r for r in listed.stdout.split() if r.rsplit(":", 1)[0] == repository and r != ref]
+    if others:
+        subprocess.run(ctr_argv(address, "images", "rm", "--sync", *others), capture_output=True, text=True)
+    return others
+
+
 def import_image(ref: str, address: Path | str, log=print) -> Imported:
     """Import the podman image ``ref`` into the containerd at socket ``address`` (namespace k8s.io).
 
@@ -128,6 +142,9 @@ def import_image(ref: str, address: Path | str, log=print) -> Imported:
         raise ImageError(f"podman has no image {ref} (build it first)")
     if _present_id(address, ref) == image:
         return Imported(ref, image, False, round(time.monotonic() - start, 2))
+    dropped = drop_other_tags(ref, address)
+    if dropped:
+        log(f"removed older tags of {ref.rsplit(':', 1)[0]} from containerd: {', '.join(dropped)}")
     save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], env=engine.podman_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     load = subprocess.run(ctr_argv(address, "images", "import", "-"), stdin=save.stdout, capture_output=True,
