@@ -2,25 +2,37 @@
 
 Steps (each named; a failure stops the demo and names its step):
 
-1. start the local cluster (control plane, node agent with one GPU node, MinIO),
-   or reuse the one already up in ``.local-cluster/``;
-2. build the embedded SmolLM2-135M-Instruct model and the chatterbot-corpus chat
+1. build the operator and trainer images from ``Dockerfile.operator`` and
+   ``Dockerfile.trainer`` with podman (``localimages.build_images()``; a warm run builds nothing);
+2. start the local cluster (control plane, MinIO and one real node: containerd, runc, CNI,
+   kubelet, kube-proxy, with a fake ``nvidia.com/gpu`` capacity), or reuse the one already
+   up in ``.local-cluster/``, and import both images into the node's containerd (skipped
+   when there);
+3. build the embedded SmolLM2-135M-Instruct model and the chatterbot-corpus chat
    data (cached), upload both to the local S3 server;
-3. install the Helm chart (CRD, RBAC, operator Deployment) into ``qlora-system``;
-4. create the namespace ``qlora-demo`` (Pod Security ``restricted``) and the S3
+4. install the Helm chart (CRD, RBAC, operator Deployment from the operator image, the
+   trainer image as the default of every job) into ``qlora-system``;
+5. create the namespace ``qlora-demo`` (Pod Security ``restricted``) and the S3
    credentials Secret;
-5. ``kubectl apply -f examples/demo.yaml`` (endpoint filled in), then show the job's
+6. ``kubectl apply -f examples/demo.yaml`` (endpoint filled in), then show the job's
    status live, as ``kubectl get qj -w`` would;
-6. print the artifact URIs, the eval loss before and after training (from the
+7. show the trainer pod's image, its uid / read-only root, the container in containerd
+   (``ctr``) and the end of ``kubectl logs`` through the real kubelet;
+8. print the artifact URIs, the eval loss before and after training (from the
    adapter's manifest) and one held-out prompt answered by the base model and by
    base + adapter;
-7. download ``loss.png`` (train/eval loss and learning rate by step) and the GGUF q8_0
+9. download ``loss.png`` (train/eval loss and learning rate by step) and the GGUF q8_0
    export (``spec.output.export``), answer the prompt with the GGUF through
    transformers' GGUF loader, and print where they are and how to open/load them.
 
-The GGUF export runs llama.cpp's ``convert_hf_to_gguf.py`` (``make converter`` fetches it;
-``make demo`` depends on it); the pod finds it through ``QLORA_LLAMA_CPP_DIR``, which the
-demo sets for the node agent it starts (a cluster already up must have been started with it).
+The GGUF export runs llama.cpp's ``convert_hf_to_gguf.py``, which the trainer image carries
+in ``/opt/llama.cpp``. ``--node agent`` runs the demo on the stand-in node agent instead (pods
+are host processes from ``.venv``, images ignored; the converter comes from ``make converter``
+through ``QLORA_LLAMA_CPP_DIR``).
+
+The real node's CPU is the machine's: the trainer pod asks for ``QLORA_DEMO_CPU`` (default
+``1500m``, which fits a 2-core machine beside the operator's replicas) instead of
+``examples/demo.yaml``'s ``cpu: "2"``.
 
 The cluster is left running so that the job can be inspected; ``make cluster-down``
 stops it. Environment: ``QLORA_DEMO_MAX_STEPS`` overrides ``training.maxSteps``
@@ -137,10 +149,13 @@ def upload_dir(s3, local: Path, uri: str) -> int:
     return n
 
 
-def demo_manifest(endpoint: str, max_steps: int | None) -> str:
-    """``examples/demo.yaml`` with the local S3 endpoint (and optional step count) filled in."""
+def demo_manifest(endpoint: str, max_steps: int | None, cpu: str | None = None) -> str:
+    """``examples/demo.yaml`` with the local S3 endpoint (and optional step count and CPU
+    request) filled in."""
     doc = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
     doc["spec"]["storage"]["endpoint"] = endpoint
+    if cpu is not None:
+        doc["spec"]["resources"]["cpu"] = cpu
     if max_steps is not None:
         training = doc["spec"]["training"]
         training["maxSteps"] = max_steps
@@ -209,25 +224,87 @@ def answer_gguf(directory: Path, gguf_file: str, messages: list[dict[str, str]],
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def show_trainer_pod(kubectl: list[str], state: Path) -> dict[str, Any]:
+    """Print (and return) what shows the trainer ran from its image under the real kubelet:
+    the pod's image and security context, its container in containerd (``ctr``) and the end
+    of ``kubectl logs``.
+
+    Raises:
+        DemoError: no trainer pod, or it did not run as uid 1000 with a read-only root.
+    """
+    sys.path.insert(0, str(REPO / "hack"))
+    from localcluster import nodeimages, realnode
+
+    pods = json.loads(run([*kubectl, "get", "pods", "-n", NAMESPACE, "-l", f"job-name={JOB}-train", "-o", "json"]))
+    if not pods["items"]:
+        raise DemoError(f"no pod of Job {JOB}-train in {NAMESPACE}")
+    name = pods["items"][-1]["metadata"]["name"]
+    get = [*kubectl, "get", "pod", name, "-n", NAMESPACE, "-o"]
+    image = run([*get, "jsonpath={.spec.containers[0].image}"])
+    security = json.loads(run([*get, "jsonpath={.spec.containers[0].securityContext}"]) or "{}")
+    pod_security = json.loads(run([*get, "jsonpath={.spec.securityContext}"]) or "{}")
+    phase = run([*get, "jsonpath={.status.phase}"])
+    container_id = run([*get, "jsonpath={.status.containerStatuses[0].containerID}"])
+    uid = security.get("runAsUser", pod_security.get("runAsUser"))
+    print(f"    $ kubectl get pod {name} -o jsonpath='{{.spec.containers[0].image}}'\n    {image}")
+    print(f"    phase {phase}; containerID {container_id}")
+    print(f"    runAsUser {uid}, runAsNonRoot {security.get('runAsNonRoot', pod_security.get('runAsNonRoot'))}, "
+          f"readOnlyRootFilesystem {security.get('readOnlyRootFilesystem')}")
+    ctr = run(nodeimages.ctr_argv(realnode.containerd_socket(state), "containers", "ls"))
+    rows = [line for line in ctr.splitlines() if line.startswith("CONTAINER") or container_id.split("//")[-1] in line]
+    print("    $ ctr -n k8s.io containers ls   (the trainer's container)")
+    for line in rows:
+        print("    " + line)
+    logs = run([*kubectl, "logs", "-n", NAMESPACE, name, "--tail", "8"])
+    print(f"    $ kubectl logs {name} --tail 8   (through the real kubelet)")
+    for line in logs.splitlines():
+        print("    | " + line[:200])
+    if uid != 1000 or security.get("readOnlyRootFilesystem") is not True:
+        raise DemoError(f"the trainer pod did not run as uid 1000 with a read-only root: {security} {pod_security}")
+    if not logs.strip():
+        raise DemoError(f"kubectl logs {name} returned nothing")
+    return {"pod": name, "image": image, "runAsUser": uid, "readOnlyRootFilesystem": True,
+            "containerId": container_id, "logTail": logs.splitlines()[-8:]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the QLoRA demo job on the local cluster.")
     parser.add_argument("--state-dir", default=str(REPO / ".local-cluster"))
     parser.add_argument("--max-steps", type=int, default=int(os.environ.get("QLORA_DEMO_MAX_STEPS", "0")) or None)
     parser.add_argument("--timeout", type=float, default=float(os.environ.get("QLORA_DEMO_TIMEOUT", "1800")))
+    parser.add_argument("--node", choices=("real", "agent"), default=os.environ.get("QLORA_DEMO_NODE", "real"),
+                        help="real: pods run from the images under a real kubelet (default); agent: the stand-in")
     args = parser.parse_args(argv)
     state = Path(args.state_dir)
     sys.path.insert(0, str(REPO / "hack"))
+    real = args.node == "real"
 
     import embedded
-    from qlora_trainer.export import CONVERTER_VERSION
 
-    converter = Path(embedded.cache_root()) / "llama.cpp" / f"llama-cpp-python-{CONVERTER_VERSION}"
-    os.environ.setdefault("QLORA_LLAMA_CPP_DIR", str(converter))  # passed to pods by the node agent
+    images: dict[str, str] = {}
+    if real:
+        with step("Build the operator and trainer images (Dockerfile.operator, Dockerfile.trainer) with podman"):
+            import localimages
 
-    with step("Start the local cluster (etcd, kube-apiserver, controller-manager, scheduler, node agent, MinIO)"):
-        run([sys.executable, "-m", "localcluster", "up", "--dir", str(state)])
+            images = localimages.build_images(log=lambda m: print(f"    {m}", flush=True))
+            for name, ref in images.items():
+                print(f"    {name}: {ref}")
+    else:
+        from qlora_trainer.export import CONVERTER_VERSION
+
+        converter = Path(embedded.cache_root()) / "llama.cpp" / f"llama-cpp-python-{CONVERTER_VERSION}"
+        os.environ.setdefault("QLORA_LLAMA_CPP_DIR", str(converter))  # passed to pods by the node agent
+
+    title = ("Start the local cluster (etcd, kube-apiserver, controller-manager, scheduler, MinIO, "
+             + ("a real node: containerd, kubelet, kube-proxy) and import the images" if real else "node agent)"))
+    with step(title):
+        run([sys.executable, "-m", "localcluster", "up", "--dir", str(state), "--node", args.node])
         kubectl = [str(state / "bin" / "kubectl"), "--kubeconfig", str(state / "kubeconfig")]
         helm = [str(state / "bin" / "helm"), "--kubeconfig", str(state / "kubeconfig")]
+        for ref in images.values():
+            t0 = time.monotonic()
+            out = run([sys.executable, "-m", "localcluster", "import-image", "--dir", str(state), ref])
+            print(f"    {out.strip()} (containerd; {time.monotonic() - t0:.1f}s)")
         print(run([*kubectl, "get", "nodes", "-o", "wide"]), end="")
         env = s3_env(state)
 
@@ -253,11 +330,16 @@ def main(argv: list[str] | None = None) -> int:
         # `helm upgrade` never updates a chart's CRDs: apply them first, so a rerun after
         # an API change gets the new schema.
         run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds")])
-        # The node agent runs the operator as a local process: give its endpoints free ports.
-        metrics_port, health_port = free_port(), free_port()
-        run([*helm, "upgrade", "--install", RELEASE, str(REPO / "helm" / "qlora-operator"),
-             "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "3m",
-             "--set", f"metrics.port={metrics_port}", "--set", f"health.port={health_port}"])
+        chart = ["upgrade", "--install", RELEASE, str(REPO / "helm" / "qlora-operator"),
+                 "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m"]
+        if real:  # the operator from its image; the trainer image as every job's default
+            for key, ref in (("image", images["operator"]), ("trainer.image", images["trainer"])):
+                repository, tag = ref.rsplit(":", 1)
+                chart += ["--set", f"{key}.repository={repository}", "--set", f"{key}.tag={tag}",
+                          "--set", f"{key}.pullPolicy=Never"]
+        else:  # the node agent runs the operator as a local process: give its endpoints free ports
+            chart += ["--set", f"metrics.port={free_port()}", "--set", f"health.port={free_port()}"]
+        run([*helm, *chart])
         print(run([*kubectl, "get", "deploy,pods", "-n", OPERATOR_NAMESPACE]), end="")
 
     with step(f"Create namespace {NAMESPACE} (Pod Security: restricted) and the S3 credentials Secret"):
@@ -273,12 +355,18 @@ def main(argv: list[str] | None = None) -> int:
         run([*kubectl, "delete", "qj", JOB, "-n", NAMESPACE, "--ignore-not-found", "--wait=true"])
 
     with step("kubectl apply -f examples/demo.yaml, then watch it (kubectl get qj -w)"):
-        manifest = demo_manifest(env["AWS_ENDPOINT_URL"], args.max_steps)
+        manifest = demo_manifest(env["AWS_ENDPOINT_URL"], args.max_steps,
+                                 os.environ.get("QLORA_DEMO_CPU", "1500m") if real else None)
         print(run([*kubectl, "apply", "-n", NAMESPACE, "-f", "-"], input=manifest), end="")
         obj = watch_job(kubectl, args.timeout)
         failed = condition(obj, "Failed")
         if failed and failed.get("status") == "True":
             raise DemoError(f"the job failed: {failed.get('reason')}: {failed.get('message')}")
+
+    pod_info = None
+    if real:
+        with step("The trainer pod on the real node: image, uid and read-only root, containerd, kubectl logs"):
+            pod_info = show_trainer_pod(kubectl, state.absolute())
 
     with step("Results: artifacts, eval loss, and a held-out prompt answered by base and base + adapter"):
         status = obj["status"]
@@ -307,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    base model:         {base_answer!r}")
         print(f"    base + adapter:     {tuned_answer!r}")
         summary = {"evalLossBefore": before, "evalLossAfter": after, "baseAnswer": base_answer,
-                   "adapterAnswer": tuned_answer, "artifacts": artifacts}
+                   "adapterAnswer": tuned_answer, "artifacts": artifacts, "node": args.node,
+                   "images": images, "trainerPod": pod_info}
         (state / "demo-result.json").write_text(json.dumps(summary, indent=2))
         if before is None or after is None or not after < before:
             raise DemoError(f"eval loss did not go down: before {before}, after {after}")
