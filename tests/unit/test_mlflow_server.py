@@ -1,5 +1,5 @@
 """The pins of the MLflow test server (``hack/localcluster/mlflow_server.py``); the server itself
-runs in ``tests/integration/test_trainer_tracking.py``."""
+runs in ``tests/integration/test_mlflow_tracking_s3.py``."""
 
 from __future__ import annotations
 

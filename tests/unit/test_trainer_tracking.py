@@ -4,7 +4,7 @@ Real objects only: ``file://`` storage (a temp directory, the same ``Storage`` c
 and a real MLflow file store (``file:///`` tracking URI, the client of ``mlflow-skinny``),
 so "the next attempt continues the same run" is checked against MLflow itself, not
 against a stand-in. The same path against a real MLflow server and a real, killed trainer
-is ``tests/integration/test_trainer_tracking.py``.
+is ``tests/integration/test_mlflow_tracking_s3.py``.
 """
 
 from __future__ import annotations
