@@ -6,7 +6,7 @@ Operator health:
 - ``qlora_operator_reconcile_errors_total{kind}``: reconciles that failed (API trouble, bugs).
 - ``qlora_operator_reconcile_duration_seconds{trigger}``: time per reconcile (handler
   latency), by what triggered it (``handler``: kopf spec handlers; ``watch``: watch
-  events and the periodic re-check).
+  events and retries; ``resync``: the periodic re-check of unfinished jobs).
 
 Training, per QLoRAJob, labels ``namespace`` and ``name`` only (:class:`JobProgressCollector`),
 from the trainer's progress reports (``status.progress``) as the reconciler last read them:
