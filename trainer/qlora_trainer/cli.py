@@ -391,7 +391,17 @@ def train_main(args: argparse.Namespace) -> int:
         if not write_worker_result(result):
             print(write_termination_message(result), flush=True)
     code = dist.final_code(int(result["exitCode"]))
-    dist.shutdown()
+    if dist.active:
+        # Every result is written and every rank knows the verdict: exit now, without tearing the
+        # process groups down. With gloo on CPU a rank tearing down while its peer had already
+        # closed the connection was seen aborting after a successful run ("terminate called
+        # without an active exception", exit 134), which restarted the whole group
+        # (tests/integration/test_multinode.py::test_two_nodes_real_trainer, 1 run in 4 here).
+        # The OS closes the sockets; os._exit skips the C++ destructors where that abort happens.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
