@@ -101,14 +101,18 @@ Quantity = Annotated[
 ]
 
 
+#: A Secret's name (DNS subdomain), for the Secret references below.
+SecretName = Annotated[
+    str,
+    Field(min_length=1, max_length=253, json_schema_extra={"pattern": DNS_SUBDOMAIN}),
+    pattern_check(DNS_SUBDOMAIN, MSG_SECRET_NAME),
+]
+
+
 class SecretReference(ApiModel):
     """A Secret in the job's own namespace (there is deliberately no namespace field)."""
 
-    name: Annotated[
-        str,
-        Field(min_length=1, max_length=253, json_schema_extra={"pattern": DNS_SUBDOMAIN}),
-        pattern_check(DNS_SUBDOMAIN, MSG_SECRET_NAME),
-    ] = Field(
+    name: SecretName = Field(
         description=(
             "Secret name in the QLoRAJob's own namespace, with keys AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (optionally AWS_SESSION_TOKEN). There is no namespace field: "
@@ -137,11 +141,7 @@ MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "M
 class TrackingSecretReference(ApiModel):
     """A Secret in the job's own namespace with MLflow credentials (no namespace field)."""
 
-    name: Annotated[
-        str,
-        Field(min_length=1, max_length=253, json_schema_extra={"pattern": DNS_SUBDOMAIN}),
-        pattern_check(DNS_SUBDOMAIN, MSG_SECRET_NAME),
-    ] = Field(
+    name: SecretName = Field(
         description=(
             "Secret name in the QLoRAJob's own namespace; its keys MLFLOW_TRACKING_USERNAME / "
             "MLFLOW_TRACKING_PASSWORD (basic auth) or MLFLOW_TRACKING_TOKEN (bearer), each optional, become "

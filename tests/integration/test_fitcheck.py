@@ -29,17 +29,16 @@ from test_operator import (  # noqa: E402,F401 - fixtures and helpers of the ope
     condition,
     crd,
     events,
+    gpu_jobs,
     jobs,
     manifest,
     pods,
     s3_secret,
     start_operator,
+    REAL_TRAINER,
     wait_terminal,
 )
 from tests.unit.test_trainer_estimate import LLAMA3_70B, MISTRAL_7B  # noqa: E402
-
-REAL_TRAINER = json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"])
-
 
 def gpu_requests(pod: dict) -> list[str]:
     """The GPU quantities any container of ``pod`` requests or is limited to."""
@@ -49,10 +48,6 @@ def gpu_requests(pod: dict) -> list[str]:
         for part in ("requests", "limits"):
             out += [v for k, v in (res.get(part) or {}).items() if "gpu" in k]
     return out
-
-
-def gpu_jobs(api, namespace: str, name: str) -> list[dict]:
-    return [j for j in jobs(api, namespace, name) if "qlora.dev/run" in j["metadata"].get("labels", {})]
 
 
 def test_a_70b_job_on_one_24gib_gpu_is_refused_before_any_gpu_pod(cluster, namespace, buckets, s3_secret, start_operator):

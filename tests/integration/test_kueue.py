@@ -117,6 +117,7 @@ from test_operator import (  # noqa: E402,F401 - fixtures and helpers of the ope
     get_qj,
     is_true,
     manifest,
+    REAL_TRAINER,
     s3_secret,
     start_operator,
     wait_terminal,
@@ -209,7 +210,7 @@ def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_che
                        "value": v} for n, v in ((low_pc, 100), (high_pc, 1000))))
     cq = _queues(cluster, namespace, preemption=True)
     try:
-        start_operator(trainer_command=json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"]),
+        start_operator(trainer_command=REAL_TRAINER,
                        stalled_timeout_seconds=600)
         apply(cluster, _real_job(cluster, namespace, "low", 24, low_pc))
 

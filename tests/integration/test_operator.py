@@ -104,6 +104,8 @@ if behaviour == "pod-extras":  # spec.pod.env and a spec.pod.volumes mount reach
 finish(0, "Succeeded", "done", done)
 '''
 FAKE_COMMAND = json.dumps(["python", "-c", FAKE_TRAINER, "/etc/qlora/config.json"])
+# The real trainer, as the chart's default command runs it.
+REAL_TRAINER = json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"])
 
 
 # ----------------------------------------------------------------------------- the operator process
@@ -305,6 +307,11 @@ def wait_event(api, namespace: str, name: str, type_: str, reason: str, timeout:
 def jobs(api, namespace: str, qj: str | None = None) -> list[dict]:
     selector = f"qlora.dev/job={qj}" if qj else "qlora.dev/job"
     return api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs", labelSelector=selector)["items"]
+
+
+def gpu_jobs(api, namespace: str, qj: str) -> list[dict]:
+    """The run Jobs of ``qj`` (label ``qlora.dev/run``): not its fit-check Job."""
+    return [j for j in jobs(api, namespace, qj) if "qlora.dev/run" in j["metadata"].get("labels", {})]
 
 
 def pods(api, namespace: str, qj: str) -> list[dict]:
@@ -808,7 +815,7 @@ def test_real_trainer_end_to_end(cluster, namespace, buckets, s3_secret, start_o
     eval_rows = (corpus / "eval.jsonl").read_text().splitlines()[:8]
     buckets.put_object(Bucket="data", Key=f"{namespace}/eval.jsonl", Body="\n".join(eval_rows).encode() + b"\n")
 
-    start_operator(trainer_command=json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"]),
+    start_operator(trainer_command=REAL_TRAINER,
                    stalled_timeout_seconds=600)
     body = manifest(cluster, namespace, "smol")
     body["spec"].update({

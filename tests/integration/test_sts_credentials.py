@@ -25,16 +25,15 @@ from test_operator import (  # noqa: E402,F401 - fixtures and helpers of the ope
     condition,
     crd,
     events,
+    gpu_jobs,
     jobs,
     manifest,
     start_operator,
+    REAL_TRAINER,
     wait_terminal,
 )
 
 from tests.unit.test_trainer_estimate import MISTRAL_7B  # noqa: E402
-
-REAL_TRAINER = json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"])
-
 
 def temporary_credentials(cluster) -> dict:
     sts = boto3.client("sts", endpoint_url=cluster.s3_endpoint, region_name=cluster.s3_region,
@@ -50,10 +49,6 @@ def secret(cluster, namespace: str, name: str, creds: dict, with_token: bool) ->
     if with_token:
         args.append(f"--from-literal=AWS_SESSION_TOKEN={creds['SessionToken']}")
     cluster.kubectl(*args)
-
-
-def gpu_jobs(api, namespace: str, name: str) -> list[dict]:
-    return [j for j in jobs(api, namespace, name) if "qlora.dev/run" in j["metadata"].get("labels", {})]
 
 
 def test_a_session_token_from_minio_sts_reaches_the_trainer_through_the_secret(cluster, namespace, buckets,
