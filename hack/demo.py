@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    GGUF ({gguf['quantization']}): {gguf['file']}")
         print(f"                 downloaded to {gguf_file} ({gguf_file.stat().st_size / 2**20:.0f} MiB)")
         print(f"    GGUF answer:        {gguf_answer!r}")
+        print("                        (" + ("the same as base + adapter" if gguf_answer == tuned_answer else
+              "differs from base + adapter: the merge is onto the NF4-dequantised base, q8_0 rounds it") + ")")
         print("    load it with llama.cpp:  llama-cli -m " + str(gguf_file) + " -cnv")
         print("                 or serve:  llama-server -m " + str(gguf_file))
         print("    or with transformers:    AutoModelForCausalLM.from_pretrained("

