@@ -17,8 +17,9 @@ the server's REST API:
 - ``loss`` by step: attempt 1's steps up to the kill and attempt 2's steps 3..6 in that same
   run, attempt 2's values equal to the losses its log lines report;
 - the published adapter is the run's ``adapter/`` artifacts, byte-identical to S3's;
-- TensorBoard event files of the finishing attempt under ``<output>/run-1/tensorboard/`` with
-  ``_SUCCESS`` (a killed attempt's event files die with its pod: they are uploaded at the end).
+- TensorBoard event files under ``<output>/run-1/tensorboard/`` with ``_SUCCESS``: one per
+  attempt, the killed attempt's (uploaded at its step-2 checkpoint) holding ``train/loss`` of
+  steps 1-2, the resumed attempt's steps 3-6.
 
 Tiny settings (6 steps, checkpoint every 2, 64-token rows) as in
 ``test_trainer_resilience_s3.py``, whose subprocess helpers this reuses.
@@ -175,5 +176,15 @@ def test_one_mlflow_run_across_a_killed_attempt_and_its_resume(cluster, mlflow_s
     # ---- TensorBoard event files next to the artifacts
     tensorboard = keys(s3, bucket, "out/run-1/tensorboard/")
     events = [k for k in tensorboard if Path(k).name.startswith("events.out.tfevents.")]
-    assert events and "_SUCCESS" in tensorboard, sorted(tensorboard)
-    assert all(tensorboard[k]["Size"] > 0 for k in events)
+    assert len(events) == 2 and "_SUCCESS" in tensorboard, sorted(tensorboard)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loss_steps = []
+    for name in events:
+        local = tmp_path / "tb" / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, f"out/run-1/tensorboard/{name}", str(local))
+        acc = EventAccumulator(str(local))
+        acc.Reload()
+        loss_steps.append(sorted(e.step for e in acc.Scalars("train/loss")))
+    assert sorted(loss_steps) == [list(range(1, newest + 1)), list(range(newest + 1, MAX_STEPS + 1))], loss_steps

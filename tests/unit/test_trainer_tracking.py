@@ -281,3 +281,45 @@ def test_record_only_for_mlflow(tmp_path, out):
                                         info, is_main=True)
     callback.on_train_begin(SimpleNamespace(), SimpleNamespace(), SimpleNamespace())
     assert info == {}
+
+
+def test_tensorboard_events_are_flushed_and_uploaded_at_each_checkpoint_without_a_marker(tmp_path, out):
+    """A killed attempt keeps its curve up to its last checkpoint: at ``on_save`` the Trainer's real
+    ``TensorBoardCallback`` writer is flushed and the changed event files uploaded (no ``_SUCCESS``)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = cfg(out, tensorboard={"enabled": True})
+    root = RunLayout(out, 1).root
+    storage = Storage()
+    tracking.prepare(config, storage, root, tmp_path / "work", ME)
+    logdir = Path(os.environ["TENSORBOARD_LOGGING_DIR"])
+    board = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(logdir), flush_secs=3600))
+    sync = tracking.SyncTensorboard(config, storage, root, is_main=True)
+    sync.trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[board]))
+
+    def uploaded_steps() -> list[int]:
+        (name,) = [p.name for p in (Path(root.removeprefix("file://")) / "tensorboard").iterdir()]
+        local = tmp_path / "dl" / name
+        local.parent.mkdir(exist_ok=True)
+        local.write_bytes(storage.read_bytes(f"{root}/tensorboard/{name}"))
+        acc = EventAccumulator(str(local))
+        acc.Reload()
+        return [e.step for e in acc.Scalars("train/loss")]
+
+    for step in (1, 2):
+        board.tb_writer.add_scalar("train/loss", 3.0 - step / 10, step)
+    sync.on_save(None, None, None)
+    assert uploaded_steps() == [1, 2], "flushed before the upload (the writer alone would wait 3600 s)"
+    assert not storage.exists(f"{root}/tensorboard/{SUCCESS_MARKER}")
+    board.tb_writer.add_scalar("train/loss", 2.7, 3)
+    board.tb_writer.add_scalar("train/loss", 2.6, 4)
+    sync.on_save(None, None, None)
+    assert uploaded_steps() == [1, 2, 3, 4]
+    board.tb_writer.close()
+
+    quiet = tracking.SyncTensorboard(config, storage, root, is_main=False)  # other ranks upload nothing
+    quiet.trainer = sync.trainer
+    quiet.on_save(None, None, None)
+    assert quiet.uploaded == {} and len(sync.uploaded) == 1

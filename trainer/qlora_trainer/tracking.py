@@ -12,8 +12,11 @@ this module only sets their environment and keeps the MLflow run across attempts
   (a record of another tracking server is ignored: that run does not exist on this one).
 - The published adapter directory is logged as the run's artifacts under ``adapter/``
   (:func:`log_adapter`; a failure is logged and never fails the job).
-- ``TENSORBOARD_LOGGING_DIR`` is a local directory uploaded to ``<output>/run-<N>/tensorboard/``
-  after training (:func:`upload_tensorboard`).
+- ``TENSORBOARD_LOGGING_DIR`` is a local directory whose event files are uploaded to
+  ``<output>/run-<N>/tensorboard/`` at every checkpoint (:class:`SyncTensorboard`, no marker) and
+  after training (:func:`upload_tensorboard`, with ``_SUCCESS``). Each attempt writes its own
+  event file (transformers names it by time, host and pid), so a killed attempt's curve up to its
+  last checkpoint stays beside the resumed attempt's.
 """
 
 from __future__ import annotations
@@ -169,6 +172,41 @@ class RecordMlflowRun(TrainerCallback):
             from .report import log_event
 
             log_event("tracking_failed", what="log config params", error=f"{type(err).__name__}: {err}"[:500])
+
+
+class SyncTensorboard(TrainerCallback):
+    """On global rank 0, after each checkpoint save: flush the Trainer's TensorBoard writers and
+    upload the event files that changed since the last upload to ``<run_root>/tensorboard/``.
+
+    No ``_SUCCESS`` marker (:func:`upload_tensorboard` writes it when training ends). Set
+    ``trainer`` after the Trainer is built (its ``TensorBoardCallback`` holds the writer, which
+    otherwise flushes every 120 s). A failed upload is a ``tracking_failed`` event, not a failed run.
+    """
+
+    def __init__(self, cfg: TrainingConfig, storage: Any, run_root: str, is_main: bool) -> None:
+        self.cfg, self.storage, self.run_root, self.is_main = cfg, storage, run_root, is_main
+        self.trainer: Any = None
+        self.uploaded: dict[str, tuple[int, int]] = {}
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        logdir = os.environ.get("TENSORBOARD_LOGGING_DIR")
+        if not (self.is_main and self.cfg.tracking.tensorboard.enabled and logdir):
+            return
+        for callback in getattr(getattr(self.trainer, "callback_handler", None), "callbacks", []):
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.flush()
+        prefix = join_uri(self.run_root, TENSORBOARD_DIR)
+        try:
+            for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+                rel, stat = path.relative_to(logdir).as_posix(), path.stat()
+                if self.uploaded.get(rel) != (stat.st_size, stat.st_mtime_ns):
+                    self.storage.upload_file(path, join_uri(prefix, rel))
+                    self.uploaded[rel] = (stat.st_size, stat.st_mtime_ns)
+        except Exception as err:  # noqa: BLE001 - the curve is worth an event, not a failed run
+            from .report import log_event
+
+            log_event("tracking_failed", what="upload tensorboard events", error=f"{type(err).__name__}: {err}"[:500])
 
 
 def upload_tensorboard(cfg: TrainingConfig, storage: Any, run_root: str, info: dict[str, Any]) -> None:

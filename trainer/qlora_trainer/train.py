@@ -273,12 +273,14 @@ def train(
     preempt = PreemptionCallback(dist)
     faults = FaultInjection()
     record_run = tracking.RecordMlflowRun(cfg, storage, layout.root, tracked, dist.is_main)
+    tensorboard = tracking.SyncTensorboard(cfg, storage, layout.root, dist.is_main)
     backoffs: list[dict[str, int]] = []
     tried: list[int] = []
     preempt.install()
     try:
         while True:
-            callbacks = [before, progress, sync, guard, preempt, record_run] + ([faults] if faults.active else [])
+            callbacks = [before, progress, sync, guard, preempt, record_run, tensorboard] + (
+                [faults] if faults.active else [])
             trainer = build_sft_trainer(
                 cfg,
                 model,
@@ -293,7 +295,7 @@ def train(
                 gradient_accumulation_steps=accumulation,
                 parallelism=parallelism,
             )
-            before.trainer = trainer
+            before.trainer = tensorboard.trainer = trainer
             try:
                 train_start = time.monotonic()
                 result = trainer.train(resume_from_checkpoint=str(local_ckpt) if local_ckpt else None)
