@@ -81,21 +81,13 @@ def _done(api, namespace: str, name: str, run: int, timeout: float) -> dict:
 
 
 def test_gitops_retraining_runs_are_isolated(cluster, namespace, buckets, s3_secret, start_operator, tmp_path):
-    import embedded  # hack/embedded.py
+    from helpers import upload_embedded
 
     api = cluster.api()
     s3 = buckets
-    model_dir = embedded.ensure_model(quiet=True)
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file():
-            s3.upload_file(str(path), "models", f"smollm2/{path.relative_to(model_dir)}")
-    corpus = tmp_path / "corpus"
-    embedded.build_corpus(corpus)
-    rows = (corpus / "train.jsonl").read_text().splitlines()
-    s3.put_object(Bucket="data", Key=f"{namespace}/a.jsonl", Body="\n".join(rows[:40]).encode() + b"\n")
-    s3.put_object(Bucket="data", Key=f"{namespace}/b.jsonl", Body="\n".join(rows[200:240]).encode() + b"\n")
-    eval_rows = (corpus / "eval.jsonl").read_text().splitlines()[:8]
-    s3.put_object(Bucket="data", Key=f"{namespace}/eval.jsonl", Body="\n".join(eval_rows).encode() + b"\n")
+    upload_embedded(s3, tmp_path / "corpus", "smollm2", {
+        f"{namespace}/a.jsonl": ("train", 0, 40), f"{namespace}/b.jsonl": ("train", 200, 240),
+        f"{namespace}/eval.jsonl": ("eval", 0, 8)})
 
     start_operator(trainer_command=json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"]),
                    stalled_timeout_seconds=600)

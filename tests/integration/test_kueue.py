@@ -172,16 +172,9 @@ def test_qlorajobs_queue_in_kueue_and_status_mirrors_the_workload(cluster, kueue
 
 
 def _upload_embedded_model_and_data(buckets, namespace: str, tmp_path) -> None:
-    import embedded  # hack/embedded.py
+    from helpers import upload_embedded
 
-    model_dir = embedded.ensure_model(quiet=True)
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file():
-            buckets.upload_file(str(path), "models", f"{namespace}/smollm2/{path.relative_to(model_dir)}")
-    corpus = tmp_path / "corpus"
-    embedded.build_corpus(corpus)
-    rows = (corpus / "train.jsonl").read_text().splitlines()[:96]
-    buckets.put_object(Bucket="data", Key=f"{namespace}/train.jsonl", Body="\n".join(rows).encode() + b"\n")
+    upload_embedded(buckets, tmp_path / "corpus", f"{namespace}/smollm2", {f"{namespace}/train.jsonl": ("train", 0, 96)})
 
 
 def _real_job(cluster, namespace: str, name: str, steps: int, priority: str) -> dict:

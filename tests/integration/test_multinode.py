@@ -22,7 +22,6 @@ The first tests are pure (the DNS stand-in's name rules) and need no cluster.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -325,16 +324,9 @@ def test_suspend_and_resume_a_group(cluster, namespace, buckets, s3_secret, star
 @pytest.mark.slow
 def test_two_nodes_real_trainer(cluster, namespace, buckets, s3_secret, start_operator, tmp_path):
     """qlora-train with nodes: 2 on CPU (gloo), the embedded model, a slice of the corpus."""
-    import embedded  # hack/embedded.py
+    from helpers import upload_embedded
 
-    model_dir = embedded.ensure_model(quiet=True)
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file():
-            buckets.upload_file(str(path), "models", f"smollm2/{path.relative_to(model_dir)}")
-    corpus = tmp_path / "corpus"
-    embedded.build_corpus(corpus)
-    rows = (corpus / "train.jsonl").read_text().splitlines()[:32]
-    buckets.put_object(Bucket="data", Key=f"{namespace}/train.jsonl", Body="\n".join(rows).encode() + b"\n")
+    upload_embedded(buckets, tmp_path / "corpus", "smollm2", {f"{namespace}/train.jsonl": ("train", 0, 32)})
     body = run_group(
         cluster, namespace, start_operator, "smol-duo", "ok", command=REAL_TRAINER, timeout=900,
         resources={"cpu": "2", "memory": "4Gi"},

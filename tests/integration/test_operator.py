@@ -801,19 +801,11 @@ def test_namespace_deletion_with_running_jobs(cluster, crd, buckets, tmp_path, s
 @pytest.mark.slow
 def test_real_trainer_end_to_end(cluster, namespace, buckets, s3_secret, start_operator, tmp_path):
     """qlora-train on the embedded SmolLM2 model and a slice of the chatterbot corpus."""
-    import embedded  # hack/embedded.py
+    from helpers import upload_embedded
 
     api = cluster.api()
-    model_dir = embedded.ensure_model(quiet=True)
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file():
-            buckets.upload_file(str(path), "models", f"smollm2/{path.relative_to(model_dir)}")
-    corpus = tmp_path / "corpus"
-    embedded.build_corpus(corpus)
-    rows = (corpus / "train.jsonl").read_text().splitlines()[:48]
-    buckets.put_object(Bucket="data", Key=f"{namespace}/train.jsonl", Body="\n".join(rows).encode() + b"\n")
-    eval_rows = (corpus / "eval.jsonl").read_text().splitlines()[:8]
-    buckets.put_object(Bucket="data", Key=f"{namespace}/eval.jsonl", Body="\n".join(eval_rows).encode() + b"\n")
+    upload_embedded(buckets, tmp_path / "corpus", "smollm2", {
+        f"{namespace}/train.jsonl": ("train", 0, 48), f"{namespace}/eval.jsonl": ("eval", 0, 8)})
 
     start_operator(trainer_command=REAL_TRAINER,
                    stalled_timeout_seconds=600)
