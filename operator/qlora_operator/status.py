@@ -313,6 +313,17 @@ def pod_finished(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def pod_over(pod: Mapping[str, Any]) -> bool:
+    """True when the pod's attempt is over: the pod reached Succeeded or Failed, or its trainer
+    container terminated (``restartPolicy: Never``: it never runs again).
+
+    A real kubelet reports the container's end first and sets the pod's terminal phase only
+    once the pod is torn down (its sandbox stopped): in between, the pod is still ``Running``
+    (or ``Pending``) with a terminated trainer, and is neither running nor starting.
+    """
+    return pod_finished(pod) or (_container_status(pod).get("state") or {}).get("terminated") is not None
+
+
 def pod_terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The trainer container's terminated state, if any."""
     cs = _container_status(pod)
@@ -941,7 +952,7 @@ def _decide(
 
     active = [
         p for p in sorted(pods, key=_pod_sort_key)
-        if not pod_finished(p) and not (p.get("metadata") or {}).get("deletionTimestamp")
+        if not pod_over(p) and not (p.get("metadata") or {}).get("deletionTimestamp")
     ]
     current = _latest_per_node(attempts, group.attempt) if nodes > 1 else attempts
     index_of = {a["podName"]: a["index"] for a in attempts}

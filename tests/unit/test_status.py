@@ -91,7 +91,11 @@ def pod(
     unschedulable: tuple[str, float] | None = None,
     disruption: str | None = None,
     deleting: bool = False,
+    torn_down: bool = True,
 ) -> dict:
+    """A trainer pod. With ``terminated``, its phase becomes Succeeded/Failed unless
+    ``torn_down`` is False: a real kubelet reports the container's end before it sets the
+    pod's terminal phase (once the sandbox is stopped), so ``phase`` stays as given."""
     meta = {"name": name, "namespace": "ns", "creationTimestamp": ts(created), "labels": {render.LABEL_JOB: "bot", render.LABEL_RUN: "1"}}
     if deleting:
         meta["deletionTimestamp"] = ts(created + 1)
@@ -109,7 +113,8 @@ def pod(
         if isinstance(term.get("message"), dict):
             term["message"] = json.dumps(term["message"])
         state["terminated"] = term
-        status["phase"] = "Succeeded" if term.get("exitCode") == 0 else "Failed"
+        if torn_down:
+            status["phase"] = "Succeeded" if term.get("exitCode") == 0 else "Failed"
     if waiting is not None:
         state["waiting"] = {"reason": waiting[0], "message": waiting[1]}
     if unschedulable is not None:
@@ -252,6 +257,19 @@ CASES = [
         dict(job_obj=job(), pods=[pod(terminated=TERM_OK)]),
         60, "Uploading", {"Running": ("True", "Finishing"), "Complete": ("False", "NotCompleted")},
         "succeeded; waiting for Job bot-train", [("Normal", "Finishing")], {},
+    ),
+    (
+        # a real kubelet: the trainer exited 0, the pod is still Running until its sandbox stops
+        "trainer-done-pod-not-torn-down-yet",
+        dict(job_obj=job(), pods=[pod(phase="Running", terminated=TERM_OK, torn_down=False)]),
+        60, "Uploading", {"Running": ("True", "Finishing")}, "succeeded; waiting for Job bot-train",
+        [("Normal", "Finishing")], {},
+    ),
+    (
+        "trainer-killed-pod-not-torn-down-yet",
+        dict(job_obj=job(), pods=[pod(phase="Running", terminated={"exitCode": 137, "reason": "Error"}, torn_down=False)]),
+        60, "Pending", {"Running": ("True", "Retrying")}, "exited with code 137 (Killed)",
+        [("Warning", "Killed"), ("Normal", "Retrying")], {},
     ),
     (
         "suspended-by-user",
@@ -461,6 +479,32 @@ def test_phase_never_goes_back_to_running_at_the_end_of_a_run():
         body = apply(body, result.patch)
         phases.append(result.status["phase"])
     assert phases == ["Uploading", "Uploading", "Uploading"]
+
+
+def test_a_pod_being_torn_down_is_never_shown_starting():
+    """What the real kubelet shows (tests/node/test_real_node_failures.py): the trainer's end
+    first, the pod's terminal phase later. A killed attempt goes Running -> Retrying, the next
+    Running -> Finishing -> Completed; never back to Starting."""
+    killed = {"exitCode": 137, "reason": "Error"}
+    first, second = "bot-train-a", "bot-train-b"
+    steps = [
+        (10, job(), [pod(first, running=5)]),
+        (20, job(), [pod(first, phase="Running", terminated=killed, torn_down=False)]),
+        (21, job(), [pod(first, terminated=killed)]),
+        (40, job(), [pod(first, terminated=killed), pod(second, 30, running=35)]),
+        (90, job(), [pod(first, terminated=killed), pod(second, 30, phase="Running", terminated=TERM_OK, torn_down=False)]),
+        (91, job(), [pod(first, terminated=killed), pod(second, 30, terminated=TERM_OK)]),
+        (92, job(("Complete", "CompletionsReached", "")), [pod(first, terminated=killed), pod(second, 30, terminated=TERM_OK)]),
+    ]
+    body, seen = qj(), []
+    for t, job_now, pods_now in steps:
+        result = compute_status(body, observe(job_now, pods_now), at(t), SETTINGS)
+        body = apply(body, result.patch)
+        seen.append((result.status["phase"], conds(result.status)["Running"]["reason"]))
+    assert seen == [("Running", "TrainerRunning"), ("Pending", "Retrying"), ("Pending", "Retrying"),
+                    ("Running", "TrainerRunning"), ("Uploading", "Finishing"), ("Uploading", "Finishing"),
+                    ("Succeeded", "Completed")]
+    assert [(a["podName"], a["reason"]) for a in body["status"]["attempts"]] == [(first, "Killed"), (second, "Succeeded")]
 
 
 def test_transition_time_changes_when_status_flips():
