@@ -438,6 +438,28 @@ def compile_decoder_layers(model: Any) -> int:
     return len(layers)
 
 
+def keep_layers_callback(count: int) -> Any:
+    """Probe (selective checkpointing by layer): the last ``count`` decoder layers run without checkpointing.
+
+    A ``TrainerCallback`` whose ``on_train_begin`` (after the Trainer enables gradient
+    checkpointing, before the activation offloader wraps the checkpointed layers) sets
+    ``gradient_checkpointing = False`` on the last ``count`` ``GradientCheckpointingLayer``
+    modules: they keep their whole activations for the backward pass (no recompute forward, and
+    not offloaded), the others are checkpointed as before. Same function, other memory/time.
+    """
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class KeepLayers(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for layer in layers[len(layers) - count:]:
+                layer.gradient_checkpointing = False
+            self.kept = min(count, len(layers))
+
+    return KeepLayers()
+
+
 def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: int, device: str, seed: int,
                     out_dir: Path, callbacks: list[Any], overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The product's trainer on the bench data, built from a ``TrainingConfig`` through the product's own code.
@@ -456,6 +478,9 @@ def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
 
     overrides = dict(overrides)
     compile_layers = bool(overrides.pop("benchCompileLayers", False))  # probe: torch.compile per decoder layer
+    keep_layers = int(overrides.pop("benchNoCheckpointLayers", 0))  # probe: the last N layers not checkpointed
+    if keep_layers:
+        callbacks = [keep_layers_callback(keep_layers)] + list(callbacks)
     raw = deep_merge(product_config_dict(model_dir, setting, total_steps, seed, out_dir), overrides)
     cfg = qconfig.parse_config(raw, source="bench product config")
     if device == "cuda":
@@ -469,6 +494,8 @@ def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
     info.update(extra)
     if compile_layers:
         info["compiled_layers"] = compile_decoder_layers(trainer.model)
+    if keep_layers:
+        info["no_checkpoint_layers"] = keep_layers
     info["api"] = "qlora_trainer.assemble.build_trainer"
     info["build_s"] = round(time.time() - t0, 1)
     return trainer, info

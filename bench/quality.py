@@ -115,13 +115,23 @@ def lora16_model(cfg: Any, model_dir: Path, dtype: Any, hw: Any) -> Any:
     from qlora_trainer.model import adapter_to_float32, device_map, lora_config
     from transformers import AutoModelForCausalLM, set_seed
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device_map(hw))
+    from qlora_trainer.speed import attention_implementation
+
+    t = cfg.training  # the same attention as the product's model (varlen on a GPU for packed rows)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, device_map=device_map(hw),
+        attn_implementation=attention_implementation(t.padding_free or t.packing, hw.device),
+    )
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad = False
     set_seed(cfg.training.seed)  # the same LoRA initialisation as assemble.build_model
     model = get_peft_model(model, lora_config(cfg.lora))
     adapter_to_float32(model)
+    if cfg.training.fused_lora and hw.device == "cuda":  # the same LoRA forward as assemble.build_model's
+        from qlora_trainer.speed import fuse_lora
+
+        fuse_lora(model)
     return model
 
 
@@ -154,6 +164,7 @@ def train_variant(name: str, cfg: Any, model_dir: Path, data: Any, tokenizer: An
         cfg, model, data.train.to_dataset(), tokenizer, hw=hw, dtype=dtype, output_dir=out / f"run-{name}",
         callbacks=[], eval_dataset=data.eval.to_dataset(),
     )
+    sequences = len(trainer.train_dataset)  # after TRL's packing: sequences of at most maxSeqLength tokens
     before = trainer.evaluate()["eval_loss"]
     t0 = time.monotonic()
     result = trainer.train()
@@ -171,6 +182,8 @@ def train_variant(name: str, cfg: Any, model_dir: Path, data: Any, tokenizer: An
         "evalLossAfter": after,
         "trainLoss": result.training_loss,
         "seconds": round(seconds, 1),
+        "trainSequences": sequences,
+        "epochs": round(args.steps * args.micro_batch * args.accumulation / sequences, 2),
         "answers": answers,
         "adapterDir": str(adapter_dir),
     }
@@ -228,8 +241,9 @@ def markdown(quality: list[dict[str, Any]], gap: float, merges: list[dict[str, A
              prompts: list[list[dict[str, str]]]) -> str:
     lines = [
         f"Setup: {setup['model']}, {setup['device']}; {setup['trainRows']} train / {setup['evalRows']} eval "
-        f"conversations (demo corpus), {setup['steps']} steps x {setup['effectiveBatch']} sequences of at most "
-        f"{setup['maxSeqLength']} tokens, LoRA r={setup['r']} alpha={2 * setup['r']} all-linear, lr "
+        f"conversations (demo corpus, {quality[0]['trainSequences']} packed sequences), {setup['steps']} steps x "
+        f"{setup['effectiveBatch']} sequences of at most {setup['maxSeqLength']} tokens ({quality[0]['epochs']} "
+        f"epochs), LoRA r={setup['r']} alpha={2 * setup['r']} all-linear, lr "
         f"{setup['learningRate']}, AdamW, seed {setup['seed']}.",
         "",
         "| variant | base | eval loss before | eval loss after | train loss | seconds |",

@@ -302,3 +302,64 @@ def test_estimate_command_reads_a_qlorajob_manifest_and_its_resources(tmp_path):
     assert eight.returncode == 0, eight.stdout + eight.stderr
     assert "8 GPU(s)" in eight.stdout, eight.stdout
     assert run(1, "--gpus", "8").returncode == 0  # the flag overrides the manifest
+
+
+@pytest.mark.parametrize(
+    ("training", "gpu_gib", "expected"),
+    [
+        ({"microBatchSize": 4, "gradientAccumulationSteps": 4}, 80.0, (16, 1)),  # the guide's 4 x 4 -> 16 x 1
+        ({"microBatchSize": 2, "gradientAccumulationSteps": 6}, 80.0, (12, 1)),
+        ({"microBatchSize": 16, "gradientAccumulationSteps": 1}, 80.0, (16, 1)),  # nothing to merge
+        ({"microBatchSize": 4, "gradientAccumulationSteps": 4, "autoMicroBatch": False}, 80.0, (4, 4)),
+        ({"microBatchSize": 4, "gradientAccumulationSteps": 4, "maxSeqLength": 4096}, 12.0, (4, 4)),  # too small a GPU
+        ({"microBatchSize": 1, "gradientAccumulationSteps": 4, "maxSeqLength": 4096}, 16.0, (2, 2)),  # 4 x 1: 14.3 GiB
+    ],
+)
+def test_micro_batch_layout_keeps_the_effective_batch(training, gpu_gib, expected):
+    """The largest micro-batch x k (k | accumulation) whose estimate fits 80 % of the GPU; same sequences per step."""
+    from qlora_trainer.estimate import AUTO_MICRO_BATCH_SHARE, micro_batch_layout
+
+    cfg = config(**training)
+    layout = micro_batch_layout(MISTRAL_7B, cfg, gpu_gib=gpu_gib)
+    got = (layout.micro_batch_size, layout.gradient_accumulation_steps)
+    assert got == expected, layout.summary()
+    assert got[0] * got[1] == cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps
+    if got[0] > cfg.training.micro_batch_size:
+        assert layout.estimate_gib <= AUTO_MICRO_BATCH_SHARE * gpu_gib
+        bigger = estimate(MISTRAL_7B, cfg, gpu_gib=gpu_gib, micro_batch_size=got[0] * 2)
+        assert got[1] == 1 or bigger.needed_gib > AUTO_MICRO_BATCH_SHARE * gpu_gib
+    assert layout.summary()["given"] == f"{cfg.training.micro_batch_size}x{cfg.training.gradient_accumulation_steps}"
+
+
+def test_micro_batch_layout_on_the_machine():
+    """CPU or a model the estimate cannot read: the layout as given (the CPU trainer and unit tests see no change)."""
+    from qlora_trainer.assemble import micro_batch_layout_for
+    from qlora_trainer.model import Hardware
+
+    cfg = config(microBatchSize=4, gradientAccumulationSteps=4)
+    cpu = micro_batch_layout_for(cfg, MISTRAL_7B, Hardware("cpu", False, "cpu"))
+    assert (cpu.micro_batch_size, cpu.gradient_accumulation_steps) == (4, 4) and "no CUDA" in cpu.reason
+    gpu = micro_batch_layout_for(cfg, MISTRAL_7B, Hardware("cuda", True, "H100"), gpu_gib=80.0)
+    assert (gpu.micro_batch_size, gpu.gradient_accumulation_steps) == (16, 1)
+    odd = micro_batch_layout_for(cfg, {"model_type": "mystery"}, Hardware("cuda", True, "H100"), gpu_gib=80.0)
+    assert (odd.micro_batch_size, odd.gradient_accumulation_steps) == (4, 4) and odd.reason.startswith("as given")
+
+
+def test_run_layout_reads_config_json_and_logs_it(tmp_path, monkeypatch, capsys):
+    """The trainer's layout: from the model's config.json and the GPU's total memory (rank 0), logged."""
+    import torch
+
+    from qlora_trainer import train
+    from qlora_trainer.distributed import Dist
+    from qlora_trainer.model import Hardware
+
+    (tmp_path / "config.json").write_text(json.dumps(MISTRAL_7B))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (0, 80 * 2**30))
+    cfg = config(microBatchSize=4, gradientAccumulationSteps=4)
+    layout = train.run_layout(cfg, tmp_path, Hardware("cuda", True, "H100"), Dist.single(), "single")
+    assert (layout.micro_batch_size, layout.gradient_accumulation_steps) == (16, 1)
+    missing = train.run_layout(cfg, tmp_path / "none", Hardware("cuda", True, "H100"), Dist.single(), "single")
+    assert (missing.micro_batch_size, missing.gradient_accumulation_steps) == (4, 4)
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    logged = [e for e in events if e["event"] == "micro_batch_layout"]
+    assert [e["microBatchSize"] for e in logged] == [16, 4] and logged[1]["reason"].startswith("as given: config.json")

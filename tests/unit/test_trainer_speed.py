@@ -55,3 +55,90 @@ def test_padding_free_attention_matches_a_block_diagonal_mask():
 def test_attention_implementation_is_sdpa_on_cpu():
     assert attention_implementation(True, "cpu") == "sdpa"
     assert attention_implementation(False, "cuda") == "sdpa"
+
+
+def _lora_pair(dropout: float = 0.1):
+    """Two copies of a tiny two-layer PEFT LoRA model (random LoRA B), the second fused."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_trainer.speed import fuse_lora
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False), torch.nn.Linear(48, 32, bias=False))
+    plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0", "1"]))
+    for name, param in plain.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    fused = copy.deepcopy(plain)
+    assert fuse_lora(fused) == 2
+    assert fuse_lora(fused) == 0  # idempotent
+    return plain, fused
+
+
+def _run(model, x, autocast: bool):
+    model.zero_grad()
+    torch.manual_seed(1)  # the same dropout masks in both models
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model(x)
+    y.float().pow(2).sum().backward()
+    return y.float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_lora_computes_the_same_function_under_autocast():
+    """result + scaling * B(A(dropout(x))) as one addmm: equal to PEFT's forward within bf16 rounding."""
+    plain, fused = _lora_pair()
+    x = torch.randn(2, 5, 32)
+    (y0, g0), (y1, g1) = _run(plain, x, True), _run(fused, x, True)
+    assert y1.shape == y0.shape == (2, 5, 32)
+    assert torch.allclose(y0, y1, rtol=2e-2, atol=2e-2)  # bf16: 2^-8 relative per rounding
+    assert set(g0) == set(g1) and all("lora_" in n for n in g0)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=3e-2, atol=3e-2 * g0[name].abs().max().item()), name
+
+
+def test_fused_lora_falls_back_to_peft_outside_autocast_and_when_disabled():
+    """No autocast (float32, eval), disabled or merged adapters: PEFT's own forward, bit for bit."""
+    plain, fused = _lora_pair()
+    x = torch.randn(3, 32)
+    (y0, g0), (y1, g1) = _run(plain, x, False), _run(fused, x, False)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[n], g1[n]) for n in g0)
+    with plain.disable_adapter(), fused.disable_adapter(), torch.no_grad():
+        assert torch.equal(plain(x), fused(x))
+    plain.eval(), fused.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = fused(x).float()
+    fused.merge_adapter()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = fused(x).float()  # merged: the base layer alone, which now holds the adapter
+    assert torch.allclose(before, merged, rtol=3e-2, atol=3e-2)
+
+
+def test_build_model_fuses_lora_on_gpus_only(monkeypatch):
+    """``training.fusedLora`` patches the LoRA layers on CUDA, never on CPU (the CPU trainer runs PEFT's forward)."""
+    from qlora_trainer import assemble
+    from qlora_trainer.config import TrainingConfig
+    from qlora_trainer.model import Hardware
+
+    calls = []
+    monkeypatch.setattr(assemble, "load_base_4bit", lambda *a, **k: torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    monkeypatch.setattr(assemble, "fuse_lora", lambda model: calls.append(model) or 1)
+    import peft
+
+    monkeypatch.setattr(peft, "get_peft_model", lambda model, cfg: model)
+    monkeypatch.setattr(assemble, "adapter_to_float32", lambda model: None)
+
+    def cfg(**training):
+        return TrainingConfig.model_validate({
+            "model": {"uri": "file:///m"}, "dataset": {"uri": "file:///d.jsonl"}, "output": {"uri": "file:///o"},
+            "training": training,
+        })
+
+    assert cfg().training.fused_lora is True
+    assemble.build_model(cfg(), None, torch.float32, Hardware("cpu", False, "cpu"))
+    assert calls == []
+    assemble.build_model(cfg(), None, torch.bfloat16, Hardware("cuda", True, "gpu"))
+    assert len(calls) == 1
+    assemble.build_model(cfg(fusedLora=False), None, torch.bfloat16, Hardware("cuda", True, "gpu"))
+    assert len(calls) == 1

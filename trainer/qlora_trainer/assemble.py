@@ -15,7 +15,7 @@ import torch
 
 from .config import TrainingConfig
 from .model import Hardware, adapter_to_float32, decoder_layer_classes, load_base_4bit, lora_config, sft_config
-from .speed import attention_implementation
+from .speed import attention_implementation, fuse_lora
 
 
 def build_model(cfg: TrainingConfig, path: Path, dtype: torch.dtype, hw: Hardware, *, fsdp: bool = False) -> Any:
@@ -24,7 +24,8 @@ def build_model(cfg: TrainingConfig, path: Path, dtype: torch.dtype, hw: Hardwar
     ``training.seed`` seeds the adapter's initialisation (PEFT draws LoRA A from the global
     RNG: unseeded, two runs with the same seed would differ from the first step; under
     DDP/FSDP every rank draws the same initial adapter). ``fsdp``: load for FSDP-QLoRA
-    (:func:`qlora_trainer.model.load_base_4bit`).
+    (:func:`qlora_trainer.model.load_base_4bit`). ``training.fusedLora`` on a GPU patches the
+    LoRA layers' forward (:func:`qlora_trainer.speed.fuse_lora`).
     """
     from peft import get_peft_model
     from transformers import set_seed
@@ -43,6 +44,8 @@ def build_model(cfg: TrainingConfig, path: Path, dtype: torch.dtype, hw: Hardwar
     set_seed(t.seed)
     model = get_peft_model(model, lora_config(cfg.lora))
     adapter_to_float32(model)
+    if t.fused_lora and hw.device == "cuda":
+        fuse_lora(model)
     return model
 
 
@@ -111,6 +114,32 @@ def speed_callbacks(cfg: TrainingConfig, hw: Hardware) -> list[Any]:
     return []
 
 
+def micro_batch_layout_for(
+    cfg: TrainingConfig, model_config: dict[str, Any], hw: Hardware, *, world_size: int = 1,
+    parallelism: str | None = None, gpu_gib: float | None = None,
+) -> Any:
+    """The run's micro-batch layout (:func:`qlora_trainer.estimate.micro_batch_layout`) on this machine.
+
+    ``model_config``: the model's ``config.json``; ``gpu_gib`` defaults to this GPU's total
+    memory (``torch.cuda.mem_get_info``). Without CUDA, or for a model the estimate does not
+    cover, the layout stays as given.
+    """
+    from .estimate import EstimateError, Layout, micro_batch_layout
+    from .model import compute_dtype
+
+    t = cfg.training
+    given = (t.micro_batch_size, t.gradient_accumulation_steps)
+    if hw.device != "cuda":
+        return Layout(*given, given, "as given: no CUDA GPU")
+    total = gpu_gib if gpu_gib is not None else torch.cuda.mem_get_info()[1] / 2**30
+    dtype = str(compute_dtype(cfg.quantization.compute_dtype, hw)).removeprefix("torch.")
+    try:
+        return micro_batch_layout(model_config, cfg, gpu_gib=total, world_size=world_size,
+                                  parallelism=parallelism, compute_dtype=dtype)
+    except EstimateError as err:
+        return Layout(*given, given, f"as given: {err}")
+
+
 def build_trainer(
     cfg: TrainingConfig,
     model_dir: Path,
@@ -124,16 +153,19 @@ def build_trainer(
     """Model + trainer for ``cfg`` on the model at ``model_dir`` (the benchmark's entry point).
 
     Returns ``(trainer, info)``; ``info`` names the switches in effect (attention
-    implementation, Liger, padding-free, upcast, offloading) for the benchmark's table.
+    implementation, Liger, padding-free, upcast, offloading, fused LoRA, the micro-batch layout
+    of ``training.autoMicroBatch``) for the benchmark's table.
     """
     from .model import compute_dtype, load_tokenizer
 
     dtype = compute_dtype(cfg.quantization.compute_dtype, hw)
     tokenizer = load_tokenizer(Path(model_dir))
     model = build_model(cfg, Path(model_dir), dtype, hw)
+    layout = micro_batch_layout_for(cfg, model.config.to_dict(), hw)
     trainer = build_sft_trainer(
         cfg, model, train_dataset, tokenizer, hw=hw, dtype=dtype, output_dir=output_dir, callbacks=callbacks,
-        eval_dataset=eval_dataset,
+        eval_dataset=eval_dataset, micro_batch_size=layout.micro_batch_size,
+        gradient_accumulation_steps=layout.gradient_accumulation_steps,
     )
     t = cfg.training
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
@@ -144,6 +176,8 @@ def build_trainer(
         "packing": bool(trainer.args.packing),
         "upcastFrozenWeights": t.upcast_frozen_weights,
         "activationOffloading": t.activation_offloading,
+        "fusedLora": bool(t.fused_lora and hw.device == "cuda"),
+        "microBatchLayout": layout.summary(),
         "embedDtype": str(base.get_input_embeddings().weight.dtype).removeprefix("torch."),
     }
     return trainer, info

@@ -430,6 +430,23 @@ class TrainingSettings(ApiModel):
             "copies run on a side stream, overlapping compute. Ignored on CPU. Default false."
         ),
     )
+    fused_lora: bool = Field(
+        default=True,
+        description=(
+            "On CUDA GPUs under bf16/fp16 autocast, add each LoRA branch into the frozen layer's output inside the "
+            "LoRA B matmul (one cuBLAS addmm: result + scaling x (dropout(x) A^T) B^T) instead of PEFT's clone, "
+            "multiply and add kernels. The same function up to bf16 rounding order. Default true."
+        ),
+    )
+    auto_micro_batch: bool = Field(
+        default=True,
+        description=(
+            "On CUDA GPUs, train the same effective batch (microBatchSize x gradientAccumulationSteps) in fewer, "
+            "larger micro-batches: the micro-batch becomes microBatchSize x k for the largest divisor k of "
+            "gradientAccumulationSteps whose memory estimate fits 80 % of the GPU (accumulation divided by k). "
+            "false keeps the layout as given. Default true."
+        ),
+    )
     optimizer: Optimizer = Field(default=Optimizer.paged_adamw_8bit, description="Optimizer. Default paged_adamw_8bit.")
     max_grad_norm: Annotated[float, Field(gt=0, le=1000)] = Field(
         default=0.3, description="Gradient clipping norm. Default 0.3 (QLoRA paper)."

@@ -554,3 +554,66 @@ def does_not_fit_message(shape: ModelShape, cfg: TrainingConfig, est: Estimate, 
                 f"{sharded.world_size} GPUs of at least {math.ceil(sharded.needed_gib)} GiB with training.parallelism fsdp"
             )
     return head + ". Would fit: " + "; or ".join(options) + "."
+
+
+#: Share of a GPU's memory that :func:`micro_batch_layout` lets the estimated peak take.
+AUTO_MICRO_BATCH_SHARE = 0.8
+
+
+@dataclass
+class Layout:
+    """Micro-batch and accumulation of a run (``training.autoMicroBatch``) and why."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    given: tuple[int, int]
+    reason: str
+    estimate_gib: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready dict (log line ``micro_batch_layout``, the bench's run record)."""
+        return {
+            "microBatchSize": self.micro_batch_size,
+            "gradientAccumulationSteps": self.gradient_accumulation_steps,
+            "given": f"{self.given[0]}x{self.given[1]}",
+            "reason": self.reason,
+            "estimatedPeakGiB": None if self.estimate_gib is None else round(self.estimate_gib, 2),
+        }
+
+
+def micro_batch_layout(
+    model_config: Mapping[str, Any] | ModelShape,
+    cfg: TrainingConfig,
+    *,
+    gpu_gib: float,
+    world_size: int = 1,
+    parallelism: str | None = None,
+    compute_dtype: str | None = None,
+    share: float = AUTO_MICRO_BATCH_SHARE,
+) -> Layout:
+    """The largest micro-batch for the same effective batch whose estimated peak fits ``share`` of the GPU.
+
+    Candidates are ``microBatchSize x k`` for each divisor ``k`` of ``gradientAccumulationSteps``
+    (accumulation ``/ k``), so sequences per optimizer step (``microBatchSize x
+    gradientAccumulationSteps x GPUs``) never change and the loss stays the same function (the
+    trainer normalises by tokens across micro-batches). Why larger: the 4-bit base's per-weight
+    work (dequantisation, kernel launches, LoRA elementwise) runs once per micro-batch, so
+    16 x 1 trained 1.6x the tokens/s of 8 x 2 on the Mistral-7B shape (``bench/RESULTS.md``,
+    issues 9 and 19). ``gpu_gib``: one GPU's memory in GiB. Keeps the layout as
+    given when ``training.autoMicroBatch`` is off or no candidate larger than it fits.
+    """
+    t = cfg.training
+    given = (t.micro_batch_size, t.gradient_accumulation_steps)
+    if not t.auto_micro_batch:
+        return Layout(*given, given, "autoMicroBatch off")
+    shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
+    budget = gpu_gib * share
+    for k in sorted((d for d in range(1, given[1] + 1) if given[1] % d == 0), reverse=True):
+        mb = given[0] * k
+        est = estimate(shape, cfg, world_size=world_size, gpu_gib=gpu_gib, parallelism=parallelism,
+                       micro_batch_size=mb, compute_dtype=compute_dtype)
+        if est.needed_gib <= budget or k == 1:
+            why = ("as given" if k == 1 else f"{mb}x{given[1] // k}: estimated peak {est.needed_gib:.1f} GiB "
+                   f"<= {share:.0%} of {gpu_gib:.1f} GiB, same effective batch")
+            return Layout(mb, given[1] // k, given, why, est.needed_gib)
+    raise AssertionError("unreachable: k = 1 always returns")

@@ -23,6 +23,12 @@ default on where it pays off on a GPU; all are no-ops on CPU except padding-free
   live in pinned host memory, copied on a side stream that overlaps compute
   (:mod:`qlora_trainer.offload`). Off by default: it moves ``layers x tokens x hidden x 2``
   bytes from GPU memory to the pod's (pinned) host memory, which its memory request must cover.
+* ``fusedLora``: :func:`fuse_lora` replaces PEFT's LoRA forward (``result = base(x).clone();
+  result = result + B(A(dropout(x))) * scaling``: a copy, a multiply and an add over the
+  ``tokens x out_features`` output, each with its backward) by one ``torch.addmm`` whose cuBLAS
+  epilogue adds ``scaling x h B^T`` into the frozen layer's output (``h = A(dropout(x))``, the
+  rank-``r`` activations); its backward scales only the ``tokens x r`` and ``r x out`` products.
+  Under autocast only (the training loop on a GPU); otherwise PEFT's own forward runs.
 """
 
 from __future__ import annotations
@@ -179,3 +185,62 @@ def attention_implementation(padding_free: bool, device: str) -> str:
 
         return register_varlen_attention()
     return "sdpa"
+
+
+#: Attribute holding PEFT's own forward on a LoRA layer that :func:`fuse_lora` patched.
+_UNFUSED = "_qlora_unfused_forward"
+
+
+def fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT LoRA ``Linear``/``Linear4bit`` forward with the scale and add inside the LoRA B matmul.
+
+    ``x``: ``(..., in_features)``; returns ``(..., out_features)`` =
+    ``base(x) + scaling * dropout(x) @ A^T @ B^T`` as PEFT computes it, as
+    ``torch.addmm(base(x), dropout(x) @ A^T, B^T, alpha=scaling)`` (2-D views of the token
+    dimensions): no defensive clone of ``base(x)`` (addmm writes a new tensor), no separate
+    multiply and add kernels, fp32 accumulation of the sum inside the GEMM. Falls back to
+    PEFT's forward (``_qlora_unfused_forward``) outside autocast (PEFT then casts ``x`` to the
+    adapter's float32), for several or mixed adapters, merged or disabled adapters, DoRA or
+    other LoRA variants, a LoRA bias, and extra call arguments.
+    """
+    unfused = getattr(self, _UNFUSED)
+    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        return unfused(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    if (name not in self.lora_A or name in getattr(self, "lora_variant", {}) or self.use_dora.get(name)
+            or self.lora_B[name].bias is not None or not torch.is_autocast_enabled(x.device.type)):
+        return unfused(x, *args, **kwargs)
+    result = self.base_layer(x)
+    h = self.lora_A[name](self.lora_dropout[name](x))
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t(),
+        alpha=self.scaling[name],
+    )
+    return out.view(result.shape)
+
+
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Give every PEFT LoRA linear layer of ``model`` :func:`fused_lora_forward`; returns how many.
+
+    Covers ``peft.tuners.lora.Linear`` (16-bit base) and bitsandbytes' ``Linear4bit``/``Linear8bitLt``
+    LoRA layers; idempotent. PEFT's own forward stays on each layer as ``_qlora_unfused_forward``.
+    """
+    import types
+
+    from peft.tuners.lora import layer as lora_layer
+
+    classes: list[type] = [lora_layer.Linear]
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+
+        classes += [c for c in (getattr(lora_bnb, "Linear4bit", None), getattr(lora_bnb, "Linear8bitLt", None)) if c]
+    except ImportError:  # bitsandbytes missing: 16-bit LoRA only
+        pass
+    patched = 0
+    for module in model.modules():
+        if not isinstance(module, tuple(classes)) or hasattr(module, _UNFUSED):
+            continue
+        setattr(module, _UNFUSED, module.forward)
+        module.forward = types.MethodType(fused_lora_forward, module)
+        patched += 1
+    return patched

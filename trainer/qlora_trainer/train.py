@@ -242,8 +242,9 @@ def train(
         "podName": os.environ.get("QLORA_POD_NAME"), "decision": decision.decision,
         "fromStep": resumed_from, "message": decision.message(identity)[:1000],
     })
-    micro_batch = int(run_state.get("microBatchSize") or t.micro_batch_size)
-    accumulation = int(run_state.get("gradientAccumulationSteps") or t.gradient_accumulation_steps)
+    layout = run_layout(cfg, base.path, hw, dist, parallelism)
+    micro_batch = int(run_state.get("microBatchSize") or layout.micro_batch_size)  # a resumed run keeps its own
+    accumulation = int(run_state.get("gradientAccumulationSteps") or layout.gradient_accumulation_steps)
     eval_before = run_state.get("evalLossBefore")
     run_state = {
         "evalLossBefore": eval_before,
@@ -420,6 +421,31 @@ def gather_adapter_state(model: Any) -> dict[str, Any]:
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         out[name] = full.detach().to("cpu", copy=True)
     return out
+
+
+def run_layout(cfg: TrainingConfig, model_dir: Path, hw: Hardware, dist: Dist, parallelism: str) -> Any:
+    """Micro-batch and accumulation of this run (``training.autoMicroBatch``), decided on rank 0.
+
+    :func:`qlora_trainer.assemble.micro_batch_layout_for` from the model's ``config.json`` and
+    this GPU's memory; every rank gets rank 0's layout (log line ``micro_batch_layout``). An
+    unreadable ``config.json`` keeps the layout as given.
+    """
+    from .assemble import micro_batch_layout_for
+    from .estimate import Layout
+
+    t = cfg.training
+    given = (t.micro_batch_size, t.gradient_accumulation_steps)
+    layout = Layout(*given, given, "as given")
+    if dist.is_main:
+        try:
+            model_config = json.loads((Path(model_dir) / "config.json").read_text())
+            layout = micro_batch_layout_for(cfg, model_config, hw, world_size=dist.world_size,
+                                            parallelism=None if parallelism == "single" else parallelism)
+        except (OSError, ValueError) as err:
+            layout = Layout(*given, given, f"as given: config.json unreadable: {err}")
+    layout = dist.broadcast(layout)
+    log_event("micro_batch_layout", **layout.summary())
+    return layout
 
 
 def preflight(cfg: TrainingConfig, model_dir: Path, hw: Hardware, dist: Dist, gpu_gib: float | None = None) -> str:
