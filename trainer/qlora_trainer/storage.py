@@ -41,16 +41,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
+from . import contract
 from .config import StorageSettings
 from .errors import StorageError
 
 log = logging.getLogger(__name__)
 
 #: Name of the completion marker written last into every artifact prefix.
-SUCCESS_MARKER = "_SUCCESS"
+SUCCESS_MARKER = contract.SUCCESS_MARKER
 #: Local sidecar recording what a prefix download fetched (relative path -> ETag).
 _DOWNLOAD_RECORD = ".qlora-download.json"
-_CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 
 #: S3 error codes that retrying cannot fix.
 PERMANENT_CODES = frozenset(
@@ -669,9 +669,9 @@ class Storage:
         for obj in self.list(checkpoints_uri):
             parts = obj.relpath.split("/")
             if len(parts) == 2 and parts[1] == SUCCESS_MARKER:
-                match = _CHECKPOINT_DIR.match(parts[0])
-                if match:
-                    found.append(Checkpoint(int(match.group(1)), join_uri(checkpoints_uri, parts[0])))
+                step = contract.step_of_dir(parts[0])
+                if step is not None:
+                    found.append(Checkpoint(step, join_uri(checkpoints_uri, parts[0])))
         return sorted(found, key=lambda c: c.step)
 
     def prune_checkpoints(self, checkpoints_uri: str, keep: int) -> list[int]:
@@ -684,12 +684,12 @@ class Storage:
         kept = {c.step for c in complete[-keep:]} if keep > 0 else set()
         steps = set()
         for obj in self.list(checkpoints_uri):
-            match = _CHECKPOINT_DIR.match(obj.relpath.split("/")[0])
-            if match:
-                steps.add(int(match.group(1)))
+            step = contract.step_of_dir(obj.relpath.split("/")[0])
+            if step is not None:
+                steps.add(step)
         deleted = []
         for step in sorted(steps - kept):
-            self.delete_prefix(join_uri(checkpoints_uri, f"step-{step}"))
+            self.delete_prefix(join_uri(checkpoints_uri, contract.checkpoint_dir(step)))
             deleted.append(step)
         return deleted
 
