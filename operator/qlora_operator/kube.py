@@ -39,6 +39,7 @@ from urllib.parse import quote
 from qlora_operator import render
 from qlora_operator.api import API_VERSION, KIND, PLURAL
 from qlora_operator.status import fmt_time, utcnow
+from qlora_trainer import contract
 
 log = logging.getLogger("qlora_operator.kube")
 
@@ -106,7 +107,7 @@ def _client_configuration(kubeconfig: str | None = None) -> Any:
     from kubernetes import client, config
 
     cfg = client.Configuration()
-    token_dir = os.environ.get("QLORA_SA_TOKEN_DIR")
+    token_dir = os.environ.get(contract.ENV_SA_TOKEN_DIR)
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST") and (
         token_dir or os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")
     ):

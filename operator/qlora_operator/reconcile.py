@@ -31,6 +31,7 @@ from qlora_operator import render
 from qlora_operator.api import QLoRAJobSpec, parse_spec
 from qlora_operator.settings import OperatorSettings
 from qlora_operator.status import EventSpec, Observed, compute_status, job_result, utcnow
+from qlora_trainer import contract
 
 log = logging.getLogger("qlora_operator.reconcile")
 
@@ -242,7 +243,7 @@ def reconcile(
         fields = ", ".join(the_plan.changed_fields[:8])
         result = compute_status(body, observed(the_plan.run, None, [], []), now(), settings)
         body = _patch_status(api, body, result.patch)  # record run N+1 first: a crash then re-creates, never duplicates
-        prefix = f"{spec.output.uri.rstrip('/')}/run-{the_plan.run}/"
+        prefix = f"{spec.output.uri.rstrip('/')}/{contract.run_dir(the_plan.run)}/"
         message = f"spec changed ({fields}): starting run {the_plan.run} from step 0 under {prefix}"
         _emit(api, body, [EventSpec("Normal", "RunStarted", message)])
         run = the_plan.run

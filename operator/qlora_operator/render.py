@@ -58,6 +58,7 @@ from qlora_operator.api import (
     QLoRAJobSpec,
 )
 from qlora_operator.settings import OperatorSettings
+from qlora_trainer import contract
 
 if TYPE_CHECKING:
     from qlora_operator.api import PodSettings
@@ -80,18 +81,16 @@ CONFIG_DIR = "/etc/qlora"
 CONFIG_FILE = "config.json"
 CACHE_DIR = "/cache"
 TMP_DIR = "/tmp"
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_PATH = contract.TERMINATION_MESSAGE_PATH
 SHM_DIR = "/dev/shm"
 RUN_AS_USER = 1000
 #: Environment names under this prefix are the trainer contract's: ``spec.pod.env`` may
 #: not set any (nor the other names the operator sets: :func:`reserved_env_names`).
-RESERVED_ENV_PREFIX = "QLORA_"
+RESERVED_ENV_PREFIX = contract.ENV_PREFIX
 
-#: Exit codes of qlora-train that mean retrying cannot help (DESIGN.md section 4): 2 invalid
-#: config, 3 invalid data, 6 non-finite loss, 7 the model does not fit the GPUs, 8 the merged
-#: model failed its equivalence check (deterministic for the adapter). Exit 4 (storage, after
-#: the trainer's own retries) and 5 (CUDA out of memory) are retried.
-PERMANENT_EXIT_CODES = (2, 3, 6, 7, 8)
+#: Exit codes of qlora-train that mean retrying cannot help (the contract's ``Retry.permanent``:
+#: invalid config or data, non-finite loss, does not fit, merge check failed).
+PERMANENT_EXIT_CODES = contract.PERMANENT_EXIT_CODES
 #: Exit codes that fail a one-node Job at once.
 FAIL_JOB_EXIT_CODES = PERMANENT_EXIT_CODES
 
@@ -101,7 +100,7 @@ MAX_NAME = 63
 #: which must stay a DNS label (63) for indexes up to 63.
 MAX_JOB_NAME = MAX_NAME - 3
 #: ``torchrun``'s rendezvous port on node 0 (``QLORA_MASTER_PORT``).
-MASTER_PORT = 29500
+MASTER_PORT = contract.DEFAULT_MASTER_PORT
 #: Annotation (and label) the Job controller puts on an Indexed Job's pods.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 #: Group attempt of a run's Job (0 for the first run after a spec change).
@@ -409,32 +408,32 @@ def distributed_env(job: str, spec: QLoRAJobSpec, run: int) -> list[dict[str, An
         return []
     if nodes > 1:
         rank: dict[str, Any] = {
-            "name": "QLORA_NODE_RANK",
+            "name": contract.ENV_NODE_RANK,
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}},
         }
         addr = master_addr(job, run)
     else:
-        rank, addr = {"name": "QLORA_NODE_RANK", "value": "0"}, "127.0.0.1"
+        rank, addr = {"name": contract.ENV_NODE_RANK, "value": "0"}, "127.0.0.1"
     return [
-        {"name": "QLORA_NNODES", "value": str(nodes)},
-        {"name": "QLORA_NPROC_PER_NODE", "value": str(gpus)},
+        {"name": contract.ENV_NNODES, "value": str(nodes)},
+        {"name": contract.ENV_NPROC_PER_NODE, "value": str(gpus)},
         rank,
-        {"name": "QLORA_MASTER_ADDR", "value": addr},
-        {"name": "QLORA_MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": contract.ENV_MASTER_ADDR, "value": addr},
+        {"name": contract.ENV_MASTER_PORT, "value": str(MASTER_PORT)},
     ]
 
 
 def _env(body: Mapping[str, Any], spec: QLoRAJobSpec, run: int, training_run: int | None = None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": "QLORA_JOB_NAME", "value": body["metadata"]["name"]},
-        {"name": "QLORA_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "QLORA_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "QLORA_RUN", "value": str(run)},
-        {"name": "QLORA_TRAINING_RUN", "value": str(training_run or run)},
-        {"name": "QLORA_GENERATION", "value": str(body["metadata"].get("generation", 1))},
-        {"name": "QLORA_JOB_UID", "value": str(body["metadata"].get("uid", ""))},
-        {"name": "QLORA_TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
-        {"name": "QLORA_CACHE_DIR", "value": CACHE_DIR},
+        {"name": contract.ENV_JOB_NAME, "value": body["metadata"]["name"]},
+        {"name": contract.ENV_JOB_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": contract.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": contract.ENV_RUN, "value": str(run)},
+        {"name": contract.ENV_TRAINING_RUN, "value": str(training_run or run)},
+        {"name": contract.ENV_GENERATION, "value": str(body["metadata"].get("generation", 1))},
+        {"name": contract.ENV_JOB_UID, "value": str(body["metadata"].get("uid", ""))},
+        {"name": contract.ENV_TERMINATION_MESSAGE_PATH, "value": TERMINATION_MESSAGE_PATH},
+        {"name": contract.ENV_CACHE_DIR, "value": CACHE_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "HOME", "value": TMP_DIR},
         {"name": "TMPDIR", "value": TMP_DIR},

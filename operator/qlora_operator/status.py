@@ -55,7 +55,6 @@ attempts' ``index``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +65,8 @@ from qlora_operator import render
 from qlora_operator.api import MAX_EXPORTS, ConditionType, MergeCheck, Phase, TrackingArtifacts
 from qlora_operator.render import GroupAttempt
 from qlora_operator.settings import OperatorSettings
+from qlora_trainer import contract
+from qlora_trainer.contract import parse_termination_message
 
 # --- reasons ------------------------------------------------------------------
 
@@ -79,26 +80,26 @@ CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
 OOM_KILLED = "OOMKilled"
 #: Exit 137 (SIGKILL) without the container runtime's ``OOMKilled``: killed after the
 #: termination grace period, by a user (``kill -9``, a forced delete) or another process.
-KILLED = "Killed"
+KILLED = contract.KILLED
 MSG_KILLED = (
     "exit 137: the container got SIGKILL, and the container runtime reported no OOM kill (reason "
     "{reason}): killed after terminationGracePeriodSeconds because it did not stop on SIGTERM, by a "
     "forced delete or kill -9, or by another process; not a memory limit"
 )
-CUDA_OOM = "CudaOutOfMemory"
-INVALID_DATA = "InvalidData"
-INVALID_CONFIG = "InvalidConfig"
-NON_FINITE_LOSS = "NonFiniteLoss"
-INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+CUDA_OOM = contract.CUDA_OOM
+INVALID_DATA = contract.INVALID_DATA
+INVALID_CONFIG = contract.INVALID_CONFIG
+NON_FINITE_LOSS = contract.NON_FINITE_LOSS
+INSUFFICIENT_GPU_MEMORY = contract.INSUFFICIENT_GPU_MEMORY
 #: Exit 8: the merged model failed its equivalence check; the adapter is published.
-MERGE_CHECK_FAILED = "MergeCheckFailed"
-STORAGE_ERROR = "StorageError"
+MERGE_CHECK_FAILED = contract.MERGE_CHECK_FAILED
+STORAGE_ERROR = contract.STORAGE_ERROR
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 DISRUPTED = "Disrupted"
 #: An exception the trainer has no name for (exit 1); the message is its last line.
-TRAINER_ERROR = "TrainerError"
-SUCCEEDED = "Succeeded"
+TRAINER_ERROR = contract.TRAINER_ERROR
+SUCCEEDED = contract.SUCCEEDED
 TRAINER_RUNNING = "TrainerRunning"
 PENDING = "Pending"
 STARTING = "Starting"
@@ -110,25 +111,19 @@ STOPPED = "Stopped"
 
 #: Display phase for the trainer's reported stage while its pod runs ("Done": the
 #: trainer is finishing its last writes and exiting).
-_STAGE_PHASE = {"Merging": Phase.merging.value, "Uploading": Phase.uploading.value, "Done": Phase.uploading.value}
+_STAGE_PHASE = {
+    contract.STAGE_MERGING: Phase.merging.value,
+    contract.STAGE_UPLOADING: Phase.uploading.value,
+    contract.STAGE_DONE: Phase.uploading.value,
+}
 TERMINATED = "Terminated"
 SPEC_REJECTED = "SpecRejected"
 NO_PROGRESS = "NoProgress"
 
-#: qlora-train exit codes (DESIGN.md section 4) -> attempt reasons.
-EXIT_REASONS = {
-    0: SUCCEEDED,
-    2: INVALID_CONFIG,
-    3: INVALID_DATA,
-    4: STORAGE_ERROR,
-    5: CUDA_OOM,
-    6: NON_FINITE_LOSS,
-    7: INSUFFICIENT_GPU_MEMORY,
-    8: MERGE_CHECK_FAILED,
-}
-#: Exit codes whose termination message carries published artifacts: 0, and 8 (the adapter
-#: was published before the merge check failed; the merged model was not).
-ARTIFACT_EXIT_CODES = (0, 8)
+#: qlora-train exit codes that name their reason alone -> attempt reasons (the contract's table).
+EXIT_REASONS = contract.REASONS_BY_CODE
+#: Exit codes whose termination message carries published artifacts (0, and 8: the adapter).
+ARTIFACT_EXIT_CODES = contract.ARTIFACT_EXIT_CODES
 #: URI fields of the termination message's ``artifacts`` copied into ``status.artifacts``.
 ARTIFACT_URI_FIELDS = ("adapterUri", "mergedUri", "manifestUri", "lastCheckpointUri", "lossPlotUri")
 #: Fields of ``artifacts.mergeCheck`` copied into ``status.artifacts.mergeCheck``: those of api.MergeCheck.
@@ -354,17 +349,6 @@ def pod_unschedulable(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
-def parse_termination_message(text: Any) -> dict[str, Any] | None:
-    """The trainer's JSON termination message, or None when absent or not JSON."""
-    if not text or not isinstance(text, str):
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def classify_exit(exit_code: int | None, container_reason: str | None, message: Mapping[str, Any] | None) -> str:
     """Attempt reason from the exit code (DESIGN.md section 4), the kubelet's reason, the trainer's.
 
@@ -375,17 +359,17 @@ def classify_exit(exit_code: int | None, container_reason: str | None, message: 
     """
     if container_reason == OOM_KILLED:
         return OOM_KILLED
-    if exit_code in (137, -9):
+    if exit_code in (contract.EXIT_KILLED, -9):
         return KILLED
     if exit_code in EXIT_REASONS:
         return EXIT_REASONS[exit_code]
-    if exit_code in (143, -15):  # SIGTERM: the pod was deleted (suspension, eviction, namespace deletion)
+    if exit_code in (contract.EXIT_PREEMPTED, -15):  # SIGTERM: the pod was deleted (suspension, eviction, namespace deletion)
         return TERMINATED
     if message and isinstance(message.get("reason"), str) and message["reason"]:
         return message["reason"]
     if container_reason and container_reason not in ("Error", "Completed"):
         return container_reason
-    if exit_code == 1:  # an exception the trainer has no name for (or a crash before it could report)
+    if exit_code == contract.EXIT_UNEXPECTED:  # an exception the trainer has no name for (or a crash before it could report)
         return TRAINER_ERROR
     return f"ExitCode{exit_code}" if exit_code is not None else "Error"
 
@@ -643,7 +627,7 @@ def attach_checkpoint_decision(
     for attempt in out:
         if attempt.get("podName") == pod and "checkpoint" not in attempt:
             attempt["checkpoint"] = _truncate(message, 1024)
-            if decision.get("decision") == "Resumed" and isinstance(decision.get("fromStep"), int):
+            if decision.get("decision") == contract.CHECKPOINT_RESUMED and isinstance(decision.get("fromStep"), int):
                 attempt.setdefault("resumedFromStep", decision["fromStep"])
     return out
 
@@ -1057,7 +1041,7 @@ def _decide(
             msg = f"attempt {index_of.get(name, 0)}: pod {name} succeeded; waiting for Job {obs.job_name} to complete"
         stage = (progress or {}).get("stage")
         # The trainer exited 0: never show Running again (it would flip back from Uploading).
-        phase = Phase.merging.value if stage == "Merging" else Phase.uploading.value
+        phase = Phase.merging.value if stage == contract.STAGE_MERGING else Phase.uploading.value
         return _State(running=("True", FINISHING, msg), phase=phase, message=msg)
     quota = _quota_state(obs, pods, now, settings)
     if quota is not None:

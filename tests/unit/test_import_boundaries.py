@@ -33,9 +33,10 @@ def loaded_after(*modules: str) -> set[str]:
         (("qlora_operator.api",), {"torch", "transformers", "kopf", "kubernetes"}),
         (("qlora_operator.crd",), {"torch", "transformers", "kopf", "kubernetes"}),
         (("qlora_trainer.config",), {"torch", "kopf", "transformers", "kubernetes"}),
+        (("qlora_trainer.contract",), {"torch", "kopf", "transformers", "kubernetes", "pydantic", "qlora_operator"}),
         (("qlora_trainer.estimate",), {"torch", "kopf", "transformers", "kubernetes"}),
     ],
-    ids=["operator", "operator.api", "operator.crd", "trainer.config", "trainer.estimate"],
+    ids=["operator", "operator.api", "operator.crd", "trainer.config", "trainer.contract", "trainer.estimate"],
 )
 def test_import_does_not_load(modules: tuple[str, ...], forbidden: set[str]):
     loaded = loaded_after(*modules)

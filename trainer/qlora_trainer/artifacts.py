@@ -21,10 +21,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import contract
 from .config import TrainingConfig
 from .storage import Storage, as_prefix, join_uri
 
-MANIFEST = "manifest.json"
+MANIFEST = contract.MANIFEST
 _PACKAGES = (
     "qlora-operator",
     "torch",

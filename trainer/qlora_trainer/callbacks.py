@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from . import contract
 from .distributed import Dist
 from .errors import NonFiniteLossError
 from .report import ProgressReporter, log_event
@@ -101,7 +102,7 @@ class EvalBeforeTraining(TrainerCallback):
             return
         t0 = time.monotonic()
         prepared = gpu_memory_gib()  # the model as training holds it (after DDP/FSDP wrapping), before any batch
-        self.reporter.stage("Evaluating")
+        self.reporter.stage(contract.STAGE_EVALUATING)
         self.loss = float(self.trainer.evaluate()["eval_loss"])
         self.run_state["evalLossBefore"] = self.loss
         self.seconds = time.monotonic() - t0
@@ -125,7 +126,7 @@ class ProgressCallback(TrainerCallback):
         self._step0 = state.global_step
         self.tokens_at_start = int(state.num_input_tokens_seen or 0)
         self._last = (self._t0, self.tokens_at_start)
-        self.reporter.stage("Training", step=state.global_step, totalSteps=state.max_steps)
+        self.reporter.stage(contract.STAGE_TRAINING, step=state.global_step, totalSteps=state.max_steps)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
@@ -207,7 +208,7 @@ class CheckpointSyncCallback(TrainerCallback):
             log.warning("checkpoint directory %s missing after save; not synced", local)
             return
         (local / RUN_STATE_FILE).write_text(json.dumps({**self.run_state, "step": step}, indent=1))
-        uri = join_uri(self.checkpoints_uri, f"step-{step}")
+        uri = join_uri(self.checkpoints_uri, contract.checkpoint_dir(step))
         t0 = time.monotonic()
         files = self.storage.upload_dir(local, uri, marker={"step": step})
         deleted = self.storage.prune_checkpoints(self.checkpoints_uri, self.keep)

@@ -55,11 +55,9 @@ from .distributed import (
     single_gpu_visible,
     write_worker_result,
 )
+from . import contract
+from .contract import EXIT_CUDA_OOM, EXIT_DOES_NOT_FIT, EXIT_INVALID_CONFIG, EXIT_OK
 from .errors import (
-    EXIT_CUDA_OOM,
-    EXIT_DOES_NOT_FIT,
-    EXIT_INVALID_CONFIG,
-    EXIT_OK,
     MergeCheckFailedError,
     OutputInUseError,
     TrainerError,
@@ -102,7 +100,7 @@ def parse_estimate_args(argv: list[str]) -> argparse.Namespace:
 
 def prepare_environment(cfg: TrainingConfig | None = None) -> Path:
     """Point every library cache at ``QLORA_CACHE_DIR`` (created; default a new temp dir) and return it."""
-    root = os.environ.get("QLORA_CACHE_DIR")
+    root = os.environ.get(contract.ENV_CACHE_DIR)
     cache = Path(root) if root else Path(tempfile.mkdtemp(prefix="qlora-train-"))
     cache.mkdir(parents=True, exist_ok=True)
     for var, sub in (
@@ -206,7 +204,7 @@ def run(
     identity = RunIdentity.from_env()
     layout = RunLayout(cfg.output.uri, identity.run)
 
-    reporter.stage("Loading")
+    reporter.stage(contract.STAGE_LOADING)
     error = None
     if dist.is_main:
         try:
@@ -235,7 +233,7 @@ def run(
     if not dist.is_main:
         return  # rank 0 saves and uploads; the others wait for its verdict (cli.train_main)
 
-    reporter.stage("Uploading")
+    reporter.stage(contract.STAGE_UPLOADING)
     adapter_dir = save_adapter(
         trained.model, tokenizer, cache / "artifacts" / "adapter", base.uri, state_dict=trained.adapter_state
     )
@@ -285,7 +283,7 @@ def run(
 
         trained.model = None  # free the 4-bit training model before loading the base again
 
-        reporter.stage("Merging")
+        reporter.stage(contract.STAGE_MERGING)
         try:
             merged = merge_and_publish(
                 cfg, base, adapter_dir, tokenizer, storage, cache, manifest,
@@ -299,7 +297,7 @@ def run(
         if cfg.output.export:
             result["artifacts"]["exports"] = _export(cfg, storage, cache, layout, adapter_dir, manifest, merged["uri"],
                                                      identity, reporter)
-    reporter.stage("Done", evalLoss=trained.metrics.get("evalLossAfter"))
+    reporter.stage(contract.STAGE_DONE, evalLoss=trained.metrics.get("evalLossAfter"))
 
 
 def _loss_plot(trained: Any, adapter_dir: Path, identity: Any) -> Path | None:
@@ -308,7 +306,7 @@ def _loss_plot(trained: Any, adapter_dir: Path, identity: Any) -> Path | None:
         from .plots import loss_plot
 
         title = f"{identity.namespace}/{identity.name} run {identity.run}" if identity.name else f"run {identity.run}"
-        return loss_plot(trained.history, Path(adapter_dir) / "loss.png", title=title)
+        return loss_plot(trained.history, Path(adapter_dir) / contract.LOSS_PLOT, title=title)
     except Exception as err:  # noqa: BLE001 - a plot is never worth a failed run
         log_event("loss_plot_failed", error=f"{type(err).__name__}: {err}"[:500])
         return None
@@ -320,7 +318,7 @@ def _export(cfg: TrainingConfig, storage: Any, cache: Path, layout: Any, adapter
     (downloaded from ``merged_uri`` when it is not there)."""
     from .export import export_all
 
-    reporter.stage("Uploading")  # the exports are uploads of the merged model in other formats
+    reporter.stage(contract.STAGE_UPLOADING)  # the exports are uploads of the merged model in other formats
     merged_dir = cache / "artifacts" / "merged"
     if not (merged_dir / "config.json").is_file():
         merged_dir = cache / "artifacts" / "merged-download"
@@ -338,7 +336,7 @@ def _record_failure(result: dict[str, Any], err: BaseException) -> None:
     """Fill ``result`` with the exit code, reason and message of ``err`` (logging it as it deserves)."""
     if isinstance(err, ConfigError):
         print(str(err), file=sys.stderr)
-        result.update(exitCode=EXIT_INVALID_CONFIG, reason="InvalidConfig", message=str(err))
+        result.update(exitCode=EXIT_INVALID_CONFIG, reason=contract.INVALID_CONFIG, message=str(err))
         return
     if isinstance(err, TrainerError):
         log_event("error", reason=err.reason, exitCode=err.exit_code, message=str(err))
@@ -348,7 +346,7 @@ def _record_failure(result: dict[str, Any], err: BaseException) -> None:
 
     if isinstance(err, torch.OutOfMemoryError):
         result.update(
-            exitCode=EXIT_CUDA_OOM, reason="CudaOutOfMemory", message=f"CUDA out of memory outside training: {err}"
+            exitCode=EXIT_CUDA_OOM, reason=contract.CUDA_OOM, message=f"CUDA out of memory outside training: {err}"
         )
     else:
         traceback.print_exc()
@@ -366,7 +364,7 @@ def _finish(result: dict[str, Any], t0: float) -> str:
 def train_main(args: argparse.Namespace) -> int:
     """One training process: a single-GPU run, or one torchrun worker of a multi-GPU run."""
     t0 = time.monotonic()
-    result: dict[str, Any] = {"exitCode": EXIT_OK, "reason": "Succeeded", "message": "", "artifacts": {}}
+    result: dict[str, Any] = {"exitCode": EXIT_OK, "reason": contract.SUCCEEDED, "message": "", "artifacts": {}}
     dist = Dist.single()
     reporter = ProgressReporter(None, None)
     try:
@@ -414,12 +412,12 @@ def launch_main(spec: LaunchSpec, argv: list[str], args: argparse.Namespace) -> 
         cfg = load_config(args.config)
     except ConfigError as err:
         print(str(err), file=sys.stderr)
-        result = {"exitCode": EXIT_INVALID_CONFIG, "reason": "InvalidConfig", "message": str(err), "artifacts": {}}
+        result = {"exitCode": EXIT_INVALID_CONFIG, "reason": contract.INVALID_CONFIG, "message": str(err), "artifacts": {}}
         _finish(result, t0)
         print(write_termination_message(result), flush=True)
         return EXIT_INVALID_CONFIG
     cache = prepare_environment(cfg)
-    os.environ["QLORA_CACHE_DIR"] = str(cache)  # one node-local cache for all workers of this pod
+    os.environ[contract.ENV_CACHE_DIR] = str(cache)  # one node-local cache for all workers of this pod
     log_event(
         "launch",
         nnodes=spec.nnodes,
@@ -548,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = LaunchSpec.from_env()
     except ConfigError as err:
         print(str(err), file=sys.stderr)
-        result = {"exitCode": EXIT_INVALID_CONFIG, "reason": "InvalidConfig", "message": str(err), "artifacts": {}}
+        result = {"exitCode": EXIT_INVALID_CONFIG, "reason": contract.INVALID_CONFIG, "message": str(err), "artifacts": {}}
         print(write_termination_message(result), flush=True)
         return EXIT_INVALID_CONFIG
     if needs_launch(spec):

@@ -61,57 +61,28 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .errors import (
-    EXIT_CUDA_OOM,
-    EXIT_DOES_NOT_FIT,
-    EXIT_INVALID_CONFIG,
-    EXIT_INVALID_DATA,
-    EXIT_MERGE_CHECK,
-    EXIT_NON_FINITE,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    EXIT_STORAGE,
-    UNEXPECTED_REASON,
-    TrainerError,
-    describe_unexpected,
-)
+from . import contract
+from .errors import TrainerError, describe_unexpected
 
 log = logging.getLogger(__name__)
 
 #: Environment variables of the operator contract (see the module docstring).
-ENV_NNODES = "QLORA_NNODES"
-ENV_NPROC = "QLORA_NPROC_PER_NODE"
-ENV_NODE_RANK = "QLORA_NODE_RANK"
-ENV_MASTER_ADDR = "QLORA_MASTER_ADDR"
-ENV_MASTER_PORT = "QLORA_MASTER_PORT"
+ENV_NNODES = contract.ENV_NNODES
+ENV_NPROC = contract.ENV_NPROC_PER_NODE
+ENV_NODE_RANK = contract.ENV_NODE_RANK
+ENV_MASTER_ADDR = contract.ENV_MASTER_ADDR
+ENV_MASTER_PORT = contract.ENV_MASTER_PORT
 #: Set by the launcher for its workers: where global rank 0 writes its result JSON.
-ENV_WORKER_RESULT = "QLORA_WORKER_RESULT"
+ENV_WORKER_RESULT = contract.ENV_WORKER_RESULT
 #: Seconds the control group waits (downloads, rank 0's uploads and merge).
 CONTROL_TIMEOUT_S = 6 * 3600
 #: Seconds a failed worker waits for rank 0's verdict before exiting with its own code.
 FAILED_EXIT_WAIT_S = 60
 
-#: Termination reasons of exit codes (``errors``). 137: a worker was killed by SIGKILL. The
-#: launcher cannot tell the kernel's OOM killer from a ``kill -9``: the container runtime can,
-#: and the operator reports ``OOMKilled`` when the runtime says so (its reason wins over ours).
-REASONS = {
-    EXIT_OK: "Succeeded",
-    1: UNEXPECTED_REASON,
-    EXIT_INVALID_CONFIG: "InvalidConfig",
-    EXIT_INVALID_DATA: "InvalidData",
-    EXIT_STORAGE: "StorageError",
-    EXIT_CUDA_OOM: "CudaOutOfMemory",
-    EXIT_NON_FINITE: "NonFiniteLoss",
-    EXIT_DOES_NOT_FIT: "InsufficientGPUMemory",
-    EXIT_MERGE_CHECK: "MergeCheckFailed",
-    137: "Killed",
-    EXIT_PREEMPTED: "Preempted",
-}
-
-
-def reason_for(code: int) -> str:
-    """The termination reason of an exit code (``Error`` for codes without one)."""
-    return REASONS.get(code, "Error")
+#: Termination reasons of exit codes (:data:`contract.EXIT_CODES`). 137: a worker was killed by
+#: SIGKILL. The launcher cannot tell the kernel's OOM killer from a ``kill -9``: the container
+#: runtime can, and the operator reports ``OOMKilled`` when the runtime says so (its reason wins).
+reason_for = contract.reason_for
 
 
 @dataclass(frozen=True)
@@ -122,7 +93,7 @@ class LaunchSpec:
     nproc_per_node: int = 1
     node_rank: int = 0
     master_addr: str | None = None
-    master_port: int = 29500
+    master_port: int = contract.DEFAULT_MASTER_PORT
 
     @property
     def world_size(self) -> int:
@@ -156,7 +127,7 @@ class LaunchSpec:
             nproc_per_node=num(ENV_NPROC, 1, 1, 64),
             node_rank=num(ENV_NODE_RANK, 0, 0, nnodes - 1),
             master_addr=env.get(ENV_MASTER_ADDR, "").strip() or None,
-            master_port=num(ENV_MASTER_PORT, 29500, 1, 65535),
+            master_port=num(ENV_MASTER_PORT, contract.DEFAULT_MASTER_PORT, 1, 65535),
         )
         if spec.nnodes > 1 and not spec.master_addr:
             raise ConfigError(f"{ENV_MASTER_ADDR}: required when {ENV_NNODES} > 1 (the host of node rank 0)")
@@ -248,8 +219,8 @@ def final_result(
         return rank0_result
     if not failures:
         return {
-            "exitCode": EXIT_OK,
-            "reason": "Succeeded",
+            "exitCode": contract.EXIT_OK,
+            "reason": contract.SUCCEEDED,
             "message": f"node {spec.node_rank}: all {spec.nproc_per_node} workers finished; "
             "global rank 0 (node 0) reports the artifacts",
         }
@@ -308,8 +279,8 @@ def classify(err: BaseException) -> tuple[int, str, str]:
     if isinstance(err, TrainerError):
         return err.exit_code, err.reason, str(err)
     if isinstance(err, ConfigError):
-        return EXIT_INVALID_CONFIG, "InvalidConfig", str(err)
-    return 1, UNEXPECTED_REASON, describe_unexpected(err)
+        return contract.EXIT_INVALID_CONFIG, contract.INVALID_CONFIG, str(err)
+    return contract.EXIT_UNEXPECTED, contract.TRAINER_ERROR, describe_unexpected(err)
 
 
 class Dist:
@@ -437,7 +408,7 @@ class Dist:
         t = torch.tensor([own_code], dtype=torch.int64)
         try:
             work = dist.broadcast(t, src=0, group=self.control, async_op=True)
-            if own_code == EXIT_OK or self.is_main:
+            if own_code == contract.EXIT_OK or self.is_main:
                 work.wait()
             else:
                 work.wait(timeout=timedelta(seconds=FAILED_EXIT_WAIT_S))

@@ -1,24 +1,8 @@
 """Failures the trainer reports, each with its exit code and termination reason.
 
-Exit codes are the contract of DESIGN.md section 4, read by the operator and by the
-Job's ``podFailurePolicy``:
-
-====  =====================  =====================================================
-code  reason                 meaning
-====  =====================  =====================================================
-0     Succeeded              adapter (and merged model) written, markers last
-1     TrainerError           an unexpected exception; the message is its type and last line
-2     InvalidConfig          the config cannot be used (``config.ConfigError``)
-2     InvalidConfig          also: ``<output>/run-<N>/`` holds the result of another QLoRAJob
-3     InvalidData            a dataset file is malformed or has no usable rows
-4     StorageError           an S3 or file operation failed (retryable)
-5     CudaOutOfMemory        CUDA out of memory at micro-batch 1, after back-offs
-6     NonFiniteLoss          loss or gradient norm non-finite N logged steps in a row
-7     InsufficientGPUMemory  the memory estimate says training cannot fit these GPUs
-8     MergeCheckFailed       the merged model answers differently from base + adapter
-                             (``merge``): the adapter is published, the merged model not
-143   Preempted              SIGTERM: a checkpoint was written, the next attempt resumes
-====  =====================  =====================================================
+Exit codes, reasons and retry classes are the contract's (:data:`qlora_trainer.contract.EXIT_CODES`,
+DESIGN.md section 4), read by the operator and by the Job's ``podFailurePolicy``; each
+class here raises one of them.
 
 Under a multi-GPU launch (``cli``: torchrun) every worker exits with the code of
 global rank 0 where rank 0 could decide it; see ``distributed`` for the rules when
@@ -30,26 +14,30 @@ is loaded.
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_INVALID_CONFIG = 2
-EXIT_INVALID_DATA = 3
-EXIT_STORAGE = 4
-EXIT_CUDA_OOM = 5
-EXIT_NON_FINITE = 6
-EXIT_DOES_NOT_FIT = 7
-EXIT_MERGE_CHECK = 8
-EXIT_PREEMPTED = 143
+from . import contract
+from .contract import (  # noqa: F401 - the exit codes, as the trainer's modules import them
+    EXIT_CUDA_OOM,
+    EXIT_DOES_NOT_FIT,
+    EXIT_INVALID_CONFIG,
+    EXIT_INVALID_DATA,
+    EXIT_MERGE_CHECK,
+    EXIT_NON_FINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_STORAGE,
+    EXIT_UNEXPECTED,
+)
 
 
 class TrainerError(Exception):
     """Base of the trainer's own failures; ``exit_code`` and ``reason`` name the outcome."""
 
-    exit_code: int = 1
-    reason: str = "TrainerError"
+    exit_code: int = EXIT_UNEXPECTED
+    reason: str = contract.TRAINER_ERROR
 
 
 #: Reason of an exception the trainer has no name for (exit code 1).
-UNEXPECTED_REASON = "TrainerError"
+UNEXPECTED_REASON = contract.TRAINER_ERROR
 
 
 def describe_unexpected(err: BaseException, limit: int = 1000) -> str:
@@ -67,7 +55,7 @@ class OutputInUseError(TrainerError):
     """
 
     exit_code = EXIT_INVALID_CONFIG
-    reason = "InvalidConfig"
+    reason = contract.INVALID_CONFIG
 
 
 class DataError(TrainerError):
@@ -77,7 +65,7 @@ class DataError(TrainerError):
     """
 
     exit_code = EXIT_INVALID_DATA
-    reason = "InvalidData"
+    reason = contract.INVALID_DATA
 
 
 class StorageError(TrainerError):
@@ -89,7 +77,7 @@ class StorageError(TrainerError):
     """
 
     exit_code = EXIT_STORAGE
-    reason = "StorageError"
+    reason = contract.STORAGE_ERROR
 
     def __init__(self, operation: str, uri: str, detail: str) -> None:
         self.operation = operation
@@ -102,14 +90,14 @@ class OutOfMemoryError(TrainerError):
     """CUDA ran out of memory even at micro-batch 1; the message lists the sizes tried."""
 
     exit_code = EXIT_CUDA_OOM
-    reason = "CudaOutOfMemory"
+    reason = contract.CUDA_OOM
 
 
 class NonFiniteLossError(TrainerError):
     """Loss or gradient norm was NaN/inf for ``nonFinitePatience`` consecutive logged steps."""
 
     exit_code = EXIT_NON_FINITE
-    reason = "NonFiniteLoss"
+    reason = contract.NON_FINITE_LOSS
 
 
 class DoesNotFitError(TrainerError):
@@ -121,7 +109,7 @@ class DoesNotFitError(TrainerError):
     """
 
     exit_code = EXIT_DOES_NOT_FIT
-    reason = "InsufficientGPUMemory"
+    reason = contract.INSUFFICIENT_GPU_MEMORY
 
 
 class MergeCheckFailedError(TrainerError):
@@ -137,7 +125,7 @@ class MergeCheckFailedError(TrainerError):
     """
 
     exit_code = EXIT_MERGE_CHECK
-    reason = "MergeCheckFailed"
+    reason = contract.MERGE_CHECK_FAILED
 
     def __init__(self, message: str, check: dict) -> None:
         self.check = check
@@ -148,4 +136,4 @@ class Preempted(TrainerError):
     """SIGTERM arrived; a checkpoint was saved (when possible) and the run stops for a retry."""
 
     exit_code = EXIT_PREEMPTED
-    reason = "Preempted"
+    reason = contract.PREEMPTED

@@ -45,6 +45,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import contract
 from .artifacts import publish
 from .config import ExportTarget, TrainingConfig
 from .errors import EXIT_INVALID_CONFIG, TrainerError
@@ -75,19 +76,19 @@ VLLM_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 class ExportError(TrainerError):
     """The converter failed or is missing; the message names the export and the converter's last lines."""
 
-    reason = "ExportFailed"
+    reason = contract.EXPORT_FAILED
 
 
 class UnsupportedExportError(TrainerError):
     """``output.export`` asks for a format this base model's architecture cannot be exported to (before training)."""
 
     exit_code = EXIT_INVALID_CONFIG
-    reason = "InvalidConfig"
+    reason = contract.INVALID_CONFIG
 
 
 def converter_dir() -> Path:
     """Where ``convert_hf_to_gguf.py`` lives (see the module docstring)."""
-    env = os.environ.get("QLORA_LLAMA_CPP_DIR")
+    env = os.environ.get(contract.ENV_LLAMA_CPP_DIR)
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

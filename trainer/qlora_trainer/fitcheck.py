@@ -25,13 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import contract
 from .config import ConfigError, TrainingConfig, load_config
 from .errors import EXIT_DOES_NOT_FIT, EXIT_INVALID_CONFIG, EXIT_OK, EXIT_STORAGE
 from .estimate import EstimateError, plan
 from .report import write_termination_message
 from .storage import join_uri
 
-REASON_DOES_NOT_FIT = "InsufficientGPUMemory"
+REASON_DOES_NOT_FIT = contract.INSUFFICIENT_GPU_MEMORY
 
 
 def model_config_uri(cfg: TrainingConfig) -> str:
@@ -98,7 +99,7 @@ def main(argv: list[str], storage_factory: Any = None) -> int:
             try:
                 model_config = json.loads(storage.read_bytes(uri))
             except Exception as err:  # noqa: BLE001 - any read or parse failure is reported with the URI
-                result = {"exitCode": EXIT_STORAGE, "reason": "StorageError",
+                result = {"exitCode": EXIT_STORAGE, "reason": contract.STORAGE_ERROR,
                           "message": f"{uri}: cannot read the model's config.json: {err}"}
                 raise _Done(result) from None
             check = decide(model_config, cfg, world_size=args.gpus * args.nodes, gpu_gib=args.gpu_memory)
@@ -106,12 +107,12 @@ def main(argv: list[str], storage_factory: Any = None) -> int:
         fits = check["fits"] is not False
         result = {
             "exitCode": EXIT_OK if fits else EXIT_DOES_NOT_FIT,
-            "reason": "Fits" if fits else REASON_DOES_NOT_FIT,
+            "reason": contract.FITS if fits else REASON_DOES_NOT_FIT,
             "message": check.pop("message"),
             "fitCheck": check,
         }
     except ConfigError as err:
-        result = {"exitCode": EXIT_INVALID_CONFIG, "reason": "InvalidConfig", "message": str(err)}
+        result = {"exitCode": EXIT_INVALID_CONFIG, "reason": contract.INVALID_CONFIG, "message": str(err)}
     except _Done as done:
         result = done.result
     result.setdefault("fitCheck", {"fits": None, "read": read})

@@ -30,16 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import contract
+
 log = logging.getLogger(__name__)
 
-GROUP = "qlora.dev"
-VERSION = "v1alpha1"
-PLURAL = "qlorajobs"
+GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 #: Stages reported in ``.status.progress.stage``, in order.
-STAGES = ("Loading", "Training", "Evaluating", "Merging", "Uploading", "Done")
-#: Upper bound of the termination message, bytes (the kubelet truncates at 4096).
-TERMINATION_LIMIT = 4000
-DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+STAGES = contract.STAGES
+TERMINATION_LIMIT = contract.TERMINATION_LIMIT
+DEFAULT_TERMINATION_PATH = contract.TERMINATION_MESSAGE_PATH
 
 
 def now_rfc3339() -> str:
@@ -87,7 +86,7 @@ def _api_client() -> Any:
     """
     from kubernetes import client, config
 
-    token_dir = os.environ.get("QLORA_SA_TOKEN_DIR")
+    token_dir = os.environ.get(contract.ENV_SA_TOKEN_DIR)
     if not token_dir:
         config.load_incluster_config()
         return client.ApiClient()
@@ -165,7 +164,8 @@ class ProgressReporter:
     @classmethod
     def from_env(cls, **kwargs: Any) -> ProgressReporter:
         """Reporter for ``QLORA_JOB_NAME`` in ``QLORA_JOB_NAMESPACE`` (disabled when either is unset)."""
-        return cls(os.environ.get("QLORA_JOB_NAME") or None, os.environ.get("QLORA_JOB_NAMESPACE") or None, **kwargs)
+        env = os.environ
+        return cls(env.get(contract.ENV_JOB_NAME) or None, env.get(contract.ENV_JOB_NAMESPACE) or None, **kwargs)
 
     @property
     def enabled(self) -> bool:
@@ -241,37 +241,13 @@ def _short(err: BaseException) -> str:
 
 
 def write_termination_message(result: dict[str, Any], path: str | None = None) -> str:
-    """Write ``result`` as compact JSON under :data:`TERMINATION_LIMIT` bytes; returns what was written.
-
-    When too long, ``message`` is shortened first, then ``metrics``, ``artifacts`` and
-    ``resumedFromStep`` are dropped; the text is always valid JSON with ``exitCode`` and
-    ``reason``. An unwritable path (running outside Kubernetes) is ignored.
+    """Write ``result`` (:class:`contract.TerminationMessage`) to ``path`` (default: the env, else
+    ``/dev/termination-log``) as :func:`contract.encode_termination_message` encodes it (compact
+    JSON under :data:`TERMINATION_LIMIT` bytes); returns what was written. An unwritable path
+    (running outside Kubernetes) is ignored.
     """
-    path = path or os.environ.get("QLORA_TERMINATION_MESSAGE_PATH") or DEFAULT_TERMINATION_PATH
-    result = {k: v for k, v in result.items() if v is not None}
-
-    def encode(value: dict[str, Any]) -> str:
-        return json.dumps(value, separators=(",", ":"), default=str, ensure_ascii=False)
-
-    text = encode(result)
-    # Shrink in order of least value: the message's tail, then metrics, then everything but the outcome.
-    if len(text.encode()) > TERMINATION_LIMIT and "message" in result:
-        msg = str(result["message"])
-        keep = max(0, len(msg.encode()) - (len(text.encode()) - TERMINATION_LIMIT) - 32)
-        result["message"] = msg.encode()[:keep].decode(errors="ignore") + "...(truncated)"
-        text = encode(result)
-    for key in ("metrics", "artifacts", "resumedFromStep"):
-        if len(text.encode()) <= TERMINATION_LIMIT:
-            break
-        result.pop(key, None)
-        text = encode(result)
-    if len(text.encode()) > TERMINATION_LIMIT:
-        result = {
-            "exitCode": result.get("exitCode"),
-            "reason": result.get("reason"),
-            "message": str(result.get("message", ""))[:500] + "...(truncated)",
-        }
-        text = encode(result)
+    path = path or os.environ.get(contract.ENV_TERMINATION_MESSAGE_PATH) or DEFAULT_TERMINATION_PATH
+    text = contract.encode_termination_message(result)
     try:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -35,17 +35,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import contract
 from .config import TrainingConfig
 from .storage import Checkpoint, join_uri
 
 #: Parts of the fingerprint, in the order a mismatch names them.
 FINGERPRINT_PARTS = ("model", "data", "lora", "quantization", "training")
-_RUN_DIR = re.compile(r"^run-(\d+)$")
 
 
 def _sha256(value: Any) -> str:
@@ -79,11 +78,11 @@ class RunIdentity:
         """From ``QLORA_TRAINING_RUN`` (else ``QLORA_RUN``, else 1), ``QLORA_GENERATION``,
         ``QLORA_JOB_NAMESPACE/NAME/UID``."""
         return cls(
-            run=max(1, _env_int("QLORA_TRAINING_RUN") or _env_int("QLORA_RUN") or 1),
-            generation=_env_int("QLORA_GENERATION"),
-            namespace=os.environ.get("QLORA_JOB_NAMESPACE") or None,
-            name=os.environ.get("QLORA_JOB_NAME") or None,
-            uid=os.environ.get("QLORA_JOB_UID") or None,
+            run=max(1, _env_int(contract.ENV_TRAINING_RUN) or _env_int(contract.ENV_RUN) or 1),
+            generation=_env_int(contract.ENV_GENERATION),
+            namespace=os.environ.get(contract.ENV_JOB_NAMESPACE) or None,
+            name=os.environ.get(contract.ENV_JOB_NAME) or None,
+            uid=os.environ.get(contract.ENV_JOB_UID) or None,
         )
 
     def record(self) -> dict[str, Any]:
@@ -104,28 +103,28 @@ class RunLayout:
 
     @property
     def root(self) -> str:
-        return join_uri(self.output, f"run-{self.run}")
+        return join_uri(self.output, contract.run_dir(self.run))
 
     @property
     def checkpoints(self) -> str:
-        return join_uri(self.root, "checkpoints")
+        return join_uri(self.root, contract.CHECKPOINTS_DIR)
 
     @property
     def adapter(self) -> str:
-        return join_uri(self.root, "adapter")
+        return join_uri(self.root, contract.ADAPTER_DIR)
 
     @property
     def merged(self) -> str:
-        return join_uri(self.root, "merged")
+        return join_uri(self.root, contract.MERGED_DIR)
 
     @property
     def export(self) -> str:
         """``<output>/run-<N>/export``: one ``<format>[-<quantization>]/`` per ``output.export`` entry."""
-        return join_uri(self.root, "export")
+        return join_uri(self.root, contract.EXPORT_DIR)
 
     @property
     def refused(self) -> str:
-        return join_uri(self.root, "refused")
+        return join_uri(self.root, contract.REFUSED_DIR)
 
     def of_run(self, run: int) -> RunLayout:
         """The layout of another run under the same output."""
@@ -134,8 +133,7 @@ class RunLayout:
 
 def run_of_prefix(name: str) -> int | None:
     """``run-7`` -> 7; anything else -> None."""
-    match = _RUN_DIR.match(name.strip("/"))
-    return int(match.group(1)) if match else None
+    return contract.run_of_dir(name)
 
 
 def fingerprint(cfg: TrainingConfig, base_lineage: Mapping[str, Any], data_lineage: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,7 +180,7 @@ class ResumeDecision:
     @property
     def decision(self) -> str:
         """``Resumed`` or ``StartedFresh``."""
-        return "Resumed" if self.checkpoint is not None else "StartedFresh"
+        return contract.CHECKPOINT_RESUMED if self.checkpoint is not None else contract.CHECKPOINT_STARTED_FRESH
 
     def message(self, identity: RunIdentity) -> str:
         """One line for the log, the manifest, the pod's attempt and an Event."""
@@ -193,7 +191,7 @@ class ResumeDecision:
             if self.previous is not None:
                 text = f"started fresh: previous checkpoints belong to run {self.previous}; " + text
         if self.refused:
-            listed = "; ".join(f"step-{r.step}: {r.why}" for r in self.refused[:4])
+            listed = "; ".join(f"{contract.checkpoint_dir(r.step)}: {r.why}" for r in self.refused[:4])
             more = f" (and {len(self.refused) - 4} more)" if len(self.refused) > 4 else ""
             text += f"; refused {len(self.refused)} checkpoint(s) under run {identity.run}: {listed}{more}"
         return text

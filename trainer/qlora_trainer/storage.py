@@ -1,5 +1,11 @@
 """Object storage: ``s3://`` and ``file://`` URIs behind one small interface.
 
+:class:`Storage` is the interface the trainer uses. Each URI goes to the backend of its
+scheme, :class:`FileBackend` or :class:`S3Backend`, which do the one-object operations
+(list, stat, read, download, put, upload, delete, copy, abort multipart uploads) on a
+parsed :class:`Location`; what :class:`Storage` builds from them (directories with their
+marker, prefix downloads with an ETag record, moves, checkpoints) is written once, for both.
+
 What it guarantees (DESIGN.md section 4, issue 6):
 
 * Requests go to the configured endpoint only. With ``storage.endpoint`` set, boto3
@@ -41,16 +47,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
+from . import contract
 from .config import StorageSettings
 from .errors import StorageError
 
 log = logging.getLogger(__name__)
 
 #: Name of the completion marker written last into every artifact prefix.
-SUCCESS_MARKER = "_SUCCESS"
+SUCCESS_MARKER = contract.SUCCESS_MARKER
 #: Local sidecar recording what a prefix download fetched (relative path -> ETag).
 _DOWNLOAD_RECORD = ".qlora-download.json"
-_CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 
 #: S3 error codes that retrying cannot fix.
 PERMANENT_CODES = frozenset(
@@ -189,37 +195,103 @@ def _is_permanent(err: BaseException) -> bool:
     return code is not None and code in PERMANENT_CODES
 
 
-class Storage:
-    """Reads and writes ``s3://`` and ``file://`` URIs; one instance per run.
+#: ``retry(operation, uri, fn)``: :meth:`Storage._retry`, handed to each backend.
+Retrier = Callable[[str, str, Callable[[], T]], T]
 
-    Args:
-        settings: endpoint, region and addressing style (``storage`` of the config).
-        attempts: tries per operation for transient errors (outer wrapper), >= 1.
-        base_delay: first backoff in seconds; doubled per attempt, with jitter, capped at 30 s.
-        multipart_threshold: files at least this many bytes are uploaded in parts.
-        multipart_chunksize: part size in bytes (S3 requires >= 5 MiB except the last).
-        max_concurrency: parallel part transfers per file.
+
+class FileBackend:
+    """``file://`` locations: local files, written to a temp name and renamed into place.
+
+    Every method takes a parsed :class:`Location` (and the URI it came from, for error
+    messages) and raises :class:`StorageError` through the shared ``retry``.
     """
 
+    scheme = "file"
+
+    def __init__(self, retry: Retrier) -> None:
+        self._retry = retry
+
+    def local_path(self, loc: Location) -> Path | None:
+        """The location's own path: ``file://`` inputs are used in place, never copied."""
+        return loc.path
+
+    def list(self, loc: Location) -> list[ObjectInfo]:
+        root = loc.path
+        if not root.is_dir():
+            return []
+        out = []
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(root).as_posix()
+                out.append(ObjectInfo(f"file://{path}", rel, path.stat().st_size, None))
+        return out
+
+    def stat(self, loc: Location, uri: str) -> ObjectInfo | None:
+        p = loc.path
+        return ObjectInfo(uri, p.name, p.stat().st_size, None) if p.is_file() else None
+
+    def read_bytes(self, loc: Location, uri: str) -> bytes:
+        return self._retry("read", uri, loc.path.read_bytes)
+
+    def download_file(self, loc: Location, uri: str, tmp: Path) -> None:
+        self._retry("download", uri, lambda: shutil.copyfile(loc.path, tmp))
+
+    def _write(self, loc: Location, uri: str, fill: Callable[[Path], Any]) -> None:
+        """Create ``loc``'s file atomically: ``fill(temp path)``, then rename (``upload``, retried)."""
+
+        def write() -> None:
+            loc.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = loc.path.with_name(f".{loc.path.name}.part")
+            fill(tmp)
+            os.replace(tmp, loc.path)
+
+        self._retry("upload", uri, write)
+
+    def put_bytes(self, loc: Location, uri: str, data: bytes, content_type: str) -> None:
+        self._write(loc, uri, lambda tmp: tmp.write_bytes(data))
+
+    def upload_file(self, path: Path, loc: Location, uri: str) -> None:
+        self._write(loc, uri, lambda tmp: shutil.copyfile(path, tmp))
+
+    def delete(self, loc: Location, uri: str) -> None:
+        self._retry("delete", uri, lambda: loc.path.unlink(missing_ok=True))
+
+    def delete_prefix(self, loc: Location, prefix: str) -> None:
+        self._retry("delete", prefix, lambda: shutil.rmtree(loc.path, ignore_errors=True))
+
+    def copy(self, source: Location, target: Location, uri: str) -> None:
+        def copy() -> None:
+            target.path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.path, target.path)
+
+        self._retry("copy", uri, copy)
+
+    def abort_multipart_uploads(self, loc: Location, uri: str) -> int:
+        return 0  # local files have no multipart uploads
+
+
+class S3Backend:
+    """``s3://`` locations through one boto3 client (created on first use).
+
+    Args:
+        settings: endpoint, region and addressing style.
+        retry: the shared retry wrapper (:meth:`Storage._retry`).
+        multipart_threshold, multipart_chunksize, max_concurrency: see :class:`Storage`.
+    """
+
+    scheme = "s3"
+
     def __init__(
-        self,
-        settings: StorageSettings | None = None,
-        *,
-        attempts: int = 5,
-        base_delay: float = 1.0,
-        multipart_threshold: int = 64 * 1024 * 1024,
-        multipart_chunksize: int = 64 * 1024 * 1024,
-        max_concurrency: int = 8,
+        self, settings: StorageSettings, retry: Retrier, *, multipart_threshold: int, multipart_chunksize: int,
+        max_concurrency: int,
     ) -> None:
-        self.settings = settings or StorageSettings()
-        self.attempts = max(1, attempts)
-        self.base_delay = base_delay
+        self.settings = settings
+        self._retry = retry
         self.multipart_threshold = multipart_threshold
         self.multipart_chunksize = multipart_chunksize
         self.max_concurrency = max_concurrency
         self._client: Any = None
 
-    # ------------------------------------------------------------------ client
     @property
     def client(self) -> Any:
         """The boto3 S3 client, created on first use (see the module docstring for the rules)."""
@@ -274,6 +346,177 @@ class Storage:
             use_threads=True,
         )
 
+    def local_path(self, loc: Location) -> Path | None:
+        """None: objects are downloaded (:meth:`Storage.fetch`)."""
+        return None
+
+    def list(self, loc: Location) -> list[ObjectInfo]:
+        def run() -> list[ObjectInfo]:
+            paginator = self.client.get_paginator("list_objects_v2")
+            found = []
+            for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    if key.endswith("/"):
+                        continue
+                    rel = key[len(loc.key) :]
+                    found.append(
+                        ObjectInfo(f"s3://{loc.bucket}/{key}", rel, int(obj["Size"]), str(obj["ETag"]).strip('"'))
+                    )
+            return sorted(found, key=lambda o: o.relpath)
+
+        return self._retry("list", loc.uri, run)
+
+    def stat(self, loc: Location, uri: str) -> ObjectInfo | None:
+        def run() -> ObjectInfo | None:
+            from botocore.exceptions import ClientError
+
+            if not loc.key or loc.key.endswith("/"):
+                return None
+            try:
+                head = self.client.head_object(Bucket=loc.bucket, Key=loc.key)
+            except ClientError as err:
+                if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            return ObjectInfo(uri, loc.key.rsplit("/", 1)[-1], int(head["ContentLength"]), str(head["ETag"]).strip('"'))
+
+        return self._retry("stat", uri, run)
+
+    def read_bytes(self, loc: Location, uri: str) -> bytes:
+        return self._retry("read", uri, lambda: self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read())
+
+    def download_file(self, loc: Location, uri: str, tmp: Path) -> None:
+        self._retry(
+            "download",
+            uri,
+            lambda: self.client.download_file(loc.bucket, loc.key, str(tmp), Config=self._transfer_config()),
+        )
+
+    def put_bytes(self, loc: Location, uri: str, data: bytes, content_type: str) -> None:
+        self._retry(
+            "upload",
+            uri,
+            lambda: self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type),
+        )
+
+    def upload_file(self, path: Path, loc: Location, uri: str) -> None:
+        """Multipart above the threshold; a failed upload's multipart parts are aborted."""
+        try:
+            self._retry(
+                "upload",
+                uri,
+                lambda: self.client.upload_file(str(path), loc.bucket, loc.key, Config=self._transfer_config()),
+            )
+        except StorageError:
+            self.abort_multipart_uploads(loc, uri)
+            raise
+
+    def delete(self, loc: Location, uri: str) -> None:
+        self._retry("delete", uri, lambda: self.client.delete_object(Bucket=loc.bucket, Key=loc.key))
+
+    def delete_prefix(self, loc: Location, prefix: str) -> None:
+        """The marker first, so a reader never sees a half-deleted artifact as complete; then 1,000 a batch."""
+        self.delete(parse_uri(prefix + SUCCESS_MARKER), prefix + SUCCESS_MARKER)
+        objects = self.list(loc)
+        for start in range(0, len(objects), 1000):
+            batch = [{"Key": parse_uri(o.uri).key} for o in objects[start : start + 1000]]
+            self._retry(
+                "delete",
+                prefix,
+                lambda batch=batch: self.client.delete_objects(
+                    Bucket=loc.bucket, Delete={"Objects": batch, "Quiet": True}
+                ),
+            )
+
+    def copy(self, source: Location, target: Location, uri: str) -> None:
+        """Server-side copy (multipart for large objects)."""
+        self._retry(
+            "copy",
+            uri,
+            lambda: self.client.copy(
+                {"Bucket": source.bucket, "Key": source.key}, target.bucket, target.key,
+                Config=self._transfer_config(),
+            ),
+        )
+
+    def abort_multipart_uploads(self, loc: Location, uri: str) -> int:
+        """Abort unfinished multipart uploads whose key starts with ``loc.key``; returns how many.
+
+        Never raises: failing to clean up is logged, not fatal.
+        """
+        try:
+
+            def run() -> int:
+                n = 0
+                # Filtered here, not with Prefix=: MinIO matches Prefix against whole keys only.
+                paginator = self.client.get_paginator("list_multipart_uploads")
+                for page in paginator.paginate(Bucket=loc.bucket):
+                    for up in page.get("Uploads", []):
+                        if up["Key"].startswith(loc.key):
+                            self.client.abort_multipart_upload(
+                                Bucket=loc.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                            )
+                            n += 1
+                return n
+
+            n = self._retry("abort-multipart", uri, run)
+        except StorageError as err:
+            log.warning("could not abort multipart uploads under %s: %s", uri, err)
+            return 0
+        if n:
+            log.info("aborted %d unfinished multipart upload(s) under %s", n, uri)
+        return n
+
+
+Backend = FileBackend | S3Backend
+
+
+class Storage:
+    """Reads and writes ``s3://`` and ``file://`` URIs; one instance per run.
+
+    Each URI goes to the backend of its scheme (:class:`FileBackend`, :class:`S3Backend`,
+    which do one-object operations); what is built from them (directories with their
+    marker, prefix downloads with an ETag record, moves, checkpoints) is written once here.
+
+    Args:
+        settings: endpoint, region and addressing style (``storage`` of the config).
+        attempts: tries per operation for transient errors (outer wrapper), >= 1.
+        base_delay: first backoff in seconds; doubled per attempt, with jitter, capped at 30 s.
+        multipart_threshold: files at least this many bytes are uploaded in parts.
+        multipart_chunksize: part size in bytes (S3 requires >= 5 MiB except the last).
+        max_concurrency: parallel part transfers per file.
+    """
+
+    def __init__(
+        self,
+        settings: StorageSettings | None = None,
+        *,
+        attempts: int = 5,
+        base_delay: float = 1.0,
+        multipart_threshold: int = 64 * 1024 * 1024,
+        multipart_chunksize: int = 64 * 1024 * 1024,
+        max_concurrency: int = 8,
+    ) -> None:
+        self.settings = settings or StorageSettings()
+        self.attempts = max(1, attempts)
+        self.base_delay = base_delay
+        self._s3 = S3Backend(
+            self.settings, self._retry, multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize, max_concurrency=max_concurrency,
+        )
+        self._backends: dict[str, Backend] = {"file": FileBackend(self._retry), "s3": self._s3}
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client (:attr:`S3Backend.client`)."""
+        return self._s3.client
+
+    def _locate(self, uri: str) -> tuple[Location, Backend]:
+        """``uri`` parsed, and the backend of its scheme (:func:`parse_uri` raises for others)."""
+        loc = parse_uri(uri)
+        return loc, self._backends[loc.scheme]
+
     # ------------------------------------------------------------------ retries
     def _retry(self, operation: str, uri: str, fn: Callable[[], T]) -> T:
         """Run ``fn``; retry transient failures with backoff; map failures to :class:`StorageError`."""
@@ -326,55 +569,13 @@ class Storage:
         ``models/x/``. Zero-byte "directory" keys (ending in ``/``) are skipped. A missing
         prefix gives an empty list; a missing bucket raises :class:`StorageError`.
         """
-        loc = parse_uri(as_prefix(uri))
-        if loc.scheme == "file":
-            root = loc.path
-            if not root.is_dir():
-                return []
-            out = []
-            for path in sorted(root.rglob("*")):
-                if path.is_file():
-                    rel = path.relative_to(root).as_posix()
-                    out.append(ObjectInfo(f"file://{path}", rel, path.stat().st_size, None))
-            return out
-
-        def run() -> list[ObjectInfo]:
-            paginator = self.client.get_paginator("list_objects_v2")
-            found = []
-            for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
-                for obj in page.get("Contents", []):
-                    key = obj["Key"]
-                    if key.endswith("/"):
-                        continue
-                    rel = key[len(loc.key) :]
-                    found.append(
-                        ObjectInfo(f"s3://{loc.bucket}/{key}", rel, int(obj["Size"]), str(obj["ETag"]).strip('"'))
-                    )
-            return sorted(found, key=lambda o: o.relpath)
-
-        return self._retry("list", loc.uri, run)
+        loc, backend = self._locate(as_prefix(uri))
+        return backend.list(loc)
 
     def stat(self, uri: str) -> ObjectInfo | None:
         """Size and ETag of one object/file, or ``None`` when it does not exist."""
-        loc = parse_uri(uri)
-        if loc.scheme == "file":
-            p = loc.path
-            return ObjectInfo(uri, p.name, p.stat().st_size, None) if p.is_file() else None
-
-        def run() -> ObjectInfo | None:
-            from botocore.exceptions import ClientError
-
-            if not loc.key or loc.key.endswith("/"):
-                return None
-            try:
-                head = self.client.head_object(Bucket=loc.bucket, Key=loc.key)
-            except ClientError as err:
-                if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                raise
-            return ObjectInfo(uri, loc.key.rsplit("/", 1)[-1], int(head["ContentLength"]), str(head["ETag"]).strip('"'))
-
-        return self._retry("stat", uri, run)
+        loc, backend = self._locate(uri)
+        return backend.stat(loc, uri)
 
     def exists(self, uri: str) -> bool:
         """Whether one object/file exists at ``uri``."""
@@ -383,29 +584,16 @@ class Storage:
     # ------------------------------------------------------------------ reading
     def read_bytes(self, uri: str) -> bytes:
         """The content of one object/file."""
-        loc = parse_uri(uri)
-        if loc.scheme == "file":
-            return self._retry("read", uri, loc.path.read_bytes)
-
-        def run() -> bytes:
-            return self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
-
-        return self._retry("read", uri, run)
+        loc, backend = self._locate(uri)
+        return backend.read_bytes(loc, uri)
 
     def download_file(self, uri: str, dest: Path) -> Path:
         """Copy one object/file to ``dest`` (parents created; written to a temp name, then renamed)."""
-        loc = parse_uri(uri)
+        loc, backend = self._locate(uri)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.part")
-        if loc.scheme == "file":
-            self._retry("download", uri, lambda: shutil.copyfile(loc.path, tmp))
-        else:
-            self._retry(
-                "download",
-                uri,
-                lambda: self.client.download_file(loc.bucket, loc.key, str(tmp), Config=self._transfer_config()),
-            )
+        backend.download_file(loc, uri, tmp)
         os.replace(tmp, dest)
         return dest
 
@@ -459,13 +647,13 @@ class Storage:
         Raises:
             StorageError: nothing exists at ``uri`` (404), or the transfer failed.
         """
-        loc = parse_uri(uri)
-        if loc.scheme == "file":
-            p = loc.path
-            if p.is_file():
-                return p, [ObjectInfo(uri, p.name, p.stat().st_size, None)]
-            if p.is_dir():
-                return p, self.list(uri)
+        loc, backend = self._locate(uri)
+        in_place = backend.local_path(loc)
+        if in_place is not None:
+            if in_place.is_file():
+                return in_place, [ObjectInfo(uri, in_place.name, in_place.stat().st_size, None)]
+            if in_place.is_dir():
+                return in_place, self.list(uri)
             raise StorageError("download", uri, "404: no such file or directory")
         one = self.stat(uri)
         base = Path(cache_dir) / loc.bucket / loc.key.strip("/")
@@ -493,45 +681,13 @@ class Storage:
     # ------------------------------------------------------------------ writing
     def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Write one small object/file (atomically for files: temp name, then rename)."""
-        loc = parse_uri(uri)
-        if loc.scheme == "file":
-
-            def write() -> None:
-                loc.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = loc.path.with_name(f".{loc.path.name}.part")
-                tmp.write_bytes(data)
-                os.replace(tmp, loc.path)
-
-            self._retry("upload", uri, write)
-            return
-        self._retry(
-            "upload",
-            uri,
-            lambda: self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type),
-        )
+        loc, backend = self._locate(uri)
+        backend.put_bytes(loc, uri, data, content_type)
 
     def upload_file(self, path: Path, uri: str) -> None:
         """Upload one local file (multipart above the threshold; failed multiparts aborted)."""
-        loc = parse_uri(uri)
-        if loc.scheme == "file":
-
-            def copy() -> None:
-                loc.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = loc.path.with_name(f".{loc.path.name}.part")
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, loc.path)
-
-            self._retry("upload", uri, copy)
-            return
-        try:
-            self._retry(
-                "upload",
-                uri,
-                lambda: self.client.upload_file(str(path), loc.bucket, loc.key, Config=self._transfer_config()),
-            )
-        except StorageError:
-            self.abort_multipart_uploads(uri)
-            raise
+        loc, backend = self._locate(uri)
+        backend.upload_file(path, loc, uri)
 
     def upload_dir(self, local_dir: Path, uri: str, *, marker: dict[str, Any] | None = None) -> list[str]:
         """Upload every file under ``local_dir`` to the prefix ``uri``, then ``_SUCCESS`` last.
@@ -564,11 +720,8 @@ class Storage:
 
     def delete(self, uri: str) -> None:
         """Delete one object/file; a missing one is not an error."""
-        loc = parse_uri(uri)
-        if loc.scheme == "file":
-            self._retry("delete", uri, lambda: loc.path.unlink(missing_ok=True))
-            return
-        self._retry("delete", uri, lambda: self.client.delete_object(Bucket=loc.bucket, Key=loc.key))
+        loc, backend = self._locate(uri)
+        backend.delete(loc, uri)
 
     def delete_prefix(self, uri: str) -> None:
         """Delete everything under the prefix ``uri``.
@@ -576,21 +729,8 @@ class Storage:
         The marker goes first, so a reader never sees a half-deleted artifact as complete.
         """
         prefix = as_prefix(uri)
-        loc = parse_uri(prefix)
-        if loc.scheme == "file":
-            self._retry("delete", prefix, lambda: shutil.rmtree(loc.path, ignore_errors=True))
-            return
-        self.delete(prefix + SUCCESS_MARKER)
-        objects = self.list(prefix)
-        for start in range(0, len(objects), 1000):
-            batch = [{"Key": parse_uri(o.uri).key} for o in objects[start : start + 1000]]
-            self._retry(
-                "delete",
-                prefix,
-                lambda batch=batch: self.client.delete_objects(
-                    Bucket=loc.bucket, Delete={"Objects": batch, "Quiet": True}
-                ),
-            )
+        loc, backend = self._locate(prefix)
+        backend.delete_prefix(loc, prefix)
 
     def move_prefix(self, uri: str, dest: str) -> int:
         """Move everything under the prefix ``uri`` to the prefix ``dest``; returns the objects moved.
@@ -602,57 +742,18 @@ class Storage:
         src, dst = as_prefix(uri), as_prefix(dest)
         objects = sorted(self.list(src), key=lambda o: o.relpath == SUCCESS_MARKER)
         for obj in objects:
-            target = parse_uri(dst + obj.relpath)
-            source = parse_uri(obj.uri)
-            if target.scheme == "file":
-
-                def copy(source: Location = source, target: Location = target) -> None:
-                    target.path.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(source.path, target.path)
-
-                self._retry("copy", obj.uri, copy)
-            else:
-                self._retry(
-                    "copy",
-                    obj.uri,
-                    lambda source=source, target=target: self.client.copy(
-                        {"Bucket": source.bucket, "Key": source.key}, target.bucket, target.key,
-                        Config=self._transfer_config(),
-                    ),
-                )
+            target, backend = self._locate(dst + obj.relpath)
+            backend.copy(parse_uri(obj.uri), target, obj.uri)
         self.delete_prefix(src)
         return len(objects)
 
     def abort_multipart_uploads(self, uri: str) -> int:
         """Abort unfinished multipart uploads whose key starts with ``uri``'s key; returns how many.
 
-        Never raises: failing to clean up is logged, not fatal.
+        Never raises: failing to clean up is logged, not fatal (``file://``: always 0).
         """
-        loc = parse_uri(uri)
-        if loc.scheme != "s3":
-            return 0
-        try:
-
-            def run() -> int:
-                n = 0
-                # Filtered here, not with Prefix=: MinIO matches Prefix against whole keys only.
-                paginator = self.client.get_paginator("list_multipart_uploads")
-                for page in paginator.paginate(Bucket=loc.bucket):
-                    for up in page.get("Uploads", []):
-                        if up["Key"].startswith(loc.key):
-                            self.client.abort_multipart_upload(
-                                Bucket=loc.bucket, Key=up["Key"], UploadId=up["UploadId"]
-                            )
-                            n += 1
-                return n
-
-            n = self._retry("abort-multipart", uri, run)
-        except StorageError as err:
-            log.warning("could not abort multipart uploads under %s: %s", uri, err)
-            return 0
-        if n:
-            log.info("aborted %d unfinished multipart upload(s) under %s", n, uri)
-        return n
+        loc, backend = self._locate(uri)
+        return backend.abort_multipart_uploads(loc, uri)
 
     # ------------------------------------------------------------------ artifacts
     def is_complete(self, uri: str) -> bool:
@@ -669,9 +770,9 @@ class Storage:
         for obj in self.list(checkpoints_uri):
             parts = obj.relpath.split("/")
             if len(parts) == 2 and parts[1] == SUCCESS_MARKER:
-                match = _CHECKPOINT_DIR.match(parts[0])
-                if match:
-                    found.append(Checkpoint(int(match.group(1)), join_uri(checkpoints_uri, parts[0])))
+                step = contract.step_of_dir(parts[0])
+                if step is not None:
+                    found.append(Checkpoint(step, join_uri(checkpoints_uri, parts[0])))
         return sorted(found, key=lambda c: c.step)
 
     def prune_checkpoints(self, checkpoints_uri: str, keep: int) -> list[int]:
@@ -684,12 +785,12 @@ class Storage:
         kept = {c.step for c in complete[-keep:]} if keep > 0 else set()
         steps = set()
         for obj in self.list(checkpoints_uri):
-            match = _CHECKPOINT_DIR.match(obj.relpath.split("/")[0])
-            if match:
-                steps.add(int(match.group(1)))
+            step = contract.step_of_dir(obj.relpath.split("/")[0])
+            if step is not None:
+                steps.add(step)
         deleted = []
         for step in sorted(steps - kept):
-            self.delete_prefix(join_uri(checkpoints_uri, f"step-{step}"))
+            self.delete_prefix(join_uri(checkpoints_uri, contract.checkpoint_dir(step)))
             deleted.append(step)
         return deleted
 

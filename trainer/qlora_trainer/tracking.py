@@ -28,13 +28,14 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from . import contract
 from .config import TrainingConfig
 from .storage import join_uri
 
 #: The run-id record under ``<output>/run-<N>/``.
 RECORD = "tracking/mlflow.json"
 #: TensorBoard event files under ``<output>/run-<N>/``.
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = contract.TENSORBOARD_DIR
 
 
 def record_uri(run_root: str) -> str:

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from . import contract
 from .callbacks import (
     RUN_STATE_FILE,
     EvalBeforeTraining,
@@ -138,7 +139,7 @@ def choose_checkpoint(
     decision = decide_resume(candidates, identity, expected, previous)
     for refused in decision.refused:
         stamp = now_rfc3339().replace(":", "").replace("-", "")
-        dest = join_uri(layout.refused, f"step-{refused.step}-{stamp}")
+        dest = join_uri(layout.refused, f"{contract.checkpoint_dir(refused.step)}-{stamp}")
         storage.move_prefix(refused.uri, dest)
         log_event("checkpoint_refused", step=refused.step, uri=refused.uri, movedTo=dest + "/", why=refused.why)
     return decision
@@ -239,7 +240,7 @@ def train(
     resumed_from = decision.checkpoint.step if decision.checkpoint else None
     run_state = decision.state
     reporter.update(force=True, checkpoint={
-        "podName": os.environ.get("QLORA_POD_NAME"), "decision": decision.decision,
+        "podName": os.environ.get(contract.ENV_POD_NAME), "decision": decision.decision,
         "fromStep": resumed_from, "message": decision.message(identity)[:1000],
     })
     layout = run_layout(cfg, base.path, hw, dist, parallelism)
@@ -355,7 +356,7 @@ def train(
             "the next attempt resumes from it"
         )
 
-    reporter.stage("Evaluating", step=trainer.state.global_step)
+    reporter.stage(contract.STAGE_EVALUATING, step=trainer.state.global_step)
     if progress.last_eval is not None and progress.last_eval[0] == trainer.state.global_step:
         eval_after = progress.last_eval[1]  # the Trainer already evaluated the final step
     else:
@@ -396,7 +397,7 @@ def train(
         gradient_accumulation_steps=accumulation,
         backoffs=backoffs,
         last_checkpoint_uri=sync.last_uri
-        or (join_uri(checkpoints_uri, f"step-{resumed_from}") if resumed_from else None),
+        or (join_uri(checkpoints_uri, contract.checkpoint_dir(resumed_from)) if resumed_from else None),
         adapter_state=adapter_state,
         resume=decision.record(identity),
         tracking=dict(tracked),
