@@ -243,9 +243,9 @@ def train(
         "podName": os.environ.get(contract.ENV_POD_NAME), "decision": decision.decision,
         "fromStep": resumed_from, "message": decision.message(identity)[:1000],
     })
-    layout = run_layout(cfg, base.path, hw, dist, parallelism)
-    micro_batch = int(run_state.get("microBatchSize") or layout.micro_batch_size)  # a resumed run keeps its own
-    accumulation = int(run_state.get("gradientAccumulationSteps") or layout.gradient_accumulation_steps)
+    batch_layout = run_layout(cfg, base.path, hw, dist, parallelism)
+    micro_batch = int(run_state.get("microBatchSize") or batch_layout.micro_batch_size)  # a resumed run keeps its own
+    accumulation = int(run_state.get("gradientAccumulationSteps") or batch_layout.gradient_accumulation_steps)
     eval_before = run_state.get("evalLossBefore")
     run_state = {
         "evalLossBefore": eval_before,
