@@ -864,11 +864,4 @@ def recorded_spec(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The spec a run was started with (``qlora.dev/spec`` annotation), or None."""
     if not obj:
         return None
-    text = (obj.get("metadata", {}).get("annotations") or {}).get(ANN_SPEC)
-    if not text:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+    return contract.parse_json_object((obj.get("metadata", {}).get("annotations") or {}).get(ANN_SPEC))

@@ -244,8 +244,8 @@ def encode_termination_message(result: dict[str, Any]) -> str:
     return text
 
 
-def parse_termination_message(text: Any) -> dict[str, Any] | None:
-    """The trainer's JSON termination message as a dict, or None when absent, not JSON or not an object."""
+def parse_json_object(text: Any) -> dict[str, Any] | None:
+    """``text`` parsed as a JSON object, or None when it is absent, not a string, not JSON or not an object."""
     if not text or not isinstance(text, str):
         return None
     try:
@@ -253,6 +253,11 @@ def parse_termination_message(text: Any) -> dict[str, Any] | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def parse_termination_message(text: Any) -> dict[str, Any] | None:
+    """The trainer's JSON termination message as a dict, or None when absent, not JSON or not an object."""
+    return parse_json_object(text)
 
 
 # --- progress ----------------------------------------------------------------------------
