@@ -37,7 +37,7 @@ def walk(node: dict[str, Any], path: str = ""):
 def test_committed_crd_matches_the_models():
     committed = crd.CRD_PATH.read_text(encoding="utf-8") if crd.CRD_PATH.exists() else ""
     assert committed == crd.crd_yaml(), (
-        f"{crd.CRD_RELPATH} is out of date with operator/qlora_operator/api.py: "
+        f"{crd.CRD_RELPATH} is out of date with operator/qlora_operator/api/: "
         f"regenerate it with `{crd.REGENERATE}` and commit the result"
     )
 
