@@ -75,23 +75,24 @@ def embedded_inputs(root: Path, train_rows: int, eval_rows: int) -> dict[str, Pa
     return {"model": embedded.ensure_model(), "train": root / "small-train.jsonl", "eval": root / "small-eval.jsonl"}
 
 
-def upload_embedded(s3, root: Path, model_prefix: str, slices: dict[str, tuple[str, int, int]]) -> None:
+def upload_embedded(s3, root: Path, model_prefix: str | None, slices: dict[str, tuple[str, int, int]]) -> None:
     """Put the embedded model and slices of the embedded corpus into S3, for real trainer runs.
 
     Args:
         s3: a boto3 S3 client (the cluster's MinIO).
         root: a local directory for the converted corpus.
         model_prefix: key prefix in bucket ``models`` for the model directory's files
-            (``s3://models/<model_prefix>/`` is the ``spec.model.uri``).
+            (``s3://models/<model_prefix>/`` is the ``spec.model.uri``); None: the data only.
         slices: ``{key in bucket data: (split "train"|"eval", first row, end row)}``, each a
             JSONL object of those conversations of the seeded split.
     """
     import embedded  # hack/embedded.py
 
-    model_dir = embedded.ensure_model(quiet=True)
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file():
-            s3.upload_file(str(path), "models", f"{model_prefix}/{path.relative_to(model_dir)}")
+    if model_prefix:
+        model_dir = embedded.ensure_model(quiet=True)
+        for path in sorted(model_dir.rglob("*")):
+            if path.is_file():
+                s3.upload_file(str(path), "models", f"{model_prefix}/{path.relative_to(model_dir)}")
     embedded.build_corpus(root)
     for key, (split, start, end) in slices.items():
         rows = (root / f"{split}.jsonl").read_text().splitlines()[start:end]

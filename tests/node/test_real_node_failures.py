@@ -1,15 +1,10 @@
 """Failures of a running trainer on the real node (issue 16, item 4): the real ``qlora-train``
 from the trainer image, under a real kubelet and containerd, killed, evicted and deleted.
 
-One real-node cluster for the module (control plane, MinIO at the node's address, one node
-of containerd + runc + CNI + kubelet + kube-proxy with a fake ``nvidia.com/gpu``); the
-trainer image built by ``make images`` is imported into its containerd (skipped when the
-same image is there: containerd's root is kept per machine). The embedded SmolLM2-135M
-model and a slice of the chatterbot corpus are uploaded to MinIO once. Each test runs its
-own operator process (``qlora-operator run --namespace NS``, the operator tests'
-:class:`test_operator.Operator`) with the built trainer image as the default,
-``imagePullPolicy: Never`` and the trainer's own command; the pods run from the image as
-uid 1000 with a read-only root. Training is tiny (8 steps, a checkpoint every 2, 64-token
+One real-node cluster for the module with the trainer image, the model and a slice of the
+corpus in MinIO, and one operator process per test (fixtures ``node``, ``namespace``,
+``operator`` of ``tests/node/conftest.py``); the pods run from the image as uid 1000 with a
+read-only root. Training is tiny (8 steps, a checkpoint every 2, 64-token
 rows): each run is dominated by the trainer's start (imports, 4-bit load) on 2 cores.
 
 * ``test_sigkill_of_the_trainer_process_then_resume``: once checkpoint 2 is complete in
@@ -49,7 +44,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -60,8 +54,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from test_operator import (  # noqa: E402 - the operator tests' process wrapper and helpers, reused
     GROUP_PATH,
-    REAL_TRAINER,
-    Operator,
     apply,
     condition,
     get_qj,
@@ -77,91 +69,6 @@ STEPS = 8
 CHECKPOINT_EVERY = 2
 #: Bounded waits on a busy 2-core machine: one trainer start + 8 steps is under a minute idle.
 RUN_TIMEOUT = 600
-
-
-# ----------------------------------------------------------------------------- module fixtures
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    """A started real-node cluster with the trainer image imported, the CRD installed and the
-    model and data in MinIO: ``{"cluster", "image", "s3", "timings"}``."""
-    import embedded  # hack/embedded.py
-    import localimages
-    from localcluster import LocalCluster
-
-    timings: dict[str, float] = {}
-    t = time.monotonic()
-    images = localimages.build_images(log=lambda m: print(f"[images] {m}", file=sys.stderr))
-    timings["images"] = time.monotonic() - t
-    # SIGTERM (a CI timeout, a killed run) must still stop the node: it changes host state.
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _terminate)
-    cluster = LocalCluster(tmp_path_factory.mktemp("realnode-failures"), node="real", gpus_per_node=1,
-                           timeout_s=180)
-    try:
-        t = time.monotonic()
-        cluster.start()
-        timings["cluster"] = time.monotonic() - t
-        t = time.monotonic()
-        imported = cluster.import_image(images["trainer"])
-        timings["import"] = time.monotonic() - t
-        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-        crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/qlorajobs.qlora.dev"
-        wait_for(lambda: condition(cluster.api().get(crd), "Established").get("status") == "True", 60,
-                 "the QLoRAJob CRD to be established")  # kubectl wait fails on a CRD with no status yet
-        t = time.monotonic()
-        s3 = cluster.s3_client()
-        for bucket in ("models", "data", "artifacts"):
-            s3.create_bucket(Bucket=bucket)
-        model_dir = embedded.ensure_model(quiet=True)
-        for path in sorted(model_dir.rglob("*")):
-            if path.is_file():
-                s3.upload_file(str(path), "models", f"smollm2/{path.relative_to(model_dir)}")
-        corpus = tmp_path_factory.mktemp("corpus")
-        embedded.build_corpus(corpus)
-        rows = (corpus / "train.jsonl").read_text().splitlines()[:48]
-        s3.put_object(Bucket="data", Key="train.jsonl", Body="\n".join(rows).encode() + b"\n")
-        eval_rows = (corpus / "eval.jsonl").read_text().splitlines()[:8]
-        s3.put_object(Bucket="data", Key="eval.jsonl", Body="\n".join(eval_rows).encode() + b"\n")
-        timings["inputs"] = time.monotonic() - t
-        print(f"\nreal node up: {cluster.timings}; trainer image {images['trainer']} "
-              f"(imported: {imported.imported}); " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
-              file=sys.stderr)
-        yield {"cluster": cluster, "image": images["trainer"], "s3": s3, "timings": timings}
-    finally:
-        leftovers = cluster.stop()
-        signal.signal(signal.SIGTERM, previous)
-        assert not leftovers, f"the real node left behind: {leftovers}"
-
-
-@pytest.fixture
-def namespace(node):
-    """A fresh namespace with its default ServiceAccount and the S3 credentials Secret."""
-    cluster = node["cluster"]
-    name = f"f-{uuid.uuid4().hex[:10]}"
-    cluster.kubectl("create", "namespace", name)
-    wait_for(lambda: cluster.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
-             30, f"the default ServiceAccount of {name}")
-    cluster.kubectl("-n", name, "create", "secret", "generic", "s3-creds",
-                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.s3_access_key}",
-                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.s3_secret_key}")
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture
-def operator(node, namespace, tmp_path):
-    """An operator process for the test's namespace: the trainer image as the default,
-    ``imagePullPolicy: Never``, the trainer's own command (stopped after the test)."""
-    op = Operator(node["cluster"], namespace, tmp_path / "operator.log", trainer_command=REAL_TRAINER,
-                  trainer_image=node["image"], image_pull_policy="Never", stalled_timeout_seconds=600)
-    op.start()
-    yield op
-    op.stop()
-    sys.stderr.write(f"\n--- operator log ({namespace}), tail ---\n{op.log()[-2000:]}\n")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -2,7 +2,7 @@
 
 The decision is pure (checkpoints with their ``qlora_state.json`` in, a choice out); the
 file:// storage tests move a real directory tree. The end-to-end behaviour with the
-real trainer, MinIO and the operator is ``tests/integration/test_gitops_runs.py``.
+real trainer image on the real node, MinIO and the operator is ``tests/node/test_gitops_runs.py``.
 """
 
 from __future__ import annotations

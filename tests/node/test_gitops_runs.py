@@ -1,7 +1,9 @@
 """GitOps retraining with the real ``qlora-train`` (issue 15): every run from its own state.
 
 One QLoRAJob on the embedded SmolLM2 model, driven as Flux or Argo would drive it
-(``kubectl apply`` of the changed manifest), against the real control plane and MinIO:
+(``kubectl apply`` of the changed manifest), against the real control plane and MinIO, its
+pods on the real node (``tests/node/conftest.py``): the trainer image under a real kubelet
+and containerd, as uid 1000 with a read-only root:
 
 1. Run 1 completes (LoRA r 16). The same manifest applied again, with its keys in
    reverse order, a label, an annotation and a ``runPolicy.backoffLimit`` change start
@@ -22,29 +24,12 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import upload_embedded, wait_for
+from test_operator import apply, events, get_qj, is_true, jobs, manifest, pods, wait_event  # tests/integration
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_operator import (  # noqa: E402,F401 - fixtures and helpers of the operator tests, reused
-    apply,
-    buckets,
-    crd,
-    events,
-    get_qj,
-    is_true,
-    jobs,
-    manifest,
-    pods,
-    s3_secret,
-    start_operator,
-    wait_event,
-)
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.realnode, pytest.mark.cluster, pytest.mark.slow]
 
 STEPS = 6
 
@@ -80,19 +65,17 @@ def _done(api, namespace: str, name: str, run: int, timeout: float) -> dict:
     return wait_for(check, timeout, f"run {run} of {namespace}/{name} to complete", interval=1)
 
 
-def test_gitops_retraining_runs_are_isolated(cluster, namespace, buckets, s3_secret, start_operator, tmp_path):
-    from helpers import upload_embedded
-
+@pytest.mark.timeout(1800)
+def test_gitops_retraining_runs_are_isolated(node, namespace, operator, tmp_path):
+    cluster, s3 = node["cluster"], node["s3"]
     api = cluster.api()
-    s3 = buckets
-    upload_embedded(s3, tmp_path / "corpus", "smollm2", {
+    upload_embedded(s3, tmp_path / "corpus", None, {  # the model is in s3://models/smollm2/ (node fixture)
         f"{namespace}/a.jsonl": ("train", 0, 40), f"{namespace}/b.jsonl": ("train", 200, 240),
         f"{namespace}/eval.jsonl": ("eval", 0, 8)})
 
-    start_operator(trainer_command=json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"]),
-                   stalled_timeout_seconds=600)
     name = "gitops"
     body = manifest(cluster, namespace, name)
+    del body["spec"]["image"]  # the operator's default: the trainer image built by make images
     body["spec"].update({
         "model": {"uri": "s3://models/smollm2/"},
         "dataset": {"uri": f"s3://data/{namespace}/a.jsonl", "evalUri": f"s3://data/{namespace}/eval.jsonl",

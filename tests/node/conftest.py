@@ -1,0 +1,109 @@
+"""Fixtures of the tests on the real node (``tests/node``): pods under a real kubelet and
+containerd, from the images ``make images`` builds.
+
+- ``node`` (module): a started real-node cluster (control plane, MinIO at the node's address,
+  one node of containerd + runc + CNI + kubelet + kube-proxy with one fake ``nvidia.com/gpu``),
+  the trainer image imported into its containerd (skipped when the same image is there:
+  containerd's root is kept per machine), the CRD established, buckets ``models``, ``data``,
+  ``artifacts``, the embedded SmolLM2-135M under ``s3://models/smollm2/`` and slices of the
+  corpus as ``s3://data/train.jsonl`` (48 conversations) and ``s3://data/eval.jsonl`` (8).
+  ``{"cluster", "image", "s3", "timings"}``. The node's ports are fixed (one real node per
+  machine), so modules using it run one after the other and each stops its node.
+- ``namespace``: a fresh namespace with its default ServiceAccount and the ``s3-creds`` Secret.
+- ``operator``: an operator process for the test's namespace (``qlora-operator run --namespace
+  NS``, :class:`test_operator.Operator`) with the built trainer image as the default,
+  ``imagePullPolicy: Never`` and the trainer's own command (``qlora-train``).
+
+``test_real_node.py`` starts its own node (``node_cluster``: small probe images only).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers import upload_embedded, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from test_operator import REAL_TRAINER, Operator, condition  # noqa: E402 - the operator tests' process wrapper
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """A started real-node cluster with the trainer image imported, the CRD installed and the
+    model and data in MinIO: ``{"cluster", "image", "s3", "timings"}``."""
+    import localimages
+    from localcluster import LocalCluster
+
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    images = localimages.build_images(log=lambda m: print(f"[images] {m}", file=sys.stderr))
+    timings["images"] = time.monotonic() - t
+    # SIGTERM (a CI timeout, a killed run) must still stop the node: it changes host state.
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
+    cluster = LocalCluster(tmp_path_factory.mktemp("realnode"), node="real", gpus_per_node=1,
+                           timeout_s=180)
+    try:
+        t = time.monotonic()
+        cluster.start()
+        timings["cluster"] = time.monotonic() - t
+        t = time.monotonic()
+        imported = cluster.import_image(images["trainer"])
+        timings["import"] = time.monotonic() - t
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+        crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/qlorajobs.qlora.dev"
+        wait_for(lambda: condition(cluster.api().get(crd), "Established").get("status") == "True", 60,
+                 "the QLoRAJob CRD to be established")  # kubectl wait fails on a CRD with no status yet
+        t = time.monotonic()
+        s3 = cluster.s3_client()
+        for bucket in ("models", "data", "artifacts"):
+            s3.create_bucket(Bucket=bucket)
+        upload_embedded(s3, tmp_path_factory.mktemp("corpus"), "smollm2",
+                        {"train.jsonl": ("train", 0, 48), "eval.jsonl": ("eval", 0, 8)})
+        timings["inputs"] = time.monotonic() - t
+        print(f"\nreal node up: {cluster.timings}; trainer image {images['trainer']} "
+              f"(imported: {imported.imported}); " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
+              file=sys.stderr)
+        yield {"cluster": cluster, "image": images["trainer"], "s3": s3, "timings": timings}
+    finally:
+        leftovers = cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
+        assert not leftovers, f"the real node left behind: {leftovers}"
+
+
+@pytest.fixture
+def namespace(node):
+    """A fresh namespace with its default ServiceAccount and the S3 credentials Secret."""
+    cluster = node["cluster"]
+    name = f"f-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name)
+    wait_for(lambda: cluster.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
+             30, f"the default ServiceAccount of {name}")
+    cluster.kubectl("-n", name, "create", "secret", "generic", "s3-creds",
+                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.s3_access_key}",
+                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.s3_secret_key}")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def operator(node, namespace, tmp_path):
+    """An operator process for the test's namespace: the trainer image as the default,
+    ``imagePullPolicy: Never``, the trainer's own command (stopped after the test)."""
+    op = Operator(node["cluster"], namespace, tmp_path / "operator.log", trainer_command=REAL_TRAINER,
+                  trainer_image=node["image"], image_pull_policy="Never", stalled_timeout_seconds=600)
+    op.start()
+    yield op
+    op.stop()
+    sys.stderr.write(f"\n--- operator log ({namespace}), tail ---\n{op.log()[-2000:]}\n")
