@@ -39,8 +39,9 @@ from qlora_operator.api import (
     run_fields_changed,
     training_fields_changed,
 )
+from qlora_operator.objects import job_result, job_suspended
 from qlora_operator.settings import OperatorSettings
-from qlora_operator.status import job_result, job_suspended, status_terminal
+from qlora_operator.status import status_terminal
 from qlora_trainer.config import ConfigError
 
 

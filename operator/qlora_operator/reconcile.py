@@ -30,7 +30,8 @@ from qlora_operator import plan as planning
 from qlora_operator import render
 from qlora_operator.api import QLoRAJobSpec, parse_spec
 from qlora_operator.settings import OperatorSettings
-from qlora_operator.status import EventSpec, Observed, compute_status, job_result, utcnow
+from qlora_operator.objects import job_result, utcnow
+from qlora_operator.status import EventSpec, Observed, compute_status
 from qlora_trainer import contract
 
 log = logging.getLogger("qlora_operator.reconcile")

@@ -1,4 +1,4 @@
-"""Pure status translation: what the cluster shows -> the QLoRAJob's status.
+"""Pure status translation: what the cluster shows -> the QLoRAJob's status (the decision).
 
 Input: the QLoRAJob body (its current status is the baseline for transitions), an
 :class:`Observed` snapshot of the current run (batch/v1 Job, its Pods, the Job's
@@ -6,7 +6,9 @@ Events), ``now`` and the operator settings. Output: a :class:`StatusResult` with
 status fields the operator owns, the merge patch that brings the object there (empty
 when nothing changed), the Events to post for the transitions, and the side effects
 the caller must carry out (stop the run, delete pods). Nothing here calls the API or
-reads the clock.
+reads the clock. The child objects are read through :mod:`qlora_operator.objects`, the
+attempts kept by :mod:`qlora_operator.attempts`; the reasons live beside ``ConditionType``
+in :mod:`qlora_operator.api`.
 
 Conditions are the state machine; ``phase`` is a summary derived from them:
 
@@ -55,59 +57,74 @@ attempts' ``index``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from qlora_operator import render
-from qlora_operator.api import MAX_EXPORTS, ConditionType, MergeCheck, Phase, TrackingArtifacts
+from qlora_operator.api import (
+    BACKOFF_LIMIT_EXCEEDED,
+    CONTAINER_CONFIG_ERROR,
+    ConditionType,
+    DEADLINE_EXCEEDED,
+    DISRUPTED,
+    FINISHING,
+    IMAGE_PULL_BACKOFF,
+    IMAGE_PULL_FAILED,
+    INVALID_SPEC,
+    MERGE_CHECK_FAILED,
+    NO_PROGRESS,
+    PENDING,
+    Phase,
+    QUOTA_EXCEEDED,
+    RESTARTING,
+    RETRYING,
+    SECRET_NOT_FOUND,
+    SPEC_REJECTED,
+    STARTING,
+    STOPPED,
+    SUCCEEDED,
+    TERMINATED,
+    TRAINER_RUNNING,
+    UNSCHEDULABLE,
+)
+from qlora_operator.attempts import (
+    SECRET_NOT_FOUND_MESSAGE,
+    artifacts_from_pods,
+    attach_checkpoint_decision,
+    attempt_failed,
+    attempt_finished,
+    attempts_with_job_failure,
+    describe_attempt,
+    group_cause,
+    latest_per_node,
+    merge_attempts,
+)
+from qlora_operator.objects import (
+    conditions_of,
+    elapsed,
+    fmt_time,
+    job_result,
+    job_suspended,
+    parse_time,
+    pod_finished,
+    pod_over,
+    pod_running_since,
+    pod_sort_key,
+    pod_terminated,
+    pod_unschedulable,
+    pod_waiting,
+    queue_status,
+    quota_event,
+    quota_first_seen,
+    quota_message,
+    truncate,
+)
 from qlora_operator.render import GroupAttempt
 from qlora_operator.settings import OperatorSettings
 from qlora_trainer import contract
-from qlora_trainer.contract import parse_termination_message
 
-# --- reasons ------------------------------------------------------------------
-
-INVALID_SPEC = "InvalidSpec"
-UNSCHEDULABLE = "Unschedulable"
-QUOTA_EXCEEDED = "QuotaExceeded"
-IMAGE_PULL_BACKOFF = "ImagePullBackOff"
-IMAGE_PULL_FAILED = "ImagePullFailed"
-SECRET_NOT_FOUND = "SecretNotFound"
-CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
-OOM_KILLED = "OOMKilled"
-#: Exit 137 (SIGKILL) without the container runtime's ``OOMKilled``: killed after the
-#: termination grace period, by a user (``kill -9``, a forced delete) or another process.
-KILLED = contract.KILLED
-MSG_KILLED = (
-    "exit 137: the container got SIGKILL, and the container runtime reported no OOM kill (reason "
-    "{reason}): killed after terminationGracePeriodSeconds because it did not stop on SIGTERM, by a "
-    "forced delete or kill -9, or by another process; not a memory limit"
-)
-CUDA_OOM = contract.CUDA_OOM
-INVALID_DATA = contract.INVALID_DATA
-INVALID_CONFIG = contract.INVALID_CONFIG
-NON_FINITE_LOSS = contract.NON_FINITE_LOSS
-INSUFFICIENT_GPU_MEMORY = contract.INSUFFICIENT_GPU_MEMORY
-#: Exit 8: the merged model failed its equivalence check; the adapter is published.
-MERGE_CHECK_FAILED = contract.MERGE_CHECK_FAILED
-STORAGE_ERROR = contract.STORAGE_ERROR
-DEADLINE_EXCEEDED = "DeadlineExceeded"
-BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-DISRUPTED = "Disrupted"
-#: An exception the trainer has no name for (exit 1); the message is its last line.
-TRAINER_ERROR = contract.TRAINER_ERROR
-SUCCEEDED = contract.SUCCEEDED
-TRAINER_RUNNING = "TrainerRunning"
-PENDING = "Pending"
-STARTING = "Starting"
-RETRYING = "Retrying"
-FINISHING = "Finishing"
-RESTARTING = "Restarting"
-#: An attempt whose pod was gone before its end was seen (its group's run had failed).
-STOPPED = "Stopped"
 
 #: Display phase for the trainer's reported stage while its pod runs ("Done": the
 #: trainer is finishing its last writes and exiting).
@@ -116,20 +133,6 @@ _STAGE_PHASE = {
     contract.STAGE_UPLOADING: Phase.uploading.value,
     contract.STAGE_DONE: Phase.uploading.value,
 }
-TERMINATED = "Terminated"
-SPEC_REJECTED = "SpecRejected"
-NO_PROGRESS = "NoProgress"
-
-#: qlora-train exit codes that name their reason alone -> attempt reasons (the contract's table).
-EXIT_REASONS = contract.REASONS_BY_CODE
-#: Exit codes whose termination message carries published artifacts (0, and 8: the adapter).
-ARTIFACT_EXIT_CODES = contract.ARTIFACT_EXIT_CODES
-#: URI fields of the termination message's ``artifacts`` copied into ``status.artifacts``.
-ARTIFACT_URI_FIELDS = ("adapterUri", "mergedUri", "manifestUri", "lastCheckpointUri", "lossPlotUri")
-#: Fields of ``artifacts.mergeCheck`` copied into ``status.artifacts.mergeCheck``: those of api.MergeCheck.
-MERGE_CHECK_FIELDS = tuple(field.alias or name for name, field in MergeCheck.model_fields.items())
-#: Fields of ``artifacts.tracking`` copied into ``status.artifacts.tracking``: those of api.TrackingArtifacts.
-TRACKING_FIELDS = tuple(field.alias or name for name, field in TrackingArtifacts.model_fields.items())
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 #: Running reasons that are worth a Warning event (the run cannot make progress).
 WARNING_REASONS = frozenset({UNSCHEDULABLE, QUOTA_EXCEEDED, IMAGE_PULL_BACKOFF, SECRET_NOT_FOUND, CONTAINER_CONFIG_ERROR})
@@ -156,52 +159,6 @@ OWNED_FIELDS = (
     "completionTime",
     "message",
 )
-MAX_ATTEMPTS = 100
-MAX_MESSAGE = 2000
-_SECRET_NOT_FOUND = re.compile(r'secret "?([^"\s]+)"? not found', re.IGNORECASE)
-# The Job controller's message when a podFailurePolicy rule fails the Job (kubernetes
-# pkg/controller/job/pod_failure_policy.go): it names the pod, and the exit code or condition.
-_RULE_EXIT_CODE = re.compile(r"^Container \S+ for pod [^/\s]+/(\S+) failed with exit code (-?\d+) matching")
-_RULE_CONDITION = re.compile(r"^Pod [^/\s]+/(\S+) has condition (\S+) matching")
-
-
-# --- time -----------------------------------------------------------------------
-
-
-def utcnow() -> datetime:
-    """The current time (only callers outside this module use it)."""
-    return datetime.now(timezone.utc)
-
-
-def fmt_time(value: datetime) -> str:
-    """RFC 3339 with seconds precision, as Kubernetes writes it."""
-    return value.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: Any) -> datetime | None:
-    """Parse an RFC 3339 timestamp; None when absent or unreadable."""
-    if not value or not isinstance(value, str):
-        return None
-    text = value.strip().replace("Z", "+00:00")
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed
-
-
-def _elapsed(now: datetime, since: Any) -> float:
-    start = parse_time(since) if not isinstance(since, datetime) else since
-    if start is None:
-        return 0.0
-    return max(0.0, (now - start).total_seconds())
-
-
-def _truncate(text: Any, limit: int = MAX_MESSAGE) -> str:
-    text = "" if text is None else str(text).strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- inputs and outputs -----------------------------------------------------------
@@ -266,341 +223,6 @@ class StatusResult:
         return self.status.get("phase")
 
 
-# --- Job and Pod inspection -----------------------------------------------------------
-
-
-def _conditions(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
-    if not obj:
-        return {}
-    return {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type")}
-
-
-def job_result(job: Mapping[str, Any] | None) -> tuple[str | None, str, str]:
-    """(``"succeeded"`` | ``"failed"`` | None, reason, message) of a batch/v1 Job.
-
-    ``FailureTarget`` and ``SuccessCriteriaMet`` (set before the terminal condition
-    while pods wind down) count as the outcome already.
-    """
-    conds = _conditions(job)
-    for kind, types in (("succeeded", ("Complete", "SuccessCriteriaMet")), ("failed", ("Failed", "FailureTarget"))):
-        for typ in types:
-            cond = conds.get(typ)
-            if cond and cond.get("status") == "True":
-                return kind, cond.get("reason") or "", cond.get("message") or ""
-    return None, "", ""
-
-
-def job_suspended(job: Mapping[str, Any] | None) -> bool:
-    """True when the Job is suspended (spec)."""
-    return bool(job and (job.get("spec") or {}).get("suspend"))
-
-
-def _container_status(pod: Mapping[str, Any], name: str = "trainer") -> Mapping[str, Any]:
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    for cs in statuses:
-        if cs.get("name") == name:
-            return cs
-    return statuses[0] if statuses else {}
-
-
-def pod_finished(pod: Mapping[str, Any]) -> bool:
-    """True when the pod reached Succeeded or Failed."""
-    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-
-
-def pod_over(pod: Mapping[str, Any]) -> bool:
-    """True when the pod's attempt is over: the pod reached Succeeded or Failed, or its trainer
-    container terminated (``restartPolicy: Never``: it never runs again).
-
-    A real kubelet reports the container's end first and sets the pod's terminal phase only
-    once the pod is torn down (its sandbox stopped): in between, the pod is still ``Running``
-    (or ``Pending``) with a terminated trainer, and is neither running nor starting.
-    """
-    return pod_finished(pod) or (_container_status(pod).get("state") or {}).get("terminated") is not None
-
-
-def pod_terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The trainer container's terminated state, if any."""
-    cs = _container_status(pod)
-    term = (cs.get("state") or {}).get("terminated")
-    if term is None and pod_finished(pod):
-        term = (cs.get("lastState") or {}).get("terminated")
-    return term
-
-
-def pod_waiting(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The trainer container's waiting state, if any."""
-    return (_container_status(pod).get("state") or {}).get("waiting")
-
-
-def pod_running_since(pod: Mapping[str, Any]) -> str | None:
-    """When the trainer container started running, if it runs."""
-    running = (_container_status(pod).get("state") or {}).get("running")
-    if running is None:
-        return None
-    return running.get("startedAt") or (pod.get("status") or {}).get("startTime") or ""
-
-
-def pod_unschedulable(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The PodScheduled=False/Unschedulable condition, if the scheduler cannot place the pod."""
-    cond = _conditions(pod).get("PodScheduled")
-    if cond and cond.get("status") == "False" and cond.get("reason") == UNSCHEDULABLE:
-        return cond
-    return None
-
-
-def classify_exit(exit_code: int | None, container_reason: str | None, message: Mapping[str, Any] | None) -> str:
-    """Attempt reason from the exit code (DESIGN.md section 4), the kubelet's reason, the trainer's.
-
-    Only the container runtime knows whether the kernel's OOM killer struck, and says so
-    with the reason ``OOMKilled`` (whatever the exit code). Exit 137 (SIGKILL, ``-9`` as a
-    signal) without it is :data:`KILLED`: a SIGKILL after the termination grace period, a
-    forced delete, a ``kill -9``.
-    """
-    if container_reason == OOM_KILLED:
-        return OOM_KILLED
-    if exit_code in (contract.EXIT_KILLED, -9):
-        return KILLED
-    if exit_code in EXIT_REASONS:
-        return EXIT_REASONS[exit_code]
-    if exit_code in (contract.EXIT_PREEMPTED, -15):  # SIGTERM: the pod was deleted (suspension, eviction, namespace deletion)
-        return TERMINATED
-    if message and isinstance(message.get("reason"), str) and message["reason"]:
-        return message["reason"]
-    if container_reason and container_reason not in ("Error", "Completed"):
-        return container_reason
-    if exit_code == contract.EXIT_UNEXPECTED:  # an exception the trainer has no name for (or a crash before it could report)
-        return TRAINER_ERROR
-    return f"ExitCode{exit_code}" if exit_code is not None else "Error"
-
-
-def attempt_from_pod(pod: Mapping[str, Any], index: int, *, group: bool = False) -> dict[str, Any]:
-    """One ``status.attempts[]`` entry from a trainer pod (``group``: with its ``node`` index)."""
-    meta = pod.get("metadata") or {}
-    pstatus = pod.get("status") or {}
-    attempt: dict[str, Any] = {"index": index, "podName": meta.get("name", ""), "phase": pstatus.get("phase")}
-    if group:
-        attempt["node"] = render.pod_node_index(pod)
-    term = pod_terminated(pod)
-    disruption = _conditions(pod).get("DisruptionTarget")
-    start = pstatus.get("startTime")
-    if term is not None:
-        tmsg = parse_termination_message(term.get("message"))
-        exit_code = term.get("exitCode")
-        attempt["startTime"] = term.get("startedAt") or start
-        attempt["finishTime"] = term.get("finishedAt")
-        attempt["exitCode"] = exit_code
-        attempt["reason"] = classify_exit(exit_code, term.get("reason"), tmsg)
-        if disruption and disruption.get("status") == "True" and exit_code != 0:
-            attempt["reason"] = DISRUPTED
-            attempt["message"] = _truncate(f"{disruption.get('reason')}: {disruption.get('message', '')}")
-        elif tmsg is not None:
-            if tmsg.get("message"):
-                attempt["message"] = _truncate(tmsg["message"])
-            if isinstance(tmsg.get("resumedFromStep"), int):
-                attempt["resumedFromStep"] = tmsg["resumedFromStep"]
-        elif term.get("message"):
-            # FallbackToLogsOnError: the tail of the log; keep its end, where the error is
-            # (for a crash the trainer could not report: the traceback's last line).
-            text = str(term["message"]).strip()
-            if attempt["reason"] == TRAINER_ERROR:
-                text = [line for line in text.splitlines() if line.strip()][-1].strip()
-            attempt["message"] = text[-MAX_MESSAGE:]
-        if attempt["reason"] == KILLED:
-            # Say what the exit code means first; what the trainer or its log said follows.
-            head = MSG_KILLED.format(reason=term.get("reason") or "none")
-            said = attempt.get("message")
-            attempt["message"] = head + (f"; {said[-(MAX_MESSAGE - len(head) - 2):]}" if said else "")
-    elif pstatus.get("phase") == "Failed":
-        attempt["startTime"] = start
-        attempt["finishTime"] = None
-        if disruption and disruption.get("status") == "True":
-            attempt["reason"] = DISRUPTED
-            attempt["message"] = _truncate(f"{disruption.get('reason')}: {disruption.get('message', '')}")
-        else:
-            attempt["reason"] = pstatus.get("reason") or "PodFailed"
-            attempt["message"] = _truncate(pstatus.get("message"))
-    else:
-        attempt["startTime"] = pod_running_since(pod) or start
-        waiting = pod_waiting(pod)
-        if waiting and waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
-            attempt["reason"] = _waiting_reason(waiting)
-            attempt["message"] = _truncate(waiting.get("message"))
-        elif pod_unschedulable(pod):
-            attempt["reason"] = UNSCHEDULABLE
-            attempt["message"] = _truncate(pod_unschedulable(pod).get("message"))
-    return {k: v for k, v in attempt.items() if v is not None and v != ""}
-
-
-def _waiting_reason(waiting: Mapping[str, Any]) -> str:
-    reason = waiting.get("reason") or ""
-    if reason == CONTAINER_CONFIG_ERROR and _SECRET_NOT_FOUND.search(waiting.get("message") or ""):
-        return SECRET_NOT_FOUND
-    return reason
-
-
-def _attempt_finished(attempt: Mapping[str, Any]) -> bool:
-    return "exitCode" in attempt or bool(attempt.get("finishTime")) or attempt.get("reason") in (
-        DISRUPTED, "PodFailed", "Evicted", DEADLINE_EXCEEDED, STOPPED,
-    )
-
-
-def _attempt_failed(attempt: Mapping[str, Any]) -> bool:
-    return _attempt_finished(attempt) and attempt.get("exitCode") != 0
-
-
-def _pod_sort_key(pod: Mapping[str, Any]) -> tuple[str, str]:
-    meta = pod.get("metadata") or {}
-    return (meta.get("creationTimestamp") or "", meta.get("name") or "")
-
-
-def merge_attempts(
-    previous: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], group_attempt: int | None = None
-) -> list[dict[str, Any]]:
-    """Attempts of the run: the recorded ones (pods may be gone) updated from the pods, oldest first.
-
-    One node (``group_attempt`` None): each new pod is the next attempt. Several nodes:
-    each pod has its ``node``, and a new pod is attempt ``group_attempt`` (the run's group
-    attempt) or, when that node already had an attempt there (the Job was suspended and
-    resumed), the node's next. Either way an unfinished attempt whose pod is gone (it
-    ended and was deleted between two reconciles, or the Job went) is closed as Stopped,
-    never left Running; :func:`attempts_with_job_failure` may say more from the Job.
-    Sorted by attempt, then node; the newest :data:`MAX_ATTEMPTS` kept.
-    """
-    group = group_attempt is not None
-    by_pod: dict[str, dict[str, Any]] = {a["podName"]: dict(a) for a in previous if a.get("podName")}
-    listed = {(p.get("metadata") or {}).get("name") for p in pods}
-    for attempt in by_pod.values():
-        if attempt["podName"] not in listed and not _attempt_finished(attempt):
-            attempt.update(
-                phase="Failed", reason=STOPPED,
-                message=("stopped with its group: " if group else "stopped: ") + "the pod was deleted before its end was seen",
-            )
-    next_index = max((a.get("index", -1) for a in by_pod.values()), default=-1) + 1
-    for pod in sorted(pods, key=_pod_sort_key):
-        name = (pod.get("metadata") or {}).get("name")
-        if not name:
-            continue
-        old = by_pod.get(name)
-        if old is not None and _attempt_finished(old):
-            continue  # a finished attempt is history: it does not change
-        if group:
-            node = render.pod_node_index(pod)
-            seen = [a.get("index", 0) for a in by_pod.values() if a.get("node") == node]
-            index = old["index"] if old is not None else max([group_attempt, *(i + 1 for i in seen)])
-        else:
-            index = old["index"] if old is not None else next_index
-            if old is None:
-                next_index += 1
-        new = attempt_from_pod(pod, index, group=group)
-        if old is not None:
-            for key in ("resumedFromStep", "startTime", "checkpoint"):
-                if key not in new and key in old:
-                    new[key] = old[key]
-        by_pod[name] = new
-    attempts = sorted(by_pod.values(), key=lambda a: (a.get("index", 0), a.get("node") or 0, a.get("podName", "")))
-    return attempts[-MAX_ATTEMPTS:]
-
-
-def attempts_with_job_failure(attempts: Sequence[Mapping[str, Any]], job: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """Attempts completed from the Job's failure message where the pods were not seen ending.
-
-    A pod can end and be deleted (the Job controller removes the remaining pods of a failed
-    Job) between two reconciles; its attempt is then closed as Stopped, or Terminated when
-    only the SIGTERM was seen. The Job's ``FailureTarget``/``Failed`` condition still names
-    the pod the podFailurePolicy matched and why: a ``DisruptionTarget`` condition makes that
-    attempt Disrupted, an exit code gives it its exit code and reason. Attempts seen with a
-    reason of their own are left as they are. Pure: returns new dicts.
-    """
-    out = [dict(a) for a in attempts]
-    outcome, reason, message = job_result(job)
-    if outcome != "failed" or reason != "PodFailurePolicy":
-        return out
-    by_condition, by_exit = _RULE_CONDITION.match(message), _RULE_EXIT_CODE.match(message)
-    rule = by_condition or by_exit
-    if rule is None:
-        return out
-    for attempt in out:
-        if attempt.get("podName") != rule.group(1) or attempt.get("reason") not in (STOPPED, TERMINATED, None):
-            continue
-        if by_condition and by_condition.group(2) == "DisruptionTarget":
-            attempt.update(phase="Failed", reason=DISRUPTED, message=_truncate(f"the Job controller saw: {message}"))
-        elif by_exit and attempt.get("reason") != TERMINATED:
-            code = int(by_exit.group(2))
-            attempt.update(phase="Failed", exitCode=code, reason=classify_exit(code, None, None),
-                           message=_truncate(f"the pod was deleted before its end was seen; the Job controller saw: {message}"))
-    return out
-
-
-def exports_from_artifacts(arts: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The well-formed entries of a termination message's ``artifacts.exports`` (``format``, ``uri``,
-    optional ``quantization`` and ``file``: short strings), at most ``api.MAX_EXPORTS``; others dropped."""
-    raw = arts.get("exports")
-    if not isinstance(raw, list):
-        return []
-    out = []
-    for item in raw[:MAX_EXPORTS]:
-        if not isinstance(item, Mapping):
-            continue
-        fmt, uri = item.get("format"), item.get("uri")
-        if not (isinstance(fmt, str) and 0 < len(fmt) <= 16 and isinstance(uri, str) and 0 < len(uri) <= 4096):
-            continue
-        entry = {"format": fmt, "uri": uri}
-        quant = item.get("quantization")
-        if isinstance(quant, str) and 0 < len(quant) <= 16:
-            entry["quantization"] = quant
-        file = item.get("file")
-        if isinstance(file, str) and 0 < len(file) <= 4096:
-            entry["file"] = file
-        out.append(entry)
-    return out
-
-
-def _merge_check(value: Any) -> dict[str, Any] | None:
-    """The :data:`MERGE_CHECK_FIELDS` of a termination message's ``mergeCheck`` (scalars only)."""
-    if not isinstance(value, dict):
-        return None
-    keep = {
-        k: v for k, v in value.items()
-        if k in MERGE_CHECK_FIELDS and isinstance(v, (bool, int, float, str)) and not (isinstance(v, str) and len(v) > 253)
-    }
-    return keep or None
-
-
-def _tracking(value: Any) -> dict[str, str] | None:
-    """The :data:`TRACKING_FIELDS` of a termination message's ``tracking`` (short strings only)."""
-    if not isinstance(value, dict):
-        return None
-    keep = {k: v for k, v in value.items() if k in TRACKING_FIELDS and isinstance(v, str) and 0 < len(v) <= 4096}
-    return keep or None
-
-
-def artifacts_from_pods(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Artifact URIs (and ``mergeCheck``) from the termination message of the newest pod that
-    exited with one of :data:`ARTIFACT_EXIT_CODES` (0, or 8 with the adapter published);
-    never from another failed pod."""
-    for pod in sorted(pods, key=_pod_sort_key, reverse=True):
-        term = pod_terminated(pod)
-        if term is None or term.get("exitCode") not in ARTIFACT_EXIT_CODES:
-            continue
-        tmsg = parse_termination_message(term.get("message")) or {}
-        arts = tmsg.get("artifacts")
-        if isinstance(arts, dict):
-            keep: dict[str, Any] = {k: v for k, v in arts.items() if k in ARTIFACT_URI_FIELDS and isinstance(v, str) and v}
-            exports = exports_from_artifacts(arts)
-            if exports:
-                keep["exports"] = exports
-            check = _merge_check(arts.get("mergeCheck"))
-            if check:
-                keep["mergeCheck"] = check
-            tracking = _tracking(arts.get("tracking"))
-            if tracking:
-                keep["tracking"] = tracking
-            if keep:
-                return keep
-    return None
-
-
 def run_artifacts(obs: Observed, group: render.GroupAttempt) -> dict[str, Any] | None:
     """:func:`artifacts_from_pods` of the run, with the training ``run`` and the ``generation`` it started from."""
     arts = artifacts_from_pods(obs.pods)
@@ -614,61 +236,15 @@ def run_artifacts(obs: Observed, group: render.GroupAttempt) -> dict[str, Any] |
     return out
 
 
-def attach_checkpoint_decision(
-    attempts: Sequence[Mapping[str, Any]], progress: Mapping[str, Any] | None
-) -> list[dict[str, Any]]:
-    """Attempts with the trainer's ``progress.checkpoint`` (what the pod resumed from, or why it
-    started fresh) copied into the attempt of the pod that reported it, once. Pure."""
-    out = [dict(a) for a in attempts]
-    decision = (progress or {}).get("checkpoint") or {}
-    pod, message = decision.get("podName"), decision.get("message")
-    if not pod or not message:
-        return out
-    for attempt in out:
-        if attempt.get("podName") == pod and "checkpoint" not in attempt:
-            attempt["checkpoint"] = _truncate(message, 1024)
-            if decision.get("decision") == contract.CHECKPOINT_RESUMED and isinstance(decision.get("fromStep"), int):
-                attempt.setdefault("resumedFromStep", decision["fromStep"])
-    return out
-
-
 def checkpoint_event(attempt: Mapping[str, Any]) -> EventSpec:
     """The Event of an attempt's checkpoint decision: CheckpointRefused (Warning) when the trainer
     refused checkpoints of its run, else ResumedFromCheckpoint or StartedFresh (Normal)."""
     message = f"pod {attempt.get('podName')}: {attempt.get('checkpoint')}"
     if "refused" in (attempt.get("checkpoint") or ""):
-        return EventSpec("Warning", "CheckpointRefused", _truncate(message))
+        return EventSpec("Warning", "CheckpointRefused", truncate(message))
     if "resumedFromStep" in attempt:
-        return EventSpec("Normal", "ResumedFromCheckpoint", _truncate(message))
-    return EventSpec("Normal", "StartedFresh", _truncate(message))
-
-
-def quota_event(events: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The newest FailedCreate event saying a ResourceQuota was exceeded, if any."""
-    found = [
-        e
-        for e in events
-        if e.get("reason") == "FailedCreate" and "exceeded quota" in (e.get("message") or "")
-    ]
-    if not found:
-        return None
-    return max(found, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-
-
-def _event_first_seen(events: Sequence[Mapping[str, Any]]) -> str | None:
-    stamps = [
-        e.get("firstTimestamp") or e.get("eventTime") or (e.get("metadata") or {}).get("creationTimestamp")
-        for e in events
-        if e.get("reason") == "FailedCreate" and "exceeded quota" in (e.get("message") or "")
-    ]
-    stamps = [s for s in stamps if s]
-    return min(stamps) if stamps else None
-
-
-def _quota_message(event: Mapping[str, Any]) -> str:
-    text = event.get("message") or ""
-    idx = text.find("exceeded quota")
-    return _truncate(text[idx:] if idx >= 0 else text)
+        return EventSpec("Normal", "ResumedFromCheckpoint", truncate(message))
+    return EventSpec("Normal", "StartedFresh", truncate(message))
 
 
 # --- the decision ---------------------------------------------------------------------------
@@ -688,37 +264,26 @@ class _State:
     restart: GroupRestart | None = None
 
 
-def _describe(attempt: Mapping[str, Any]) -> str:
-    node = f"node {attempt['node']}, " if attempt.get("node") is not None else ""
-    text = f"attempt {attempt.get('index')} ({node}pod {attempt.get('podName')})"
-    if "exitCode" in attempt:
-        text += f" exited with code {attempt['exitCode']}"
-    text += f" ({attempt.get('reason', 'Error')})"
-    if attempt.get("message"):
-        text += f": {attempt['message']}"
-    return text
-
-
 def _failure(obs: Observed, job_reason: str, job_message: str, attempts: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
-    failed = [a for a in attempts if _attempt_failed(a) and a.get("reason") != DISRUPTED]
+    failed = [a for a in attempts if attempt_failed(a) and a.get("reason") != DISRUPTED]
     last = failed[-1] if failed else None
     if job_reason == DEADLINE_EXCEEDED:
         msg = f"runPolicy.activeDeadlineSeconds ({obs.active_deadline_seconds}s) exceeded"
         if last is not None:
-            msg += f"; last {_describe(last)}"
+            msg += f"; last {describe_attempt(last)}"
         return DEADLINE_EXCEEDED, msg
     if job_reason == "PodFailurePolicy" and last is not None:
-        return last.get("reason", "Failed"), f"{_describe(last)}; this exit code is not retried"
+        return last.get("reason", "Failed"), f"{describe_attempt(last)}; this exit code is not retried"
     if job_reason == BACKOFF_LIMIT_EXCEEDED and last is not None:
         if obs.backoff_limit == 0:
-            return last.get("reason", "Failed"), f"{_describe(last)}; runPolicy.backoffLimit is 0 (no retries)"
+            return last.get("reason", "Failed"), f"{describe_attempt(last)}; runPolicy.backoffLimit is 0 (no retries)"
         return BACKOFF_LIMIT_EXCEEDED, (
             f"{last.get('reason', 'Error')}: {len(failed)} attempts failed "
-            f"(runPolicy.backoffLimit {obs.backoff_limit}); last {_describe(last)}"
+            f"(runPolicy.backoffLimit {obs.backoff_limit}); last {describe_attempt(last)}"
         )
     if last is not None and not job_reason:
-        return last.get("reason", "Failed"), _describe(last)
-    return job_reason or "JobFailed", _truncate(job_message) or "the Job failed"
+        return last.get("reason", "Failed"), describe_attempt(last)
+    return job_reason or "JobFailed", truncate(job_message) or "the Job failed"
 
 
 def _failed_state(reason: str, msg: str) -> _State:
@@ -727,34 +292,6 @@ def _failed_state(reason: str, msg: str) -> _State:
         running=("False", reason, msg), failed=("True", reason, msg), complete=("False", reason, ""),
         phase=Phase.failed.value, message=msg,
     )
-
-
-def queue_status(workload: Mapping[str, Any] | None, local_queue: str) -> dict[str, Any] | None:
-    """``status.queue`` from a Kueue (v1beta2) Workload, or None without one (pure).
-
-    ``reason``/``message``: of ``Evicted`` when it is True (``Preempted``: a higher-priority
-    Workload took the quota), else of ``Admitted`` when True, else of ``QuotaReserved``
-    (``Pending`` with Kueue's explanation while it waits). ``evictions``: the counts of
-    ``status.schedulingStats.evictions`` (1 when only the Evicted condition tells).
-    """
-    if not workload:
-        return None
-    conds = _conditions(workload)
-    wstatus = workload.get("status") or {}
-    admitted = (conds.get("Admitted") or {}).get("status") == "True"
-    evicted = (conds.get("Evicted") or {}).get("status") == "True"
-    source = conds.get("Evicted") if evicted else conds.get("Admitted") if admitted else conds.get("QuotaReserved")
-    evictions = sum(int(e.get("count") or 0) for e in (wstatus.get("schedulingStats") or {}).get("evictions") or [])
-    out = {
-        "workload": (workload.get("metadata") or {}).get("name"),
-        "localQueue": local_queue or None,
-        "clusterQueue": (wstatus.get("admission") or {}).get("clusterQueue"),
-        "admitted": admitted,
-        "reason": (source or {}).get("reason"),
-        "message": _truncate((source or {}).get("message")) or None,
-        "evictions": max(evictions, 1 if evicted else 0),
-    }
-    return out
 
 
 def _queued_message(obs: Observed) -> tuple[str, str]:
@@ -784,39 +321,20 @@ def _suspended_state(obs: Observed) -> _State:
     return _State(running=("False", reason, msg), suspended=("True", reason, msg), phase=phase, message=msg)
 
 
-def _latest_per_node(attempts: Sequence[Mapping[str, Any]], floor: int) -> list[Mapping[str, Any]]:
-    """Each node's newest attempt from group attempt ``floor`` on (the run's pods), by node."""
-    latest: dict[Any, Mapping[str, Any]] = {}
-    for attempt in attempts:
-        index, node = attempt.get("index", 0), attempt.get("node")
-        if index >= floor and (node not in latest or index > latest[node].get("index", 0)):
-            latest[node] = attempt
-    return sorted(latest.values(), key=lambda a: a.get("node") or 0)
-
-
-def _group_cause(failed: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The attempt that failed the group: the first to finish, preferring real failures over
-    pods stopped because the group was already failing (Terminated, Stopped)."""
-    primary = [a for a in failed if a.get("reason") not in (TERMINATED, STOPPED)] or list(failed)
-    if not primary:
-        return None
-    return min(primary, key=lambda a: (a.get("finishTime") or "~", a.get("node") or 0))
-
-
 def _group_failed(
     obs: Observed, group: GroupAttempt, nodes: int, attempts: Sequence[Mapping[str, Any]],
     pods: Sequence[Mapping[str, Any]], job_message: str,
 ) -> _State:
     """The Job of a group run failed: fail the QLoRAJob, or restart the group as the next run."""
-    current = _latest_per_node(attempts, group.attempt)
-    failed = [a for a in current if _attempt_failed(a)]
+    current = latest_per_node(attempts, group.attempt)
+    failed = [a for a in current if attempt_failed(a)]
     permanent = [a for a in failed if a.get("exitCode") in render.PERMANENT_EXIT_CODES]
     if permanent:
         cause = permanent[0]
-        return _failed_state(cause.get("reason", "Failed"), f"{_describe(cause)}; this exit code is not retried")
+        return _failed_state(cause.get("reason", "Failed"), f"{describe_attempt(cause)}; this exit code is not retried")
     disrupted = [a for a in failed if a.get("reason") == DISRUPTED]
-    cause = disrupted[0] if disrupted else _group_cause(failed)
-    what = _describe(cause) if cause is not None else (_truncate(job_message) or f"Job {obs.job_name} failed")
+    cause = disrupted[0] if disrupted else group_cause(failed)
+    what = describe_attempt(cause) if cause is not None else (truncate(job_message) or f"Job {obs.job_name} failed")
     suspended = job_suspended(obs.job)
     counted = not (suspended or disrupted)
     failures = group.failures + (1 if counted else 0)
@@ -858,7 +376,7 @@ def _pick(active: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     def waiting_reason(p: Mapping[str, Any]) -> bool:
         return (pod_waiting(p) or {}).get("reason") not in (None, "", "ContainerCreating", "PodInitializing")
 
-    by_node = sorted(active, key=lambda p: (render.pod_node_index(p) or 0, _pod_sort_key(p)))
+    by_node = sorted(active, key=lambda p: (render.pod_node_index(p) or 0, pod_sort_key(p)))
     for test in (pod_unschedulable, waiting_reason, lambda p: pod_running_since(p) is None):
         for pod in by_node:
             if test(pod):
@@ -869,11 +387,11 @@ def _pick(active: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
 def _quota_state(obs: Observed, pods: Sequence[Mapping[str, Any]], now: datetime, settings: OperatorSettings) -> _State | None:
     """QuotaExceeded while the Job controller cannot create a pod (a FailedCreate newer than the last pod)."""
     quota = quota_event(obs.job_events)
-    last_pod_created = max((_pod_sort_key(p)[0] for p in pods), default="")
+    last_pod_created = max((pod_sort_key(p)[0] for p in pods), default="")
     if quota is None or (quota.get("lastTimestamp") or quota.get("eventTime") or "") < last_pod_created:
         return None
-    waited = _elapsed(now, _event_first_seen(obs.job_events))
-    qmsg = _quota_message(quota)
+    waited = elapsed(now, quota_first_seen(obs.job_events))
+    qmsg = quota_message(quota)
     if waited >= settings.unschedulable_timeout_seconds:
         msg = (
             f"the trainer pod could not be created for {int(waited)}s (timeout "
@@ -889,7 +407,7 @@ def _decide(
     progress: Mapping[str, Any] | None, now: datetime, settings: OperatorSettings, namespace: str,
 ) -> _State:
     if obs.invalid_spec:
-        msg = _truncate(obs.invalid_spec)
+        msg = truncate(obs.invalid_spec)
         return _State(
             running=("False", INVALID_SPEC, "the spec is invalid: no run is started"),
             failed=("True", INVALID_SPEC, msg),
@@ -901,7 +419,7 @@ def _decide(
     fit = obs.fit_check
     if job is None and fit is not None and fit.state == "failed":
         # Refused before the GPU Job exists: no GPU was requested and no weight was read.
-        msg = _truncate(f"{fit.message} (fit check Job {fit.job_name}; no GPU was requested)")
+        msg = truncate(f"{fit.message} (fit check Job {fit.job_name}; no GPU was requested)")
         return _failed_state(fit.reason, msg)
     if job is None and fit is not None and fit.state == "running":
         msg = f"checking that the model fits the requested GPUs before requesting them ({fit.message})"
@@ -935,13 +453,13 @@ def _decide(
         return _suspended_state(obs)
 
     active = [
-        p for p in sorted(pods, key=_pod_sort_key)
+        p for p in sorted(pods, key=pod_sort_key)
         if not pod_over(p) and not (p.get("metadata") or {}).get("deletionTimestamp")
     ]
-    current = _latest_per_node(attempts, group.attempt) if nodes > 1 else attempts
+    current = latest_per_node(attempts, group.attempt) if nodes > 1 else attempts
     index_of = {a["podName"]: a["index"] for a in attempts}
     if nodes > 1 and len(active) < nodes and not any(
-        _attempt_failed(a) and a.get("reason") not in (TERMINATED, STOPPED) for a in current
+        attempt_failed(a) and a.get("reason") not in (TERMINATED, STOPPED) for a in current
     ):
         quota = _quota_state(obs, pods, now, settings)
         if quota is not None:
@@ -975,8 +493,8 @@ def _decide(
         unsched = pod_unschedulable(pod)
         if unsched is not None:
             since = unsched.get("lastTransitionTime") or created
-            waited = _elapsed(now, since)
-            sched_msg = _truncate(unsched.get("message") or "no node fits")
+            waited = elapsed(now, since)
+            sched_msg = truncate(unsched.get("message") or "no node fits")
             if waited >= settings.unschedulable_timeout_seconds:
                 msg = (
                     f"{who} could not be scheduled for {int(waited)}s (unschedulable timeout "
@@ -987,10 +505,10 @@ def _decide(
             return _State(running=("True", UNSCHEDULABLE, msg), phase=Phase.pending.value, message=msg)
         waiting = pod_waiting(pod) or {}
         wreason = waiting.get("reason") or ""
-        wmsg = _truncate(waiting.get("message") or wreason)
+        wmsg = truncate(waiting.get("message") or wreason)
         since = (pod.get("status") or {}).get("startTime") or created
         if wreason in IMAGE_PULL_REASONS:
-            waited = _elapsed(now, since)
+            waited = elapsed(now, since)
             if waited >= settings.image_pull_grace_seconds:
                 msg = f"image {obs.image} could not be pulled for {int(waited)}s: {wmsg}; {who} deleted"
                 return _terminal(IMAGE_PULL_FAILED, msg, delete=[name])
@@ -1000,8 +518,8 @@ def _decide(
             )
             return _State(running=("True", IMAGE_PULL_BACKOFF, msg), phase=Phase.starting.value, message=msg)
         if wreason == CONTAINER_CONFIG_ERROR:
-            waited = _elapsed(now, since)
-            missing = _SECRET_NOT_FOUND.search(waiting.get("message") or "")
+            waited = elapsed(now, since)
+            missing = SECRET_NOT_FOUND_MESSAGE.search(waiting.get("message") or "")
             if missing:
                 reason = SECRET_NOT_FOUND
                 base = (
@@ -1027,10 +545,10 @@ def _decide(
             message=msg,
         )
 
-    failed = [a for a in current if _attempt_failed(a)]
+    failed = [a for a in current if attempt_failed(a)]
     real = [a for a in failed if a.get("reason") not in (TERMINATED, STOPPED)]
     if nodes > 1 and real:  # the Job controller is about to fail the Job: the group restarts
-        msg = f"{_describe(_group_cause(real) or real[-1])}; the group restarts"
+        msg = f"{describe_attempt(group_cause(real) or real[-1])}; the group restarts"
         return _State(running=("True", RESTARTING, msg), phase=Phase.pending.value, message=msg)
     done = [p for p in pods if (pod_terminated(p) or {}).get("exitCode") == 0]
     if done:  # the trainer succeeded; the Job controller has not marked the Job Complete yet
@@ -1047,7 +565,7 @@ def _decide(
     if quota is not None:
         return quota
     if failed and nodes == 1:
-        msg = f"{_describe(failed[-1])}; waiting for the next attempt"
+        msg = f"{describe_attempt(failed[-1])}; waiting for the next attempt"
         return _State(running=("True", RETRYING, msg), phase=Phase.pending.value, message=msg)
     if nodes > 1:
         msg = f"Job {obs.job_name} created; waiting for its {nodes} pods"
@@ -1095,7 +613,7 @@ def _condition(old: Mapping[str, Any] | None, typ: str, value: tuple[str, str, s
         "type": typ,
         "status": status,
         "reason": reason,
-        "message": _truncate(message),
+        "message": truncate(message),
         "lastTransitionTime": old["lastTransitionTime"] if keep else now,
     }
     if generation is not None:
@@ -1129,12 +647,12 @@ def compute_status(
     attempts = attach_checkpoint_decision(attempts_with_job_failure(merge_attempts(
         old.get("attempts") or [] if carry else [], obs.pods, group.attempt if nodes > 1 else None
     ), obs.job), progress)
-    evicted = _conditions(obs.workload).get("Evicted") if obs.queued and obs.workload else None
+    evicted = conditions_of(obs.workload).get("Evicted") if obs.queued and obs.workload else None
     if evicted and evicted.get("status") == "True":
         # Kueue evicted the Workload (e.g. preempted it) and suspended the Job: the pods it
         # stopped (SIGTERM, exit 143; or deleted before their end was seen) are a disruption,
         # not a failure of the run.
-        said = _truncate(f"Kueue evicted the Workload ({evicted.get('reason')}): {evicted.get('message') or ''}")
+        said = truncate(f"Kueue evicted the Workload ({evicted.get('reason')}): {evicted.get('message') or ''}")
         attempts = [{**a, "reason": DISRUPTED, "message": said} if a.get("reason") in (TERMINATED, STOPPED) else a
                     for a in attempts]
     # This run's artifacts (a pod exited 0), else the ones recorded for this run; the
@@ -1216,7 +734,7 @@ def compute_status(
         "artifacts": artifacts,
         "startTime": start_time,
         "completionTime": completion,
-        "message": _truncate(message) or None,
+        "message": truncate(message) or None,
         "queue": queue_status(obs.workload, obs.local_queue) if obs.queued else None,
     }
     if obs.queued and obs.workload is None and same_run and old.get("queue"):
@@ -1251,18 +769,18 @@ def transition_events(
     events: list[EventSpec] = []
     decided_before = {a.get("podName") for a in old_attempts if a.get("checkpoint")}
     events += [checkpoint_event(a) for a in new_attempts if a.get("checkpoint") and a.get("podName") not in decided_before]
-    finished_before = {a.get("podName") for a in old_attempts if _attempt_finished(a)}
+    finished_before = {a.get("podName") for a in old_attempts if attempt_finished(a)}
     casualty = (TERMINATED, STOPPED)
     real_failure = {
-        a.get("index") for a in new_attempts if _attempt_failed(a) and a.get("reason") not in casualty
+        a.get("index") for a in new_attempts if attempt_failed(a) and a.get("reason") not in casualty
     } if group else set()
     for attempt in new_attempts:
-        if attempt.get("podName") in finished_before or not _attempt_failed(attempt):
+        if attempt.get("podName") in finished_before or not attempt_failed(attempt):
             continue
         if group and attempt.get("reason") in casualty and attempt.get("index") in real_failure:
             continue
         tail = "" if terminal else ("; the group restarts" if group else "; the run will retry")
-        events.append(EventSpec("Warning", attempt.get("reason") or "AttemptFailed", _truncate(_describe(attempt) + tail)))
+        events.append(EventSpec("Warning", attempt.get("reason") or "AttemptFailed", truncate(describe_attempt(attempt) + tail)))
 
     def changed(typ: str) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None, bool]:
         old, new = old_conds.get(typ), new_conds.get(typ)
