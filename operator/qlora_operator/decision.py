@@ -92,7 +92,6 @@ class Observed:
     backoff_limit: int = 3
     active_deadline_seconds: int | None = None
     image: str = ""
-    secret_name: str | None = None
     #: The run's fit check (:class:`qlora_operator.fitcheck.FitCheck`) while no GPU Job exists.
     fit_check: Any = None
     #: The Kueue Workload of the run's Job (queued runs; None without Kueue or before it made one).

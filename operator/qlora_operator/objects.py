@@ -3,7 +3,8 @@
 Thin accessors over the raw dicts of a batch/v1 Job, its Pods and Events, and a Kueue
 Workload: the Job's outcome and suspension, the trainer container's state, the scheduler's
 verdict, the quota refusals, the queue's view. Times are RFC 3339 strings as Kubernetes
-writes them (:func:`fmt_time`, :func:`parse_time`). Nothing here calls the API or decides
+writes them (:func:`fmt_time`, :func:`parse_time`); JSON merge patches (RFC 7386) are applied
+and derived by :func:`merge_patch` and :func:`merge_diff`. Nothing here calls the API or decides
 anything; :mod:`qlora_operator.attempts` and :mod:`qlora_operator.status` build on it, and
 :mod:`qlora_operator.kube`, :mod:`~qlora_operator.plan` and :mod:`~qlora_operator.fitcheck`
 read through it.
@@ -202,3 +203,30 @@ def queue_status(workload: Mapping[str, Any] | None, local_queue: str) -> dict[s
         "evictions": max(evictions, 1 if evicted else 0),
     }
     return out
+
+
+# --- JSON merge patches (RFC 7386) ------------------------------------------------------
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """``patch`` applied to ``target`` as a JSON merge patch (RFC 7386: None deletes a key, objects merge)."""
+    if not isinstance(patch, Mapping):
+        return patch
+    out = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def merge_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch that turns ``before`` into ``after`` (``after``'s objects hold no None)."""
+    patch: dict[str, Any] = {key: None for key in before if key not in after}
+    for key, value in after.items():
+        if key in before and before[key] == value:
+            continue
+        both = isinstance(value, Mapping) and isinstance(before.get(key), Mapping)
+        patch[key] = merge_diff(before[key], value) if both else value
+    return patch

@@ -127,7 +127,7 @@ def pod(
 
 
 def observe(job_obj=None, pods=(), events=(), run=1, **kw) -> Observed:
-    defaults = dict(backoff_limit=3, image="ghcr.io/x/trainer:1", secret_name="s3-creds")
+    defaults = dict(backoff_limit=3, image="ghcr.io/x/trainer:1")
     defaults.update(kw)
     return Observed(run=run, job_name=render.job_name("bot", run) if run else None, job=job_obj, pods=list(pods), job_events=list(events), **defaults)
 
@@ -744,7 +744,8 @@ def test_plan_table(case, status, spec, jobs, rec, action, run, rejected):
     parsed, invalid = plan.validate(body["spec"], SETTINGS)
     result = plan.decide(body, parsed, invalid, jobs, recorded(rec) if rec else None)
     assert (result.action, result.run) == (action, run)
-    assert result.retire == ("bot-train" if action == "start-next" and case.startswith("suspended") else None)
+    assert isinstance(result.action, plan.Action)
+    assert bool(result.changed_fields) is (action == "start-next" or rejected)
     assert bool(result.spec_rejected) is rejected
     if rejected:
         assert "spec.dataset.uri" in result.spec_rejected and "run 2" in result.spec_rejected
