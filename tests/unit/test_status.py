@@ -872,8 +872,12 @@ def test_reconcile_spec_change_after_completion_starts_exactly_one_run():
     assert api.body["status"]["phase"] == "Succeeded"
     api.body["spec"]["dataset"]["uri"] = "s3://data/b.jsonl"
     api.body["metadata"]["generation"] = 2
+    patches = []
     for i in range(3):
+        api.calls.clear()
         reconcile(api, SETTINGS, "ns", "bot", ensure=True, now=lambda: at(20 + i))
+        patches.append(api.calls.count("patch-status"))
+    assert patches == [1, 0, 0]  # run 2 recorded, started and observed in one status patch; then nothing changes
     assert sorted(name for kind, name in api.objects if kind == "Job") == ["bot-train", "bot-train-r2"]
     assert api.body["status"]["run"] == 2 and api.body["status"]["observedGeneration"] == 2
     assert [e for e in api.events if e[1] == "RunStarted"] == [("Normal", "RunStarted")]
@@ -1191,8 +1195,12 @@ def test_reconcile_restarts_a_failed_group_as_the_next_run():
     api.pods[1] = [gpod(0, terminated=SIGTERM), gpod(1, terminated=EXIT1)]
     api.objects[("Job", "bot-train")]["status"] = {"conditions": [
         {"type": t, "status": "True", "reason": "PodFailurePolicy", "message": "x"} for t in ("FailureTarget", "Failed")]}
+    patches = []
     for i in range(3):  # again and again: exactly one next run
+        api.calls.clear()
         reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(10 + i))
+        patches.append(api.calls.count("patch-status"))
+    assert patches[0] == 1  # the failed run's status and the next run's, in one status patch
     run2 = api.objects[("Job", "bot-train-r2")]
     assert render.group_attempt_of(run2) == render.GroupAttempt(1, 1, 1, 1)
     assert ("Service", "bot-train-r2") in api.objects and ("Service", "bot-train") not in api.objects
