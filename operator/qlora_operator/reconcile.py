@@ -118,7 +118,7 @@ class _Reconcile:
     settings: OperatorSettings
     namespace: str
     name: str
-    status: _StatusWriter
+    writer: _StatusWriter
     spec: QLoRAJobSpec | None  # the spec now (None: invalid)
     run_spec: QLoRAJobSpec | None  # the spec the current run recorded (None: none, or from an older schema)
     jobs: list[dict[str, Any]]
@@ -128,7 +128,7 @@ class _Reconcile:
     @property
     def body(self) -> dict[str, Any]:
         """The QLoRAJob with the status recorded so far."""
-        return self.status.body
+        return self.writer.body
 
     @property
     def where(self) -> dict[str, str]:
@@ -156,7 +156,7 @@ class _Reconcile:
 
     def record(self, obs: Observed) -> StatusResult:
         """:func:`compute_status` of ``obs`` against the status so far, recorded (sent by the flush)."""
-        return self.status.record(compute_status(self.body, obs, self.now(), self.settings))
+        return self.writer.record(compute_status(self.body, obs, self.now(), self.settings))
 
     def emit(self, events: list[EventSpec]) -> None:
         """Post ``events`` on the QLoRAJob (best effort)."""
@@ -185,7 +185,7 @@ def _read(api: k.Kube, settings: OperatorSettings, body: dict[str, Any], now: Ca
         recorded = render.recorded_spec(api.get_config_map(namespace, render.config_map_name(name, run)))
     the_plan = planning.decide(body, spec, invalid, jobs, recorded)
     return _Reconcile(
-        api=api, settings=settings, namespace=namespace, name=name, status=_StatusWriter(api, body), spec=spec,
+        api=api, settings=settings, namespace=namespace, name=name, writer=_StatusWriter(api, body), spec=spec,
         run_spec=_parse_recorded(recorded), jobs=jobs, plan=the_plan, now=now,
     )
 
@@ -217,7 +217,7 @@ def reconcile(
     except BaseException:
         _flush_quietly(rc)  # what was decided before the trouble is kept, as each step's own patch did
         raise
-    body = rc.status.flush()
+    body = rc.writer.flush()
     if result.stop_reason and job is not None and not (job.get("spec") or {}).get("suspend"):
         api.patch_job(
             namespace, job["metadata"]["name"],
@@ -232,7 +232,7 @@ def reconcile(
 
 def _flush_quietly(rc: _Reconcile) -> None:
     try:
-        rc.status.flush()
+        rc.writer.flush()
     except Exception as err:  # noqa: BLE001 - the original error is the one to raise
         log.warning("could not patch the status after an error: %s", err, extra=rc.where)
 
