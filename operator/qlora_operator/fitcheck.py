@@ -18,14 +18,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qlora_operator.status import (
-    EXIT_REASONS,
-    INSUFFICIENT_GPU_MEMORY,
-    job_result,
-    parse_termination_message,
-    pod_terminated,
-)
+from qlora_operator.api import INSUFFICIENT_GPU_MEMORY
+from qlora_operator.attempts import EXIT_REASONS
+from qlora_operator.objects import job_result, pod_terminated
 from qlora_trainer import contract
+from qlora_trainer.contract import parse_termination_message
 
 #: Reason of a fit check that ended without a result the operator can read (its pod never
 #: ran, was deleted, or the Job hit its deadline).

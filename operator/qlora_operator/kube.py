@@ -38,7 +38,7 @@ from urllib.parse import quote
 
 from qlora_operator import render
 from qlora_operator.api import API_VERSION, KIND, PLURAL
-from qlora_operator.status import fmt_time, utcnow
+from qlora_operator.objects import fmt_time, utcnow
 from qlora_trainer import contract
 
 log = logging.getLogger("qlora_operator.kube")

@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from qlora_operator.api import Phase
-from qlora_operator.status import parse_time
+from qlora_operator.objects import parse_time
 
 log = logging.getLogger("qlora_operator.metrics")
 

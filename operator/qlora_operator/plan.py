@@ -16,9 +16,9 @@ Actions:
 ``start-next``  the current run finished (or is suspended) and fields that start a
                 run (``api.run_fields_changed``: not runPolicy, scheduling or the
                 credentials Secret) changed since it started: start run N+1 (GitOps
-                retraining). A suspended run's Job is deleted first (it holds no pod;
-                its checkpoints stay in storage under ``<output>/run-<N>/``, and run
-                N+1 starts from step 0 under its own prefix).
+                retraining). A suspended run's Job is deleted once run N+1's Job exists
+                (it holds no pod; its checkpoints stay in storage under
+                ``<output>/run-<N>/``, and run N+1 starts from step 0 under its own prefix).
 ``observe``     translate the current run's Job and pods into status. A change of
                 training fields while the run is active is refused
                 (``spec_rejected``): the active run keeps its spec, and the change
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from qlora_operator import render
@@ -39,22 +40,31 @@ from qlora_operator.api import (
     run_fields_changed,
     training_fields_changed,
 )
+from qlora_operator.objects import job_result, job_suspended
 from qlora_operator.settings import OperatorSettings
-from qlora_operator.status import job_result, job_suspended, status_terminal
+from qlora_operator.status import status_terminal
 from qlora_trainer.config import ConfigError
+
+
+class Action(str, Enum):
+    """What one reconcile does about the spec (the module docstring describes each)."""
+
+    invalid = "invalid"
+    create = "create"
+    start_next = "start-next"
+    observe = "observe"
 
 
 @dataclass(frozen=True)
 class Plan:
     """What one reconcile should do."""
 
-    action: str  # invalid | create | start-next | observe
+    action: Action
     run: int  # the run the status describes (0: none yet)
     job: Mapping[str, Any] | None = None
     invalid: str | None = None
     spec_rejected: str | None = None
     changed_fields: tuple[str, ...] = ()
-    retire: str | None = None  # a suspended Job the next run replaces (deleted first)
 
 
 def validate(
@@ -124,26 +134,26 @@ def decide(
     run, job = current_run(status, jobs)
     if run == 0:
         if invalid:
-            return Plan("invalid", 0, invalid=invalid)
-        return Plan("create", 1)
+            return Plan(Action.invalid, 0, invalid=invalid)
+        return Plan(Action.create, 1)
     raw = dict(body.get("spec") or {})
     changes = tuple(training_fields_changed(dict(recorded_spec), raw)) if recorded_spec is not None else ()
     starting = tuple(run_fields_changed(dict(recorded_spec), raw)) if changes else ()
     if run_finished(status, run, job):
         if not starting:
-            return Plan("observe", run, job)
+            return Plan(Action.observe, run, job)
         if invalid:
-            return Plan("invalid", run, job, invalid=invalid, changed_fields=starting)
-        return Plan("start-next", run + 1, None, changed_fields=starting)
+            return Plan(Action.invalid, run, job, invalid=invalid, changed_fields=starting)
+        return Plan(Action.start_next, run + 1, None, changed_fields=starting)
     if job is None:
         if invalid:
-            return Plan("invalid", run, None, invalid=invalid)
-        return Plan("create", run)
+            return Plan(Action.invalid, run, None, invalid=invalid)
+        return Plan(Action.create, run)
     if starting and job_suspended(job) and not invalid:
         # A suspended run (by the user or a Kueue queue) holds no pod: the changed spec
         # replaces it. The next run starts from step 0 under <output>/run-<N+1>/ (the
         # trainer resumes only checkpoints of its own run).
-        return Plan("start-next", run + 1, None, changed_fields=starting, retire=job["metadata"]["name"])
+        return Plan(Action.start_next, run + 1, None, changed_fields=starting)
     rejected = None
     if starting:  # runPolicy / credentials changes apply from the next run; nothing to refuse
         listed = ", ".join(starting[:8]) + (", ..." if len(starting) > 8 else "")
@@ -154,4 +164,4 @@ def decide(
         )
         if invalid:
             rejected += f" The changed spec is also invalid: {invalid}"
-    return Plan("observe", run, job, spec_rejected=rejected, changed_fields=starting)
+    return Plan(Action.observe, run, job, spec_rejected=rejected, changed_fields=starting)

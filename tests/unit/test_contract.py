@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_operator import render, status
+from qlora_operator import attempts, render
 from qlora_trainer import contract, errors, export
 from qlora_trainer.distributed import reason_for
 
@@ -38,7 +38,7 @@ def test_the_table_has_one_row_per_code():
 )
 def test_the_operator_names_an_exit_by_the_same_reason(code, reason):
     # 137 without OOMKilled is Killed on both sides; 1 and 143 need more than the code (see classify_exit)
-    assert status.classify_exit(code, None, None) == (reason or "ExitCode9")
+    assert attempts.classify_exit(code, None, None) == (reason or "ExitCode9")
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
 """The import layering of ``.importlinter`` holds (import-linter, static: nothing is imported).
 
-Contracts: the operator's layers (api -> render -> status -> kube/plan/fitcheck/metrics ->
-reconcile -> handlers -> cli, with one documented exception), the pod contract and the trainer
-config light (no ML stack, no Kubernetes client, no operator), the contract standard-library
-only, and the operator free of the ML stack. ``test_import_boundaries`` checks the same at run
+Contracts: the operator's layers (api -> render/objects -> attempts -> decision -> status ->
+kube/plan/fitcheck/metrics -> reconcile -> handlers -> cli, with one documented exception),
+the pod contract and the trainer config light (no ML stack, no Kubernetes client, no
+operator), the contract standard-library only, and the operator free of the ML stack. ``test_import_boundaries`` checks the same at run
 time for a few entry modules.
 """
 

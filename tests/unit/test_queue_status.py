@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from test_status import SETTINGS, at, conds, job, observe, pod, qj
 
-from qlora_operator.status import compute_status, queue_status
+from qlora_operator.objects import queue_status
+from qlora_operator.status import compute_status
 
 PENDING_MSG = ("couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor "
                "default-flavor, 1 more needed")

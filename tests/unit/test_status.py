@@ -8,18 +8,15 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from qlora_operator import plan, render
-from qlora_operator.api import QLoRAJobStatus
+from qlora_operator import attempts as attempts_mod
+from qlora_operator import objects, plan, render
 from qlora_operator import status as status_mod
+from qlora_operator.api import QLoRAJobStatus
+from qlora_operator.attempts import classify_exit, merge_attempts
+from qlora_operator.objects import fmt_time
 from qlora_operator.settings import OperatorSettings
-from qlora_operator.status import (
-    Observed,
-    classify_exit,
-    compute_status,
-    fmt_time,
-    merge_attempts,
-    parse_termination_message,
-)
+from qlora_operator.status import Observed, compute_status
+from qlora_trainer.contract import parse_termination_message
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 SETTINGS = OperatorSettings(
@@ -130,7 +127,7 @@ def pod(
 
 
 def observe(job_obj=None, pods=(), events=(), run=1, **kw) -> Observed:
-    defaults = dict(backoff_limit=3, image="ghcr.io/x/trainer:1", secret_name="s3-creds")
+    defaults = dict(backoff_limit=3, image="ghcr.io/x/trainer:1")
     defaults.update(kw)
     return Observed(run=run, job_name=render.job_name("bot", run) if run else None, job=job_obj, pods=list(pods), job_events=list(events), **defaults)
 
@@ -394,13 +391,13 @@ def test_single_attempt_failures(exit_code, job_reason, backoff, reason, fragmen
     ],
 )
 def test_sigkill_without_oom_kill_is_killed_and_says_so(term, fragments):
-    attempt = status_mod.attempt_from_pod(pod(terminated=term), 0)
+    attempt = attempts_mod.attempt_from_pod(pod(terminated=term), 0)
     assert attempt["reason"] == "Killed"
     assert attempt["message"].startswith("exit 137: the container got SIGKILL")
-    assert len(attempt["message"]) <= status_mod.MAX_MESSAGE
+    assert len(attempt["message"]) <= objects.MAX_MESSAGE
     for fragment in fragments:
         assert fragment in attempt["message"]
-    oom = status_mod.attempt_from_pod(pod(terminated={**term, "reason": "OOMKilled"}), 0)
+    oom = attempts_mod.attempt_from_pod(pod(terminated={**term, "reason": "OOMKilled"}), 0)
     assert oom["reason"] == "OOMKilled" and "SIGKILL" not in oom.get("message", "")
 
 
@@ -747,7 +744,8 @@ def test_plan_table(case, status, spec, jobs, rec, action, run, rejected):
     parsed, invalid = plan.validate(body["spec"], SETTINGS)
     result = plan.decide(body, parsed, invalid, jobs, recorded(rec) if rec else None)
     assert (result.action, result.run) == (action, run)
-    assert result.retire == ("bot-train" if action == "start-next" and case.startswith("suspended") else None)
+    assert isinstance(result.action, plan.Action)
+    assert bool(result.changed_fields) is (action == "start-next" or rejected)
     assert bool(result.spec_rejected) is rejected
     if rejected:
         assert "spec.dataset.uri" in result.spec_rejected and "run 2" in result.spec_rejected
@@ -874,8 +872,12 @@ def test_reconcile_spec_change_after_completion_starts_exactly_one_run():
     assert api.body["status"]["phase"] == "Succeeded"
     api.body["spec"]["dataset"]["uri"] = "s3://data/b.jsonl"
     api.body["metadata"]["generation"] = 2
+    patches = []
     for i in range(3):
+        api.calls.clear()
         reconcile(api, SETTINGS, "ns", "bot", ensure=True, now=lambda: at(20 + i))
+        patches.append(api.calls.count("patch-status"))
+    assert patches == [1, 0, 0]  # run 2 recorded, started and observed in one status patch; then nothing changes
     assert sorted(name for kind, name in api.objects if kind == "Job") == ["bot-train", "bot-train-r2"]
     assert api.body["status"]["run"] == 2 and api.body["status"]["observedGeneration"] == 2
     assert [e for e in api.events if e[1] == "RunStarted"] == [("Normal", "RunStarted")]
@@ -1119,10 +1121,10 @@ def test_group_permanent_exit_code_is_read_from_the_job_when_the_pods_vanished()
 def test_job_failure_message_does_not_override_what_the_pod_showed():
     attempts = [{"index": 0, "node": 1, "podName": "p", "phase": "Failed", "exitCode": 1, "reason": "TrainerError"}]
     job_obj = gjob(("Failed", "PodFailurePolicy", "Pod ns/p has condition DisruptionTarget matching FailJob rule at index 0"))
-    assert status_mod.attempts_with_job_failure(attempts, job_obj) == attempts
+    assert attempts_mod.attempts_with_job_failure(attempts, job_obj) == attempts
     other = gjob(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"))
     stopped = [{"index": 0, "node": 1, "podName": "p", "phase": "Failed", "reason": "Stopped"}]
-    assert status_mod.attempts_with_job_failure(stopped, other) == stopped
+    assert attempts_mod.attempts_with_job_failure(stopped, other) == stopped
 
 
 @pytest.mark.parametrize(
@@ -1193,8 +1195,12 @@ def test_reconcile_restarts_a_failed_group_as_the_next_run():
     api.pods[1] = [gpod(0, terminated=SIGTERM), gpod(1, terminated=EXIT1)]
     api.objects[("Job", "bot-train")]["status"] = {"conditions": [
         {"type": t, "status": "True", "reason": "PodFailurePolicy", "message": "x"} for t in ("FailureTarget", "Failed")]}
+    patches = []
     for i in range(3):  # again and again: exactly one next run
+        api.calls.clear()
         reconcile(api, SETTINGS, "ns", "bot", now=lambda: at(10 + i))
+        patches.append(api.calls.count("patch-status"))
+    assert patches[0] == 1  # the failed run's status and the next run's, in one status patch
     run2 = api.objects[("Job", "bot-train-r2")]
     assert render.group_attempt_of(run2) == render.GroupAttempt(1, 1, 1, 1)
     assert ("Service", "bot-train-r2") in api.objects and ("Service", "bot-train") not in api.objects
@@ -1257,7 +1263,7 @@ def test_checkpoint_decision_is_copied_to_its_attempt_once_with_one_event():
 
 def test_an_unnamed_trainer_crash_is_a_trainer_error_with_the_traceback_last_line():
     log_tail = "Traceback (most recent call last):\n  File x\nRuntimeError: size mismatch for lora_A [16, 576] vs [8, 576]\n"
-    attempt = status_mod.attempt_from_pod(pod(terminated={"exitCode": 1, "reason": "Error", "message": log_tail}), 0)
+    attempt = attempts_mod.attempt_from_pod(pod(terminated={"exitCode": 1, "reason": "Error", "message": log_tail}), 0)
     assert attempt["reason"] == "TrainerError"
     assert attempt["message"] == "RuntimeError: size mismatch for lora_A [16, 576] vs [8, 576]"
 
@@ -1283,7 +1289,7 @@ _EXPORTS_CASES = [
 def test_artifacts_copy_exports_and_loss_plot_from_the_termination_message(case, exports, expected):
     message = {"exitCode": 0, "artifacts": {"adapterUri": "s3://o/run-1/adapter/", "exports": exports,
                                              "lossPlotUri": "s3://o/run-1/adapter/loss.png"}}
-    arts = status_mod.artifacts_from_pods([pod(terminated={"exitCode": 0, "message": message})])
+    arts = attempts_mod.artifacts_from_pods([pod(terminated={"exitCode": 0, "message": message})])
     assert arts["adapterUri"] == "s3://o/run-1/adapter/" and arts["lossPlotUri"] == "s3://o/run-1/adapter/loss.png"
     assert arts.get("exports") == expected
     from qlora_operator.api import Artifacts

@@ -49,6 +49,45 @@ class ConditionType(str, Enum):
     spec_rejected = "SpecRejected"
 
 
+# --- condition reasons (CamelCase; the trainer's come from qlora_trainer.contract) ------------
+INVALID_SPEC = "InvalidSpec"
+UNSCHEDULABLE = "Unschedulable"
+QUOTA_EXCEEDED = "QuotaExceeded"
+IMAGE_PULL_BACKOFF = "ImagePullBackOff"
+IMAGE_PULL_FAILED = "ImagePullFailed"
+SECRET_NOT_FOUND = "SecretNotFound"
+CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+OOM_KILLED = "OOMKilled"
+#: Exit 137 (SIGKILL) without the container runtime's ``OOMKilled``: killed after the
+#: termination grace period, by a user (``kill -9``, a forced delete) or another process.
+KILLED = contract.KILLED
+CUDA_OOM = contract.CUDA_OOM
+INVALID_DATA = contract.INVALID_DATA
+INVALID_CONFIG = contract.INVALID_CONFIG
+NON_FINITE_LOSS = contract.NON_FINITE_LOSS
+INSUFFICIENT_GPU_MEMORY = contract.INSUFFICIENT_GPU_MEMORY
+#: Exit 8: the merged model failed its equivalence check; the adapter is published.
+MERGE_CHECK_FAILED = contract.MERGE_CHECK_FAILED
+STORAGE_ERROR = contract.STORAGE_ERROR
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+DISRUPTED = "Disrupted"
+#: An exception the trainer has no name for (exit 1); the message is its last line.
+TRAINER_ERROR = contract.TRAINER_ERROR
+SUCCEEDED = contract.SUCCEEDED
+TRAINER_RUNNING = "TrainerRunning"
+PENDING = "Pending"
+STARTING = "Starting"
+RETRYING = "Retrying"
+FINISHING = "Finishing"
+RESTARTING = "Restarting"
+#: An attempt whose pod was gone before its end was seen (its group's run had failed).
+STOPPED = "Stopped"
+TERMINATED = "Terminated"
+SPEC_REJECTED = "SpecRejected"
+NO_PROGRESS = "NoProgress"
+
+
 _Str253 = Annotated[str, Field(max_length=253)]
 _Time = Annotated[str, Field(max_length=64)]
 _Uri = Annotated[str, Field(max_length=4096)]
@@ -305,15 +344,46 @@ class QLoRAJobStatus(ApiModel):
 __all__ = [
     "Artifacts",
     "Attempt",
+    "BACKOFF_LIMIT_EXCEEDED",
+    "CONTAINER_CONFIG_ERROR",
+    "CUDA_OOM",
     "CheckpointDecision",
     "Condition",
     "ConditionType",
+    "DEADLINE_EXCEEDED",
+    "DISRUPTED",
     "ExportArtifact",
+    "FINISHING",
+    "IMAGE_PULL_BACKOFF",
+    "IMAGE_PULL_FAILED",
+    "INSUFFICIENT_GPU_MEMORY",
+    "INVALID_CONFIG",
+    "INVALID_DATA",
+    "INVALID_SPEC",
+    "KILLED",
     "MAX_EXPORTS",
+    "MERGE_CHECK_FAILED",
     "MergeCheck",
+    "NON_FINITE_LOSS",
+    "NO_PROGRESS",
+    "OOM_KILLED",
+    "PENDING",
     "Phase",
     "Progress",
     "QLoRAJobStatus",
+    "QUOTA_EXCEEDED",
     "QueueStatus",
+    "RESTARTING",
+    "RETRYING",
+    "SECRET_NOT_FOUND",
+    "SPEC_REJECTED",
+    "STARTING",
+    "STOPPED",
+    "STORAGE_ERROR",
+    "SUCCEEDED",
+    "TERMINATED",
+    "TRAINER_ERROR",
+    "TRAINER_RUNNING",
     "TrackingArtifacts",
+    "UNSCHEDULABLE",
 ]
