@@ -3,12 +3,15 @@ Secrets, RuntimeClass, extra env, volumes and mounts).
 
 The checks that depend on what the operator renders (its own env names, volumes and mount
 paths) live in :mod:`qlora_operator.render`; :class:`PodSettings` calls them lazily, at
-validation time (render imports the API).
+validation time, and the CEL rules of those fields read render's names when the schema
+is generated (render imports the API).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from types import ModuleType
+from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -22,7 +25,16 @@ from qlora_operator.api.patterns import (
     Quantity,
 )
 from qlora_trainer import contract
-from qlora_trainer.config import ApiModel, pattern_check
+from qlora_trainer.config import (
+    CEL_RULES,
+    ApiModel,
+    cel_disjoint,
+    cel_list,
+    cel_prefix,
+    cel_rule,
+    cel_rules,
+    pattern_check,
+)
 
 #: An environment variable name (the rule every supported Kubernetes version accepts).
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
@@ -42,6 +54,48 @@ MSG_SA_ANNOTATION_RESERVED = (
     f"pod.serviceAccountAnnotations: keys under {OPERATOR_ANNOTATION_PREFIX} are the operator's own: use another key"
 )
 MSG_MOUNT_UNKNOWN_VOLUME = "pod.volumeMounts[].name must name a volume of pod.volumes"
+
+def _list_map(key: str) -> dict[str, Any]:
+    """``x-kubernetes-list-type: map`` keyed by ``key`` (one entry per value of ``key``)."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]}
+
+
+def _rule_from_render(rule: Callable[[ModuleType], dict[str, str]], **extra: Any) -> Callable[[dict[str, Any]], None]:
+    """``json_schema_extra`` of a field whose CEL rule names what render renders (the operator's
+    env names, volumes, mounts): ``rule(render)`` is built when the schema is generated, as
+    :meth:`PodSettings._no_collisions` calls render at validation (render imports this module).
+    ``extra``: further schema keys of the field (its list type)."""
+
+    def add(schema: dict[str, Any]) -> None:
+        from qlora_operator import render  # render imports this module: resolve at schema time
+
+        schema.update(extra)
+        schema[CEL_RULES] = [rule(render)]
+
+    return add
+
+
+def _env_reserved(render: ModuleType) -> dict[str, str]:
+    names = cel_list(render.reserved_env_names())
+    return cel_rule(
+        f"self.all(e, !e.name.startsWith('{render.RESERVED_ENV_PREFIX}') && !(e.name in {names}))",
+        render.msg_env_reserved(),
+    )
+
+
+def _volume_reserved(render: ModuleType) -> dict[str, str]:
+    names = cel_list(render.reserved_volume_names())
+    return cel_rule(f"self.all(v, !(v.name in {names}))", render.msg_volume_reserved())
+
+
+def _mount_reserved(render: ModuleType) -> dict[str, str]:
+    # as render.mount_path_collides: the mount's path as a prefix against each reserved path + '/'
+    reserved = cel_list(tuple(p + "/" for p in render.reserved_mount_paths()))
+    return cel_rule(
+        f"self.all(m, {reserved}.all(p, " + cel_disjoint(cel_prefix("m.mountPath"), "p") + "))",
+        render.msg_mount_reserved(),
+    )
+
 
 _ShortName = Annotated[
     str,
@@ -94,6 +148,16 @@ class ResourceFieldRef(ApiModel):
 class EnvVarSource(ApiModel):
     """Where an extra variable's value comes from; exactly one source."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel_rule(
+                "[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef), has(self.resourceFieldRef)]"
+                ".filter(x, x).size() == 1",
+                MSG_ENV_ONE_SOURCE,
+            ),
+        )
+    )
+
     secret_key_ref: KeySelector | None = Field(default=None, description="A key of a Secret in the job's namespace.")
     config_map_key_ref: KeySelector | None = Field(
         default=None, description="A key of a ConfigMap in the job's namespace."
@@ -113,6 +177,10 @@ class EnvVarSource(ApiModel):
 
 class EnvVar(ApiModel):
     """An extra environment variable of the trainer container (core/v1 ``EnvVar``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(cel_rule("!(has(self.value) && has(self.valueFrom))", MSG_ENV_VALUE_AND_VALUE_FROM))
+    )
 
     name: Annotated[
         str, Field(min_length=1, max_length=256, json_schema_extra={"pattern": ENV_NAME}), pattern_check(ENV_NAME, MSG_ENV_NAME)
@@ -163,6 +231,17 @@ class PodSettings(ApiModel):
     finished or suspended job starts no run and applies from the next one.
     """
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel_rule(
+                "!has(self.volumeMounts)"
+                " || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
+                MSG_MOUNT_UNKNOWN_VOLUME,
+                fieldPath=".volumeMounts",
+            ),
+        )
+    )
+
     service_account_annotations: Annotated[
         dict[
             Annotated[str, Field(max_length=317), pattern_check(LABEL_KEY, MSG_ANNOTATION_KEY)],
@@ -176,6 +255,13 @@ class PodSettings(ApiModel):
             "trainer.serviceAccountAnnotations: IRSA (eks.amazonaws.com/role-arn) or GKE Workload Identity "
             "(iam.gke.io/gcp-service-account). At most 32; keys under qlora.dev/ are refused."
         ),
+        json_schema_extra=cel_rules(
+            cel_rule(f"self.all(k, !k.startsWith('{OPERATOR_ANNOTATION_PREFIX}'))", MSG_SA_ANNOTATION_RESERVED),
+            cel_rule(
+                f"self.all(k, k.size() <= 317 && k.matches(r'{LABEL_KEY}'))",
+                f"pod.serviceAccountAnnotations: keys {MSG_ANNOTATION_KEY}",
+            ),
+        ),
     )
     image_pull_secrets: Annotated[list[_ShortName], Field(max_length=16)] = Field(
         default_factory=list,
@@ -183,6 +269,7 @@ class PodSettings(ApiModel):
             "Secrets (same namespace, type kubernetes.io/dockerconfigjson) to pull the trainer image with, "
             "after the chart's trainer.imagePullSecrets. At most 16."
         ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     runtime_class_name: _ShortName | None = Field(
         default=None, description="RuntimeClass of trainer pods (e.g. nvidia). Unset: the cluster default."
@@ -194,6 +281,7 @@ class PodSettings(ApiModel):
             "The operator's own names are refused (QLORA_*, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
             "AWS_SESSION_TOKEN, HOME, TMPDIR, HF_HOME, PYTHONUNBUFFERED)."
         ),
+        json_schema_extra=_rule_from_render(_env_reserved, **_list_map("name")),
     )
     volumes: Annotated[list[Volume], Field(max_length=32)] = Field(
         default_factory=list,
@@ -202,6 +290,7 @@ class PodSettings(ApiModel):
             "A PVC mounted with volumeMounts serves file:// model, data or output URIs. The operator's own "
             "volume names (config, cache, tmp, dshm) are refused."
         ),
+        json_schema_extra=_rule_from_render(_volume_reserved, **_list_map("name")),
     )
     volume_mounts: Annotated[list[VolumeMount], Field(max_length=32)] = Field(
         default_factory=list,
@@ -209,6 +298,7 @@ class PodSettings(ApiModel):
             "Mounts of pod.volumes in the trainer container, at most 32. The operator's mount paths "
             "(/etc/qlora, /cache, /tmp, /dev/shm, /dev/termination-log) and paths under or above them are refused."
         ),
+        json_schema_extra=_rule_from_render(_mount_reserved, **_list_map("mountPath")),
     )
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from qlora_operator.api.patterns import (
     MSG_DNS_SUBDOMAIN,
     MSG_EXTENDED_RESOURCE,
     MSG_LABEL_VALUE,
+    MSG_SECRET_NAME,
     PassThrough,
     Quantity,
     SecretName,
@@ -41,6 +42,9 @@ from qlora_trainer.config import (
     StorageSettings,
     TrackingSettings,
     TrainingConfig,
+    cel_pattern,
+    cel_rule,
+    cel_rules,
     pattern_check,
 )
 
@@ -70,7 +74,8 @@ class SecretReference(ApiModel):
             "Secret name in the QLoRAJob's own namespace, with keys AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (optionally AWS_SESSION_TOKEN). There is no namespace field: "
             "a job can only use Secrets of its own namespace."
-        )
+        ),
+        json_schema_extra=cel_rules(cel_pattern(DNS_SUBDOMAIN, MSG_SECRET_NAME)),
     )
 
 
@@ -200,7 +205,16 @@ class Scheduling(ApiModel):
             Annotated[str, Field(max_length=63, json_schema_extra={"pattern": LABEL_VALUE}), pattern_check(LABEL_VALUE, MSG_LABEL_VALUE)],
         ],
         Field(max_length=64),
-    ] = Field(default_factory=dict, description="Node labels a trainer pod's node must have (at most 64).")
+    ] = Field(
+        default_factory=dict,
+        description="Node labels a trainer pod's node must have (at most 64).",
+        json_schema_extra=cel_rules(
+            cel_rule(
+                f"self.all(k, k.size() <= 317 && k.matches(r'{LABEL_KEY}'))",
+                "scheduling.nodeSelector: keys must be label keys such as example.com/gpu-type",
+            ),
+        ),
+    )
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(
         default_factory=list, description="Taints trainer pods tolerate (at most 32)."
     )
@@ -299,6 +313,23 @@ class QLoRAJobSpec(TrainingConfig):
         return TrainingConfig.model_validate(data)
 
 
+#: CEL rules at the object root (they see ``metadata`` and ``spec``): the name's length,
+#: and a DNS-1035 name for several nodes (:func:`multinode_name_problem`). The root's
+#: transition rules (fields fixed during a run) are :func:`qlora_operator.api.changes.transition_rules`.
+OBJECT_RULES = [
+    cel_rule(
+        f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+        "(child objects such as the <name>-train Job add suffixes)",
+    ),
+    cel_rule(
+        "!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes <= 1"
+        f" || self.metadata.name.matches(r'{DNS_1035_LABEL}')",
+        MSG_MULTINODE_NAME,
+    ),
+]
+
+
 def multinode_name_problem(name: str, nodes: int) -> str | None:
     """Why ``name`` cannot run ``nodes`` trainer pods, or None (the CRD checks the same).
 
@@ -339,6 +370,7 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "MLFLOW_SECRET_KEYS",
     "MSG_MULTINODE_NAME",
+    "OBJECT_RULES",
     "PLURAL",
     "QLoRAJobSpec",
     "Resources",
