@@ -37,6 +37,7 @@ from qlora_operator.render.names import (
 )
 from qlora_operator.settings import OperatorSettings
 from qlora_trainer import contract
+from qlora_trainer.config import uris_overlap
 
 if TYPE_CHECKING:
     from qlora_operator.api import PodSettings
@@ -185,10 +186,10 @@ def reserved_mount_paths() -> tuple[str, ...]:
 
 
 def mount_path_collides(path: str, reserved: str) -> bool:
-    """True when a mount at ``path`` would be, lie under or hide the operator's ``reserved`` path
-    (the CRD's CEL rule tests the same: see ``qlora_operator.crd``)."""
-    own = path if path.endswith("/") else path + "/"
-    return own.startswith(reserved + "/") or (reserved + "/").startswith(own)
+    """True when a mount at ``path`` would be, lie under or hide the operator's ``reserved`` path:
+    the two overlap as :func:`qlora_trainer.config.uris_overlap` decides for URIs (each as a
+    prefix ending in ``/``); the CEL rule on ``spec.pod.volumeMounts`` tests the same."""
+    return uris_overlap(path, reserved)
 
 
 def env_name_reserved(name: str) -> bool:
