@@ -12,9 +12,11 @@ object shows the values a run used), descriptions kept. Every string has a
 ``maxLength`` and every list a ``maxItems``: the API server's CEL cost estimator needs
 the bounds, and the generator refuses a model that lacks one.
 
-Cross-field rules become CEL ``x-kubernetes-validations`` with the same messages as the
-pydantic validators (the ``MSG_*`` constants of ``qlora_trainer.config``), so
-``kubectl apply`` and ``qlora-train --config`` refuse a spec with the same words.
+CEL rules (``x-kubernetes-validations``) and list types (``x-kubernetes-list-type``) are
+declared beside the fields and models they check, in ``json_schema_extra`` (built with
+``qlora_trainer.config.cel_rule``), with the same messages as the pydantic validators,
+so ``kubectl apply`` and ``qlora-train --config`` refuse a spec with the same words; this
+module copies every ``x-kubernetes-*`` key it finds, and knows no field by name.
 
 Namespaces: no field names one. Unknown fields such as
 ``spec.storage.credentialsSecretRef.namespace`` are refused by server-side strict field
@@ -24,11 +26,9 @@ validation, which ``kubectl apply`` and ``kubectl create`` use by default
 reference can leave the job's namespace. (A CEL ``!has(self.namespace)`` cannot work:
 pruning removes the field before CEL runs.)
 
-Immutability: training fields may not change while ``Running=True``. A transition rule
-at the object root sees ``oldSelf.status`` (on a main-resource update the API server
-carries the stored status over, so ``self.status == oldSelf.status``), which is how
-the rule can depend on the run state. The operator applies the same rule with
-:func:`qlora_operator.api.training_fields_changed`.
+The object root carries ``api.OBJECT_RULES`` (the name) and ``api.transition_rules``:
+training fields may not change while ``Running=True`` (the operator applies the same
+rule with :func:`qlora_operator.api.training_fields_changed`).
 
 This module imports pydantic and PyYAML only (no kopf, kubernetes or torch).
 """
@@ -46,8 +46,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 
-from qlora_operator import api, render
-from qlora_trainer import config as cfg
+from qlora_operator import api
+from qlora_trainer.config import CEL_RULES
 
 #: Where the generated CRD is committed, relative to the repository root.
 CRD_RELPATH = Path("crds") / f"{api.PLURAL}.{api.GROUP}.yaml"
@@ -115,6 +115,9 @@ _KEY_ORDER = (
     "properties",
     "x-kubernetes-validations",
 )
+#: Key order of a CEL rule (pydantic sorts the keys of ``json_schema_extra``; this is
+#: the order of Kubernetes' ``ValidationRule``, as ``kubectl explain`` lists it).
+_RULE_KEY_ORDER = ("rule", "message", "messageExpression", "fieldPath", "reason", "optionalOldSelf")
 #: JSON-schema keys dropped on the way (pydantic noise, or enforced by pruning instead).
 _DROP = {"title", "propertyNames"}
 
@@ -123,6 +126,14 @@ def _clean_description(text: str) -> str:
     text = text.replace("``", "")
     text = re.sub(r":(class|func|data|attr):`~?([^`]+)`", r"\2", text)
     return " ".join(text.split())
+
+
+def _ordered_rule(rule: dict[str, Any], where: str) -> dict[str, Any]:
+    """A copy of a declared CEL rule with its keys in :data:`_RULE_KEY_ORDER`."""
+    unknown = set(rule) - set(_RULE_KEY_ORDER)
+    if unknown or "rule" not in rule:
+        raise SchemaError(f"{where}: CEL rule {rule!r}: needs 'rule'; unknown keys {sorted(unknown)}")
+    return {key: rule[key] for key in _RULE_KEY_ORDER if key in rule}
 
 
 def _convert(node: dict[str, Any], defs: dict[str, Any], where: str, keep_defaults: bool) -> dict[str, Any]:
@@ -143,8 +154,12 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], where: str, keep_defaul
             raise SchemaError(f"{where}: a union of {len(parts)} types is not structural; use one type")
         inner = parts[0]
     if inner is not None:
-        # the field's own keys (description, default) beat the class's (docstring)
-        return _convert({**inner, **node}, defs, where, keep_defaults)
+        # the field's own keys (description, default) beat the class's (docstring); the
+        # class's CEL rules come first, then the field's
+        merged = {**inner, **node}
+        if CEL_RULES in inner and CEL_RULES in node:
+            merged[CEL_RULES] = [*inner[CEL_RULES], *node[CEL_RULES]]
+        return _convert(merged, defs, where, keep_defaults)
 
     out: dict[str, Any] = {}
     for key, value in node.items():
@@ -181,7 +196,11 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], where: str, keep_defaul
         elif key == "minLength" and node.get("type") == "object":
             if value:
                 raise SchemaError(f"{where}: minProperties is not supported")
-        elif key in _KEY_ORDER or key.startswith("x-kubernetes-"):
+        elif key == CEL_RULES:
+            out[key] = [_ordered_rule(rule, where) for rule in value]
+        elif key.startswith("x-kubernetes-"):
+            out[key] = copy.deepcopy(value)  # declared on a model: the manifest gets its own copy
+        elif key in _KEY_ORDER:
             out[key] = value
         else:
             raise SchemaError(f"{where}: JSON-schema keyword {key!r} has no structural equivalent")
@@ -199,164 +218,25 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], where: str, keep_defaul
 
 
 def structural_schema(model: type[BaseModel], *, keep_defaults: bool = True) -> dict[str, Any]:
-    """The structural OpenAPI v3 schema of ``model`` (no CEL rules yet)."""
+    """The structural OpenAPI v3 schema of ``model``, with the CEL rules and list types its fields
+    and models declare (the object root's rules are added by :func:`crd_manifest`).
+
+    Raises:
+        SchemaError: a construct with no structural equivalent (a union, a free-form object, ...).
+    """
     schema = _model_json_schema(model)
     defs = schema.pop("$defs", {})
     return _convert(schema, defs, model.__name__, keep_defaults)
 
 
-# --- CEL rules ---------------------------------------------------------------------
+# --- the object ---------------------------------------------------------------
 
-
-def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:
-    return {"rule": rule, "message": message, **extra}
-
-
-def _prefix(x: str) -> str:
-    return f"({x}.endsWith('/') ? {x} : {x} + '/')"
-
-
-def _disjoint(a: str, b: str) -> str:
-    """CEL: the URIs ``a`` and ``b`` do not overlap (see ``qlora_trainer.config.uris_overlap``)."""
-    pa, pb = _prefix(a), _prefix(b)
-    return f"!({pa}.startsWith({pb}) || {pb}.startsWith({pa}))"
-
-
-def _matches(pattern: str) -> str:
-    if "'" in pattern:
-        raise SchemaError(f"pattern {pattern!r} contains a quote")
-    return f"self.matches(r'{pattern}')"
-
-
-def _cel_list(values: tuple[str, ...]) -> str:
-    for value in values:
-        if "'" in value or "\\" in value:
-            raise SchemaError(f"{value!r} cannot be quoted in CEL")
-    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
-
-
-def _no_mount_collision(path: str, reserved: str) -> str:
-    """CEL: a mount at ``path`` is not, under, nor above the path ``reserved`` (a CEL string
-    ending in ``/``), as ``render.mount_path_collides`` decides."""
-    own = f"({path}.endsWith('/') ? {path} : {path} + '/')"
-    return f"!({own}.startsWith({reserved}) || {reserved}.startsWith({own}))"
-
-
-#: CEL rules by schema path (``spec.training``: the ``training`` object of ``spec``).
-SPEC_RULES: dict[str, list[dict[str, str]]] = {
-    "spec": [
-        _rule(
-            "!has(self.training) || !has(self.quantization) || !has(self.training.precision)"
-            " || !has(self.quantization.computeDtype)"
-            " || !(self.training.precision == 'fp16' && self.quantization.computeDtype == 'bfloat16')",
-            cfg.MSG_FP16_WITH_BF16,
-            fieldPath=".training.precision",
-        ),
-        _rule(_disjoint("self.output.uri", "self.dataset.uri"), cfg.MSG_OUTPUT_OVERLAPS_DATASET, fieldPath=".output.uri"),
-        _rule(
-            "!has(self.dataset.evalUri) || " + _disjoint("self.output.uri", "self.dataset.evalUri"),
-            cfg.MSG_OUTPUT_OVERLAPS_EVAL,
-            fieldPath=".output.uri",
-        ),
-        _rule(_disjoint("self.output.uri", "self.model.uri"), cfg.MSG_OUTPUT_OVERLAPS_MODEL, fieldPath=".output.uri"),
-    ],
-    "spec.model.uri": [_rule(_matches(cfg.MODEL_URI_PATTERN), cfg.MSG_MODEL_URI)],
-    "spec.dataset.uri": [_rule(_matches(cfg.DATA_URI_PATTERN), cfg.MSG_DATA_URI)],
-    "spec.dataset.evalUri": [_rule(_matches(cfg.DATA_URI_PATTERN), cfg.MSG_DATA_URI)],
-    "spec.output.uri": [_rule(_matches(cfg.DATA_URI_PATTERN), cfg.MSG_DATA_URI)],
-    "spec.output": [
-        _rule(
-            "!has(self.export) || size(self.export) == 0 || (has(self.merge) && has(self.merge.enabled) && self.merge.enabled)",
-            cfg.MSG_EXPORT_NEEDS_MERGE,
-            fieldPath=".export",
-        ),
-    ],
-    "spec.output.export": [
-        _rule("self.all(e, self.filter(o, o.format == e.format).size() == 1)", cfg.MSG_EXPORT_FORMATS_UNIQUE),
-    ],
-    "spec.output.export[]": [
-        _rule("!has(self.quantization) || self.format == 'gguf'", cfg.MSG_EXPORT_QUANTIZATION_GGUF_ONLY),
-    ],
-    "spec.storage.endpoint": [_rule(_matches(cfg.ENDPOINT_PATTERN), cfg.MSG_ENDPOINT)],
-    "spec.storage.credentialsSecretRef.name": [_rule(_matches(api.DNS_SUBDOMAIN), api.MSG_SECRET_NAME)],
-    "spec.training": [
-        _rule("!(has(self.epochs) && has(self.maxSteps))", cfg.MSG_EPOCHS_AND_MAX_STEPS, fieldPath=".maxSteps"),
-    ],
-    "spec.lora.targetModules": [
-        _rule("!('all-linear' in self) || self.size() == 1", cfg.MSG_ALL_LINEAR_ALONE),
-    ],
-    "spec.pod": [
-        _rule(
-            "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
-            api.MSG_MOUNT_UNKNOWN_VOLUME,
-            fieldPath=".volumeMounts",
-        ),
-    ],
-    "spec.pod.serviceAccountAnnotations": [
-        _rule(
-            f"self.all(k, !k.startsWith('{api.OPERATOR_ANNOTATION_PREFIX}'))", api.MSG_SA_ANNOTATION_RESERVED
-        ),
-        _rule(
-            f"self.all(k, k.size() <= 317 && k.matches(r'{api.LABEL_KEY}'))",
-            f"pod.serviceAccountAnnotations: keys {api.MSG_ANNOTATION_KEY}",
-        ),
-    ],
-    "spec.pod.env": [
-        _rule(
-            f"self.all(e, !e.name.startsWith('{render.RESERVED_ENV_PREFIX}') && !(e.name in {_cel_list(render.reserved_env_names())}))",
-            render.msg_env_reserved(),
-        ),
-    ],
-    "spec.pod.env[]": [
-        _rule("!(has(self.value) && has(self.valueFrom))", api.MSG_ENV_VALUE_AND_VALUE_FROM),
-    ],
-    "spec.pod.env[].valueFrom": [
-        _rule(
-            "[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef), has(self.resourceFieldRef)]"
-            ".filter(x, x).size() == 1",
-            api.MSG_ENV_ONE_SOURCE,
-        ),
-    ],
-    "spec.pod.volumes": [
-        _rule(f"self.all(v, !(v.name in {_cel_list(render.reserved_volume_names())}))", render.msg_volume_reserved()),
-    ],
-    "spec.pod.volumeMounts": [
-        _rule(
-            f"self.all(m, {_cel_list(tuple(p + '/' for p in render.reserved_mount_paths()))}.all(p, "
-            + _no_mount_collision("m.mountPath", "p") + "))",
-            render.msg_mount_reserved(),
-        ),
-    ],
-    "spec.scheduling.nodeSelector": [
-        _rule(
-            f"self.all(k, k.size() <= 317 && k.matches(r'{api.LABEL_KEY}'))",
-            "scheduling.nodeSelector: keys must be label keys such as example.com/gpu-type",
-        ),
-    ],
-}
-
-#: ``x-kubernetes-list-type`` of lists (the default is ``atomic``).
+#: ``x-kubernetes-list-type`` of status lists (the default is ``atomic``). The spec's are
+#: declared on their fields; ``status.conditions`` still here because ``api/status.py``
+#: was being split in parallel (declare it on ``QLoRAJobStatus.conditions`` next).
 LIST_TYPES: dict[str, dict[str, Any]] = {
-    "spec.lora.targetModules": {"x-kubernetes-list-type": "set"},
-    "spec.pod.imagePullSecrets": {"x-kubernetes-list-type": "set"},
-    "spec.pod.env": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
-    "spec.pod.volumes": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
-    "spec.pod.volumeMounts": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["mountPath"]},
     "status.conditions": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
 }
-
-
-def _has_chain(root: str, path: str) -> str:
-    parts = path.split(".")
-    return " && ".join(f"has({root}.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
-
-
-def _same(path: str, always_present: bool) -> str:
-    """CEL: spec field ``path`` is unchanged between ``oldSelf`` and ``self`` (absent == absent)."""
-    if always_present:
-        return f"self.spec.{path} == oldSelf.spec.{path}"
-    new, old = _has_chain("self.spec", path), _has_chain("oldSelf.spec", path)
-    return f"(({new}) ? (({old}) && self.spec.{path} == oldSelf.spec.{path}) : !({old}))"
 
 
 def _always_present(spec: dict[str, Any], path: str) -> bool:
@@ -369,61 +249,6 @@ def _always_present(spec: dict[str, Any], path: str) -> bool:
     return True
 
 
-def fixed_during_run() -> list[str]:
-    """Spec paths compared by the immutability rule: all but :data:`api.MUTABLE_WHILE_ACTIVE`."""
-    paths = []
-    for name, field in api.QLoRAJobSpec.model_fields.items():
-        alias = field.alias or name
-        if any(m == alias or m.startswith(alias + ".") for m in api.MUTABLE_WHILE_ACTIVE):
-            if alias in api.MUTABLE_WHILE_ACTIVE:
-                continue  # the whole section may change
-            sub = field.annotation
-            for sub_name, sub_field in sub.model_fields.items():  # type: ignore[union-attr]
-                path = f"{alias}.{sub_field.alias or sub_name}"
-                if path not in api.MUTABLE_WHILE_ACTIVE:
-                    paths.append(path)
-        else:
-            paths.append(alias)
-    return paths
-
-
-def _root_rules(spec: dict[str, Any]) -> list[dict[str, str]]:
-    """Rules at the object root: the name (length; a DNS-1035 label for several nodes), and one
-    immutability rule per fixed field.
-
-    One rule per field (rather than one rule with a ``messageExpression`` listing the
-    changed fields, which the API server's cost estimator refuses at the root) so each
-    refusal names its field.
-    """
-    active = (
-        "has(oldSelf.status) && has(oldSelf.status.conditions)"
-        " && oldSelf.status.conditions.exists(c, c.type == 'Running' && c.status == 'True')"
-    )
-    rules = [
-        _rule(
-            f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
-            f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters "
-            "(child objects such as the <name>-train Job add suffixes)",
-        ),
-        _rule(
-            "!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes <= 1"
-            f" || self.metadata.name.matches(r'{api.DNS_1035_LABEL}')",
-            api.MSG_MULTINODE_NAME,
-        ),
-    ]
-    for path in fixed_during_run():
-        rules.append(
-            _rule(
-                f"!({active}) || {_same(path, _always_present(spec, path))}",
-                f"spec.{path} cannot change while a run is active (condition Running=True): "
-                "suspend the job (spec.runPolicy.suspend: true) or wait until it finishes",
-                fieldPath=f".spec.{path}",
-                reason="FieldValueForbidden",
-            )
-        )
-    return rules
-
-
 def _node(schema: dict[str, Any], path: str) -> dict[str, Any]:
     """The schema node at ``path`` (``spec.pod.env[]``: the items of ``spec.pod.env``)."""
     node = schema
@@ -434,7 +259,7 @@ def _node(schema: dict[str, Any], path: str) -> dict[str, Any]:
             if items:
                 node = node["items"]
         except KeyError:
-            raise SchemaError(f"{path}: no such field in the schema (rule or list type out of date)") from None
+            raise SchemaError(f"{path}: no such field in the schema (list type out of date)") from None
     return node
 
 
@@ -490,15 +315,14 @@ def _object_schema() -> dict[str, Any]:
             "status": status,
         },
     }
-    for path, rules in SPEC_RULES.items():
-        _node(root, path)["x-kubernetes-validations"] = copy.deepcopy(rules)
     for path, extra in LIST_TYPES.items():
         node = _node(root, path)
         node.update(extra)
         reordered = {k: node[k] for k in sorted(node, key=_KEY_ORDER.index)}
         node.clear()
         node.update(reordered)
-    root["x-kubernetes-validations"] = _root_rules(spec)
+    object_rules = [*api.OBJECT_RULES, *api.transition_rules(lambda path: _always_present(spec, path))]
+    root[CEL_RULES] = [_ordered_rule(rule, "the object") for rule in object_rules]
 
     problems: list[str] = []
     _check_bounds(spec, "spec", problems)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from qlora_operator import api, crd
 from qlora_trainer import config as cfg
@@ -193,7 +193,7 @@ def test_cel_rules_carry_the_pydantic_messages(schema: dict[str, Any]):
 
 
 def test_immutability_rule_covers_exactly_the_fixed_fields(schema: dict[str, Any]):
-    fixed = crd.fixed_during_run()
+    fixed = api.fixed_during_run()
     assert "lora" in fixed and "runPolicy.backoffLimit" in fixed and "image" in fixed
     for mutable in api.MUTABLE_WHILE_ACTIVE:
         assert mutable not in fixed
@@ -214,3 +214,54 @@ def test_unsupported_union_is_refused():
 
     with pytest.raises(crd.SchemaError, match="union"):
         crd.structural_schema(Bad)
+
+
+class _Inner(BaseModel):
+    model_config = ConfigDict(json_schema_extra=cfg.cel_rules(cfg.cel_rule("self.a != 'x'", "inner: a is not x")))
+    a: str = Field(max_length=8)
+
+
+class _Outer(BaseModel):
+    inner: _Inner = Field(
+        description="the field",
+        json_schema_extra=cfg.cel_rules(cfg.cel_rule("self.a != 'y'", "outer: a is not y", fieldPath=".a")),
+    )
+    names: list[str] = Field(
+        max_length=4,
+        json_schema_extra={"x-kubernetes-list-type": "set", **cfg.cel_rules(cfg.cel_pattern("^[a-z]$", "one letter"))},
+    )
+
+
+def test_rules_declared_on_fields_and_models_land_on_their_nodes():
+    node = crd.structural_schema(_Outer)
+    inner = node["properties"]["inner"]
+    # the model's rule first, then the field's; keys in Kubernetes' order (pydantic sorts them)
+    assert inner["x-kubernetes-validations"] == [
+        {"rule": "self.a != 'x'", "message": "inner: a is not x"},
+        {"rule": "self.a != 'y'", "message": "outer: a is not y", "fieldPath": ".a"},
+    ]
+    keys = [list(r) for r in inner["x-kubernetes-validations"]]
+    assert keys == [["rule", "message"], ["rule", "message", "fieldPath"]]
+    names = node["properties"]["names"]
+    assert names["x-kubernetes-list-type"] == "set"
+    assert names["x-kubernetes-validations"] == [{"rule": "self.matches(r'^[a-z]$')", "message": "one letter"}]
+    # the manifest holds copies: changing it leaves the declarations alone
+    inner["x-kubernetes-validations"].clear()
+    assert crd.structural_schema(_Outer)["properties"]["inner"]["x-kubernetes-validations"]
+
+
+def test_a_malformed_rule_is_refused():
+    class Bad(BaseModel):
+        a: str = Field(max_length=8, json_schema_extra={"x-kubernetes-validations": [{"message": "no rule"}]})
+
+    with pytest.raises(crd.SchemaError, match="needs 'rule'"):
+        crd.structural_schema(Bad)
+    with pytest.raises(ValueError, match="quote"):
+        cfg.cel_pattern("^a'b$", "quoted")
+
+
+def test_the_trainer_config_declares_its_own_rules():
+    # TrainingConfig (no operator) carries the rules its validators check, so the CRD gets them from it
+    rules = crd.structural_schema(cfg.TrainingConfig)["x-kubernetes-validations"]
+    assert [r["message"] for r in rules] == [cfg.MSG_FP16_WITH_BF16, cfg.MSG_OUTPUT_OVERLAPS_DATASET,
+                                              cfg.MSG_OUTPUT_OVERLAPS_EVAL, cfg.MSG_OUTPUT_OVERLAPS_MODEL]

@@ -11,9 +11,11 @@ in Python. Names follow Hugging Face / PEFT terms where one exists: ``r``,
 ``quantType`` (``bnb_4bit_quant_type``), ``computeDtype``
 (``bnb_4bit_compute_dtype``), ``doubleQuant`` (``bnb_4bit_use_double_quant``).
 
-Rules that are cross-field but checkable by the API server are duplicated as CEL
-rules in the generated CRD (``qlora_operator.crd``); the pydantic validators here
-carry the same messages so that a local run fails exactly as ``kubectl apply`` would.
+Rules that are cross-field but checkable by the API server are also declared as CEL
+rules beside the field or model they check (``json_schema_extra`` with
+:data:`CEL_RULES`, built by :func:`cel_rule`: plain data, no operator import); the CRD
+generator (``qlora_operator.crd``) copies them into the schema. The pydantic validators
+here carry the same messages so that a local run fails exactly as ``kubectl apply`` would.
 """
 
 from __future__ import annotations
@@ -102,6 +104,61 @@ def pattern_check(pattern: str, hint: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+#: The JSON-schema key under which a field or model declares its CEL rules; the CRD
+#: generator copies it to the field's schema node as is (Kubernetes' own key).
+CEL_RULES = "x-kubernetes-validations"
+
+
+def cel_rule(rule: str, message: str, **extra: str) -> dict[str, str]:
+    """One CEL rule of the CRD: ``{"rule": ..., "message": ..., **extra}`` (e.g. ``fieldPath``).
+
+    ``rule`` is evaluated by the API server with ``self`` the field's value; ``message``
+    is what ``kubectl apply`` says, the same words as the pydantic validator's.
+    """
+    return {"rule": rule, "message": message, **extra}
+
+
+def cel_rules(*rules: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """``json_schema_extra`` declaring ``rules`` (from :func:`cel_rule`) on a field or model."""
+    return {CEL_RULES: list(rules)}
+
+
+def cel_pattern(pattern: str, hint: str) -> dict[str, str]:
+    """The CEL twin of :func:`pattern_check`: ``self`` matches ``pattern``, else ``hint``.
+
+    The field keeps ``pattern`` too; the rule is what gives ``kubectl apply`` the hint.
+
+    Raises:
+        ValueError: ``pattern`` contains a quote (it cannot be a CEL raw string).
+    """
+    if "'" in pattern:
+        raise ValueError(f"pattern {pattern!r} contains a quote")
+    return cel_rule(f"self.matches(r'{pattern}')", hint)
+
+
+def cel_list(values: Sequence[str]) -> str:
+    """A CEL list literal of strings, ``['a', 'b']``.
+
+    Raises:
+        ValueError: a value contains a quote or backslash.
+    """
+    for value in values:
+        if "'" in value or "\\" in value:
+            raise ValueError(f"{value!r} cannot be quoted in CEL")
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def cel_prefix(expr: str) -> str:
+    """CEL: the string ``expr`` as a prefix, ending in ``/`` (:func:`_as_prefix`)."""
+    return f"({expr}.endsWith('/') ? {expr} : {expr} + '/')"
+
+
+def cel_disjoint(prefix_a: str, prefix_b: str) -> str:
+    """CEL: neither prefix starts with the other, i.e. not :func:`uris_overlap` (both end in ``/``:
+    see :func:`cel_prefix`)."""
+    return f"!({prefix_a}.startsWith({prefix_b}) || {prefix_b}.startsWith({prefix_a}))"
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 5] + "...'"
@@ -110,19 +167,28 @@ def _short(value: Any, limit: int = 60) -> str:
 #: A model location: s3://, file:// or hf://. The CRD keeps the regex as ``pattern``.
 ModelUri = Annotated[
     str,
-    Field(max_length=MAX_URI_LENGTH, json_schema_extra={"pattern": MODEL_URI_PATTERN}),
+    Field(
+        max_length=MAX_URI_LENGTH,
+        json_schema_extra={"pattern": MODEL_URI_PATTERN, **cel_rules(cel_pattern(MODEL_URI_PATTERN, MSG_MODEL_URI))},
+    ),
     pattern_check(MODEL_URI_PATTERN, MSG_MODEL_URI),
 ]
 #: A data or output location: s3:// or file://. The CRD keeps the regex as ``pattern``.
 DataUri = Annotated[
     str,
-    Field(max_length=MAX_URI_LENGTH, json_schema_extra={"pattern": DATA_URI_PATTERN}),
+    Field(
+        max_length=MAX_URI_LENGTH,
+        json_schema_extra={"pattern": DATA_URI_PATTERN, **cel_rules(cel_pattern(DATA_URI_PATTERN, MSG_DATA_URI))},
+    ),
     pattern_check(DATA_URI_PATTERN, MSG_DATA_URI),
 ]
 #: An S3 endpoint URL.
 EndpointUrl = Annotated[
     str,
-    Field(max_length=1024, json_schema_extra={"pattern": ENDPOINT_PATTERN}),
+    Field(
+        max_length=1024,
+        json_schema_extra={"pattern": ENDPOINT_PATTERN, **cel_rules(cel_pattern(ENDPOINT_PATTERN, MSG_ENDPOINT))},
+    ),
     pattern_check(ENDPOINT_PATTERN, MSG_ENDPOINT),
 ]
 
@@ -348,6 +414,10 @@ class LoraSettings(ApiModel):
             "but the output head (the QLoRA paper found all linear layers necessary to match 16-bit). "
             "Default [all-linear]."
         ),
+        json_schema_extra={
+            "x-kubernetes-list-type": "set",
+            **cel_rules(cel_rule("!('all-linear' in self) || self.size() == 1", MSG_ALL_LINEAR_ALONE)),
+        },
     )
     bias: LoraBias = Field(default=LoraBias.none, description="Which biases to train. Default none.")
 
@@ -363,6 +433,12 @@ class LoraSettings(ApiModel):
 
 class TrainingSettings(ApiModel):
     """The optimisation loop (maps to TRL ``SFTConfig``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel_rule("!(has(self.epochs) && has(self.maxSteps))", MSG_EPOCHS_AND_MAX_STEPS, fieldPath=".maxSteps"),
+        )
+    )
 
     epochs: Annotated[float, Field(gt=0, le=1000)] | None = Field(
         default=None,
@@ -529,6 +605,12 @@ DEFAULT_GGUF_QUANTIZATION = GgufQuantization.q8_0.value
 class ExportTarget(ApiModel):
     """One export under ``<uri>/run-<N>/export/`` with its own ``_SUCCESS`` marker (``qlora_trainer.export``)."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel_rule("!has(self.quantization) || self.format == 'gguf'", MSG_EXPORT_QUANTIZATION_GGUF_ONLY),
+        )
+    )
+
     format: ExportFormat = Field(
         description=(
             "gguf: the merged model converted by llama.cpp's convert_hf_to_gguf.py into one .gguf file "
@@ -563,6 +645,17 @@ class ExportTarget(ApiModel):
 class OutputTarget(ApiModel):
     """Where artifacts go: ``<uri>/run-<N>/adapter/``, ``.../merged/``, ``.../checkpoints/`` (``runs``: one prefix per run)."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel_rule(
+                "!has(self.export) || size(self.export) == 0"
+                " || (has(self.merge) && has(self.merge.enabled) && self.merge.enabled)",
+                MSG_EXPORT_NEEDS_MERGE,
+                fieldPath=".export",
+            ),
+        )
+    )
+
     uri: DataUri = Field(
         description="Output prefix (s3:// or file://); each artifact is complete when its _SUCCESS marker exists."
     )
@@ -576,6 +669,9 @@ class OutputTarget(ApiModel):
             "Deployable exports made from the merged model (needs merge.enabled), each under "
             "<uri>/run-<N>/export/<format>[-<quantization>]/ with its own _SUCCESS marker: gguf (llama.cpp, "
             "Llama/Mistral/Qwen2/Qwen3 architectures) and vllm (LoRA serving layout). Each format at most once."
+        ),
+        json_schema_extra=cel_rules(
+            cel_rule("self.all(e, self.filter(o, o.format == e.format).size() == 1)", MSG_EXPORT_FORMATS_UNIQUE),
         ),
     )
 
@@ -675,6 +771,35 @@ class TrainingConfig(ApiModel):
     Loaded by :func:`load_config` from JSON or YAML with camelCase keys.
     """
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel_rule(
+                "!has(self.training) || !has(self.quantization) || !has(self.training.precision)"
+                " || !has(self.quantization.computeDtype)"
+                " || !(self.training.precision == 'fp16' && self.quantization.computeDtype == 'bfloat16')",
+                MSG_FP16_WITH_BF16,
+                fieldPath=".training.precision",
+            ),
+            # One rule per pair, in the order of _output_separate's checks.
+            cel_rule(
+                cel_disjoint(cel_prefix("self.output.uri"), cel_prefix("self.dataset.uri")),
+                MSG_OUTPUT_OVERLAPS_DATASET,
+                fieldPath=".output.uri",
+            ),
+            cel_rule(
+                "!has(self.dataset.evalUri) || "
+                + cel_disjoint(cel_prefix("self.output.uri"), cel_prefix("self.dataset.evalUri")),
+                MSG_OUTPUT_OVERLAPS_EVAL,
+                fieldPath=".output.uri",
+            ),
+            cel_rule(
+                cel_disjoint(cel_prefix("self.output.uri"), cel_prefix("self.model.uri")),
+                MSG_OUTPUT_OVERLAPS_MODEL,
+                fieldPath=".output.uri",
+            ),
+        )
+    )
+
     model: ModelSource = Field(description="The base model to fine-tune (Hugging Face layout), read-only.")
     dataset: DatasetSource = Field(description="Training and eval data, and how their rows look.")
     quantization: QuantizationConfig = Field(
@@ -711,7 +836,7 @@ class TrainingConfig(ApiModel):
 
     @model_validator(mode="after")
     def _output_separate(self) -> TrainingConfig:
-        # One rule per pair, in the order of the CRD's CEL rules.
+        # One rule per pair, in the order of the CEL rules in model_config.
         out = self.output.uri
         if uris_overlap(out, self.dataset.uri):
             raise PydanticCustomError("output_overlap", MSG_OUTPUT_OVERLAPS_DATASET)

@@ -1,17 +1,24 @@
 """Spec changes during a run: which fields are fixed while ``Running=True`` and what a change means.
 
 Training fields are fixed while a run is active (condition ``Running=True``): the CRD
-refuses such an update with a CEL transition rule at the object root, and
+refuses such an update with CEL transition rules at the object root
+(:func:`transition_rules`, one per :func:`fixed_during_run` field), and
 :func:`training_fields_changed` lets the operator apply the same rule (and decide what
 a changed spec on a finished or suspended job means).
+
+A transition rule at the root sees ``oldSelf.status`` (on a main-resource update the API
+server carries the stored status over, so ``self.status == oldSelf.status``), which is
+how the rule can depend on the run state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from qlora_operator.api.spec import QLoRAJobSpec
 from qlora_operator.api.status import ConditionType, QLoRAJobStatus
+from qlora_trainer.config import cel_rule
 
 # --- changes during a run -----------------------------------------------------
 
@@ -24,6 +31,68 @@ MUTABLE_WHILE_ACTIVE = (
     "runPolicy.ttlSecondsAfterFinished",
     "scheduling",
 )
+
+
+def fixed_during_run() -> list[str]:
+    """Spec paths (camelCase, ``lora``, ``runPolicy.backoffLimit``) fixed while a run is active:
+    every top-level spec field, except that a section with a :data:`MUTABLE_WHILE_ACTIVE`
+    field is listed field by field without those. In the order of :class:`QLoRAJobSpec`'s fields."""
+    paths = []
+    for name, field in QLoRAJobSpec.model_fields.items():
+        alias = field.alias or name
+        if any(m == alias or m.startswith(alias + ".") for m in MUTABLE_WHILE_ACTIVE):
+            if alias in MUTABLE_WHILE_ACTIVE:
+                continue  # the whole section may change
+            sub = field.annotation
+            for sub_name, sub_field in sub.model_fields.items():  # type: ignore[union-attr]
+                path = f"{alias}.{sub_field.alias or sub_name}"
+                if path not in MUTABLE_WHILE_ACTIVE:
+                    paths.append(path)
+        else:
+            paths.append(alias)
+    return paths
+
+
+def _has_chain(root: str, path: str) -> str:
+    parts = path.split(".")
+    return " && ".join(f"has({root}.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
+
+
+def _same(path: str, always_present: bool) -> str:
+    """CEL: spec field ``path`` is unchanged between ``oldSelf`` and ``self`` (absent == absent)."""
+    if always_present:
+        return f"self.spec.{path} == oldSelf.spec.{path}"
+    new, old = _has_chain("self.spec", path), _has_chain("oldSelf.spec", path)
+    return f"(({new}) ? (({old}) && self.spec.{path} == oldSelf.spec.{path}) : !({old}))"
+
+
+#: CEL: the stored object's run is active (as :func:`run_is_active`).
+_ACTIVE = (
+    "has(oldSelf.status) && has(oldSelf.status.conditions)"
+    " && oldSelf.status.conditions.exists(c, c.type == 'Running' && c.status == 'True')"
+)
+
+
+def transition_rules(always_present: Callable[[str], bool]) -> list[dict[str, str]]:
+    """The CRD's transition rules at the object root: one per :func:`fixed_during_run` path,
+    refusing a change while the stored object's run is active.
+
+    ``always_present(path)``: whether the schema makes ``spec.<path>`` present after
+    defaulting (required or defaulted all the way down), so the rule may compare without
+    ``has()``. One rule per field (rather than one rule with a ``messageExpression``
+    listing the changed fields, which the API server's cost estimator refuses at the
+    root) so each refusal names its field.
+    """
+    return [
+        cel_rule(
+            f"!({_ACTIVE}) || {_same(path, always_present(path))}",
+            f"spec.{path} cannot change while a run is active (condition Running=True): "
+            "suspend the job (spec.runPolicy.suspend: true) or wait until it finishes",
+            fieldPath=f".spec.{path}",
+            reason="FieldValueForbidden",
+        )
+        for path in fixed_during_run()
+    ]
 
 
 def _spec_dicts(*specs: QLoRAJobSpec | dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -114,7 +183,9 @@ def run_is_active(status: QLoRAJobStatus | dict[str, Any] | None) -> bool:
 __all__ = [
     "MUTABLE_WHILE_ACTIVE",
     "NOT_STARTING_A_RUN",
+    "fixed_during_run",
     "run_fields_changed",
     "run_is_active",
     "training_fields_changed",
+    "transition_rules",
 ]

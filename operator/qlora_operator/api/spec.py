@@ -1,4 +1,4 @@
-"""The QLoRAJob spec (``qlora.dev/v1alpha1``): the API's identity, field patterns and the spec models.
+"""The QLoRAJob spec (``qlora.dev/v1alpha1``): the API's identity and the spec models.
 
 The spec is the trainer's input contract (:class:`qlora_trainer.config.TrainingConfig`)
 plus the runtime fields only the operator uses (resources, image, scheduling, run
@@ -16,8 +16,25 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import Field
 
+from qlora_operator.api.patterns import (
+    DNS_1035_LABEL,
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    EXTENDED_RESOURCE,
+    LABEL_KEY,
+    LABEL_VALUE,
+    MSG_DNS_LABEL,
+    MSG_DNS_SUBDOMAIN,
+    MSG_EXTENDED_RESOURCE,
+    MSG_LABEL_VALUE,
+    MSG_SECRET_NAME,
+    PassThrough,
+    Quantity,
+    SecretName,
+)
+from qlora_operator.api.pod import PodSettings
 from qlora_trainer import contract
 from qlora_trainer.config import (
     ApiModel,
@@ -25,6 +42,9 @@ from qlora_trainer.config import (
     StorageSettings,
     TrackingSettings,
     TrainingConfig,
+    cel_pattern,
+    cel_rule,
+    cel_rules,
     pattern_check,
 )
 
@@ -40,62 +60,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 #: names add suffixes (``<name>-train``, ``<name>-config``, ...) and the Job's name
 #: must still fit the 63-character ``job-name`` label of its pods.
 MAX_NAME_LENGTH = 52
-
-#: Kubernetes object name (RFC 1123 label): what a Secret or PriorityClass name must be.
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-#: RFC 1035 label: what a Service name must be (a letter first).
-DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-#: RFC 1123 subdomain, for Secret names.
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-#: A Kubernetes resource quantity without a sign (``8``, ``500m``, ``64Gi``, ``1e3``).
-QUANTITY = (
-    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
-#: A label value (empty allowed), e.g. of ``nodeSelector``.
-LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
-#: A label or taint key: optional DNS-subdomain prefix and ``/``, then a name of up to 63 characters.
-LABEL_KEY = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
-#: An extended resource name such as ``nvidia.com/gpu``.
-EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"
-
-MSG_QUANTITY = "must be a Kubernetes quantity such as 8, 500m or 64Gi"
-MSG_SECRET_NAME = "must be a Secret name (lowercase RFC 1123 subdomain, e.g. s3-creds)"
-MSG_LABEL_VALUE = "must be a label value (up to 63 letters, digits, '-', '_', '.'; alphanumeric at both ends)"
-MSG_EXTENDED_RESOURCE = "must be an extended resource name such as nvidia.com/gpu"
-MSG_DNS_LABEL = "must be a lowercase RFC 1123 label (letters, digits, '-')"
-MSG_DNS_SUBDOMAIN = "must be a lowercase RFC 1123 subdomain (letters, digits, '-', '.')"
 MSG_MULTINODE_NAME = (
     "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', a letter first, no '.') when "
     "spec.resources.nodes > 1: it names the run's headless Service and its pods' hostnames (<name>-train-<index>)"
 )
-
-
-def _quantity_to_str(value: Any) -> Any:
-    # YAML ``cpu: 8`` is an integer; Kubernetes quantities are int-or-string.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-#: A resource quantity: ``int-or-string`` in the CRD (``cpu: 8`` and ``cpu: "8"`` both work).
-Quantity = Annotated[
-    str,
-    BeforeValidator(_quantity_to_str),
-    Field(max_length=64, json_schema_extra={"pattern": QUANTITY, "x-kubernetes-int-or-string": True}),
-    pattern_check(QUANTITY, MSG_QUANTITY),
-]
-
-
-#: A Secret's name (DNS subdomain), for the Secret references below.
-SecretName = Annotated[
-    str,
-    Field(min_length=1, max_length=253, json_schema_extra={"pattern": DNS_SUBDOMAIN}),
-    pattern_check(DNS_SUBDOMAIN, MSG_SECRET_NAME),
-]
 
 
 class SecretReference(ApiModel):
@@ -106,7 +74,8 @@ class SecretReference(ApiModel):
             "Secret name in the QLoRAJob's own namespace, with keys AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (optionally AWS_SESSION_TOKEN). There is no namespace field: "
             "a job can only use Secrets of its own namespace."
-        )
+        ),
+        json_schema_extra=cel_rules(cel_pattern(DNS_SUBDOMAIN, MSG_SECRET_NAME)),
     )
 
 
@@ -213,47 +182,6 @@ class Toleration(ApiModel):
     )
 
 
-#: An environment variable name (the rule every supported Kubernetes version accepts).
-ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
-#: An absolute container path.
-MOUNT_PATH = r"^/[^:]*$"
-#: Annotation keys under this prefix are the operator's own.
-OPERATOR_ANNOTATION_PREFIX = f"{GROUP}/"
-
-MSG_ENV_NAME = "must be an environment variable name (letters, digits, '_', '-', '.'; not a digit first)"
-MSG_MOUNT_PATH = "must be an absolute path without ':' such as /data"
-MSG_ANNOTATION_KEY = "must be an annotation key such as eks.amazonaws.com/role-arn"
-MSG_ENV_VALUE_AND_VALUE_FROM = "pod.env: set value or valueFrom, not both"
-MSG_ENV_ONE_SOURCE = (
-    "pod.env[].valueFrom: set exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef"
-)
-MSG_SA_ANNOTATION_RESERVED = (
-    f"pod.serviceAccountAnnotations: keys under {OPERATOR_ANNOTATION_PREFIX} are the operator's own: use another key"
-)
-MSG_MOUNT_UNKNOWN_VOLUME = "pod.volumeMounts[].name must name a volume of pod.volumes"
-
-#: Preserve-unknown-fields object (a pass-through core/v1 structure the API server checks
-#: when the operator creates the Job).
-_PASS_THROUGH = {"x-kubernetes-preserve-unknown-fields": True}
-PassThrough = Annotated[dict[str, Any], Field(json_schema_extra=_PASS_THROUGH)]
-
-_ShortName = Annotated[
-    str,
-    Field(min_length=1, max_length=253, json_schema_extra={"pattern": DNS_SUBDOMAIN}),
-    pattern_check(DNS_SUBDOMAIN, MSG_DNS_SUBDOMAIN),
-]
-_VolumeName = Annotated[
-    str,
-    Field(min_length=1, max_length=63, json_schema_extra={"pattern": DNS_LABEL}),
-    pattern_check(DNS_LABEL, MSG_DNS_LABEL),
-]
-_MountPath = Annotated[
-    str,
-    Field(min_length=1, max_length=1024, json_schema_extra={"pattern": MOUNT_PATH}),
-    pattern_check(MOUNT_PATH, MSG_MOUNT_PATH),
-]
-
-
 class Affinity(ApiModel):
     """A pod's ``affinity`` (core/v1 ``Affinity``): each part is passed to the pod as written.
 
@@ -268,166 +196,6 @@ class Affinity(ApiModel):
     pod_anti_affinity: PassThrough | None = Field(default=None, description="core/v1 PodAntiAffinity.")
 
 
-class KeySelector(ApiModel):
-    """A key of a Secret or ConfigMap in the job's own namespace (no namespace field)."""
-
-    name: _ShortName = Field(description="Secret or ConfigMap name, in the QLoRAJob's namespace.")
-    key: Annotated[str, Field(min_length=1, max_length=253)] = Field(description="The key to read.")
-    optional: bool | None = Field(
-        default=None, description="true: the variable is unset when the object or key is missing. Default false."
-    )
-
-
-class FieldRef(ApiModel):
-    """core/v1 ``ObjectFieldSelector``: a field of the trainer pod (downward API)."""
-
-    field_path: Annotated[str, Field(min_length=1, max_length=256)] = Field(
-        description="Pod field, e.g. metadata.name, spec.nodeName, status.podIP."
-    )
-    api_version: Annotated[str, Field(max_length=64)] | None = Field(
-        default=None, description="Version of the field path's schema. Default v1."
-    )
-
-
-class ResourceFieldRef(ApiModel):
-    """core/v1 ``ResourceFieldSelector``: a request or limit of the trainer container."""
-
-    resource: Annotated[str, Field(min_length=1, max_length=256)] = Field(
-        description="limits.cpu, limits.memory, requests.cpu, requests.memory, ..."
-    )
-    divisor: Quantity | None = Field(default=None, description="Unit of the value, e.g. 1Mi. Default 1.")
-
-
-class EnvVarSource(ApiModel):
-    """Where an extra variable's value comes from; exactly one source."""
-
-    secret_key_ref: KeySelector | None = Field(default=None, description="A key of a Secret in the job's namespace.")
-    config_map_key_ref: KeySelector | None = Field(
-        default=None, description="A key of a ConfigMap in the job's namespace."
-    )
-    field_ref: FieldRef | None = Field(default=None, description="A field of the pod (downward API).")
-    resource_field_ref: ResourceFieldRef | None = Field(
-        default=None, description="A resource request or limit of the trainer container."
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> EnvVarSource:
-        sources = (self.secret_key_ref, self.config_map_key_ref, self.field_ref, self.resource_field_ref)
-        if sum(s is not None for s in sources) != 1:
-            raise ValueError(MSG_ENV_ONE_SOURCE)
-        return self
-
-
-class EnvVar(ApiModel):
-    """An extra environment variable of the trainer container (core/v1 ``EnvVar``)."""
-
-    name: Annotated[
-        str, Field(min_length=1, max_length=256, json_schema_extra={"pattern": ENV_NAME}), pattern_check(ENV_NAME, MSG_ENV_NAME)
-    ] = Field(description="Variable name; the operator's own names (QLORA_*, the S3 credentials, ...) are refused.")
-    value: Annotated[str, Field(max_length=32768)] | None = Field(
-        default=None,
-        description="Literal value; $(VAR) expands the operator's variables and earlier extra ones.",
-    )
-    value_from: EnvVarSource | None = Field(default=None, description="Value from a Secret, ConfigMap or the pod.")
-
-    @model_validator(mode="after")
-    def _value_or_source(self) -> EnvVar:
-        if self.value is not None and self.value_from is not None:
-            raise ValueError(MSG_ENV_VALUE_AND_VALUE_FROM)
-        return self
-
-
-class Volume(ApiModel):
-    """An extra pod volume (core/v1 ``Volume``): ``name`` plus one volume source, passed as written.
-
-    E.g. ``{name: models, persistentVolumeClaim: {claimName: models, readOnly: true}}``;
-    the API server checks the source when the operator creates the Job, and the
-    namespace's Pod Security level applies (``restricted`` refuses ``hostPath``).
-    """
-
-    model_config = ConfigDict(extra="allow", json_schema_extra=_PASS_THROUGH)
-
-    name: _VolumeName = Field(description="Volume name (a DNS label); the operator's own volume names are refused.")
-
-
-class VolumeMount(ApiModel):
-    """Where the trainer container mounts an extra volume (core/v1 ``VolumeMount``)."""
-
-    name: _VolumeName = Field(description="A volume of pod.volumes.")
-    mount_path: _MountPath = Field(
-        description="Absolute path in the container; may not be, contain or lie under the operator's mounts."
-    )
-    read_only: bool | None = Field(default=None, description="Mount read-only. Default false.")
-    sub_path: Annotated[str, Field(max_length=1024)] | None = Field(
-        default=None, description="Path within the volume to mount instead of its root."
-    )
-
-
-class PodSettings(ApiModel):
-    """Identity and pod plumbing of trainer pods: no effect on what is trained.
-
-    Fixed while a run is active (a Job's pod template is immutable); a change on a
-    finished or suspended job starts no run and applies from the next one.
-    """
-
-    service_account_annotations: Annotated[
-        dict[
-            Annotated[str, Field(max_length=317), pattern_check(LABEL_KEY, MSG_ANNOTATION_KEY)],
-            Annotated[str, Field(max_length=4096)],
-        ],
-        Field(max_length=32),
-    ] = Field(
-        default_factory=dict,
-        description=(
-            "Annotations of the trainer's ServiceAccount <job>-trainer, over the chart's "
-            "trainer.serviceAccountAnnotations: IRSA (eks.amazonaws.com/role-arn) or GKE Workload Identity "
-            "(iam.gke.io/gcp-service-account). At most 32; keys under qlora.dev/ are refused."
-        ),
-    )
-    image_pull_secrets: Annotated[list[_ShortName], Field(max_length=16)] = Field(
-        default_factory=list,
-        description=(
-            "Secrets (same namespace, type kubernetes.io/dockerconfigjson) to pull the trainer image with, "
-            "after the chart's trainer.imagePullSecrets. At most 16."
-        ),
-    )
-    runtime_class_name: _ShortName | None = Field(
-        default=None, description="RuntimeClass of trainer pods (e.g. nvidia). Unset: the cluster default."
-    )
-    env: Annotated[list[EnvVar], Field(max_length=64)] = Field(
-        default_factory=list,
-        description=(
-            "Extra environment variables of the trainer container, after the operator's (at most 64). "
-            "The operator's own names are refused (QLORA_*, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-            "AWS_SESSION_TOKEN, HOME, TMPDIR, HF_HOME, PYTHONUNBUFFERED)."
-        ),
-    )
-    volumes: Annotated[list[Volume], Field(max_length=32)] = Field(
-        default_factory=list,
-        description=(
-            "Extra pod volumes (core/v1 Volume: name plus one source, e.g. persistentVolumeClaim), at most 32. "
-            "A PVC mounted with volumeMounts serves file:// model, data or output URIs. The operator's own "
-            "volume names (config, cache, tmp, dshm) are refused."
-        ),
-    )
-    volume_mounts: Annotated[list[VolumeMount], Field(max_length=32)] = Field(
-        default_factory=list,
-        description=(
-            "Mounts of pod.volumes in the trainer container, at most 32. The operator's mount paths "
-            "(/etc/qlora, /cache, /tmp, /dev/shm, /dev/termination-log) and paths under or above them are refused."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _no_collisions(self) -> PodSettings:
-        from qlora_operator import render  # render imports this module: resolve at validation time
-
-        problems = render.pod_settings_problems(self)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
 class Scheduling(ApiModel):
     """Where trainer pods may run and how they queue (may change while a run is active)."""
 
@@ -437,7 +205,16 @@ class Scheduling(ApiModel):
             Annotated[str, Field(max_length=63, json_schema_extra={"pattern": LABEL_VALUE}), pattern_check(LABEL_VALUE, MSG_LABEL_VALUE)],
         ],
         Field(max_length=64),
-    ] = Field(default_factory=dict, description="Node labels a trainer pod's node must have (at most 64).")
+    ] = Field(
+        default_factory=dict,
+        description="Node labels a trainer pod's node must have (at most 64).",
+        json_schema_extra=cel_rules(
+            cel_rule(
+                f"self.all(k, k.size() <= 317 && k.matches(r'{LABEL_KEY}'))",
+                "scheduling.nodeSelector: keys must be label keys such as example.com/gpu-type",
+            ),
+        ),
+    )
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(
         default_factory=list, description="Taints trainer pods tolerate (at most 32)."
     )
@@ -536,6 +313,23 @@ class QLoRAJobSpec(TrainingConfig):
         return TrainingConfig.model_validate(data)
 
 
+#: CEL rules at the object root (they see ``metadata`` and ``spec``): the name's length,
+#: and a DNS-1035 name for several nodes (:func:`multinode_name_problem`). The root's
+#: transition rules (fields fixed during a run) are :func:`qlora_operator.api.changes.transition_rules`.
+OBJECT_RULES = [
+    cel_rule(
+        f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+        "(child objects such as the <name>-train Job add suffixes)",
+    ),
+    cel_rule(
+        "!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes <= 1"
+        f" || self.metadata.name.matches(r'{DNS_1035_LABEL}')",
+        MSG_MULTINODE_NAME,
+    ),
+]
+
+
 def multinode_name_problem(name: str, nodes: int) -> str | None:
     """Why ``name`` cannot run ``nodes`` trainer pods, or None (the CRD checks the same).
 
@@ -568,59 +362,26 @@ __all__ = [
     "API_VERSION",
     "Affinity",
     "CATEGORIES",
-    "DNS_1035_LABEL",
-    "DNS_LABEL",
-    "DNS_SUBDOMAIN",
-    "ENV_NAME",
-    "EXTENDED_RESOURCE",
-    "EnvVar",
-    "EnvVarSource",
-    "FieldRef",
     "GROUP",
     "JobMlflowSettings",
     "JobStorageSettings",
     "JobTrackingSettings",
     "KIND",
-    "KeySelector",
-    "LABEL_KEY",
-    "LABEL_VALUE",
     "MAX_NAME_LENGTH",
     "MLFLOW_SECRET_KEYS",
-    "MOUNT_PATH",
-    "MSG_ANNOTATION_KEY",
-    "MSG_DNS_LABEL",
-    "MSG_DNS_SUBDOMAIN",
-    "MSG_ENV_NAME",
-    "MSG_ENV_ONE_SOURCE",
-    "MSG_ENV_VALUE_AND_VALUE_FROM",
-    "MSG_EXTENDED_RESOURCE",
-    "MSG_LABEL_VALUE",
-    "MSG_MOUNT_PATH",
-    "MSG_MOUNT_UNKNOWN_VOLUME",
     "MSG_MULTINODE_NAME",
-    "MSG_QUANTITY",
-    "MSG_SA_ANNOTATION_RESERVED",
-    "MSG_SECRET_NAME",
-    "OPERATOR_ANNOTATION_PREFIX",
+    "OBJECT_RULES",
     "PLURAL",
-    "PassThrough",
-    "PodSettings",
     "QLoRAJobSpec",
-    "QUANTITY",
-    "Quantity",
-    "ResourceFieldRef",
     "Resources",
     "RunPolicy",
     "SHORT_NAMES",
     "SINGULAR",
     "Scheduling",
-    "SecretName",
     "SecretReference",
     "Toleration",
     "TrackingSecretReference",
     "VERSION",
-    "Volume",
-    "VolumeMount",
     "multinode_name_problem",
     "parse_spec",
 ]
