@@ -2,7 +2,8 @@
 containerd, from the images ``make images`` builds.
 
 - ``node`` (module): a started real-node cluster (control plane, MinIO at the node's address,
-  one node of containerd + runc + CNI + kubelet + kube-proxy with one fake ``nvidia.com/gpu``),
+  one node of containerd + runc + CNI + kubelet + kube-proxy with fake ``nvidia.com/gpu``: the
+  module's ``NODE_GPUS``, 1 without it),
   the trainer image imported into its containerd (skipped when the same image is there:
   containerd's root is kept per machine), the CRD established, buckets ``models``, ``data``,
   ``artifacts``, the embedded SmolLM2-135M under ``s3://models/smollm2/`` and slices of the
@@ -35,9 +36,10 @@ from test_operator import REAL_TRAINER, Operator, condition  # noqa: E402 - the 
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
+def node(request, tmp_path_factory):
     """A started real-node cluster with the trainer image imported, the CRD installed and the
-    model and data in MinIO: ``{"cluster", "image", "s3", "timings"}``."""
+    model and data in MinIO: ``{"cluster", "image", "s3", "timings"}``; the node has the
+    module's ``NODE_GPUS`` fake GPUs (1 without it)."""
     import localimages
     from localcluster import LocalCluster
 
@@ -52,7 +54,8 @@ def node(tmp_path_factory):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _terminate)
-    cluster = LocalCluster(tmp_path_factory.mktemp("realnode"), node="real", gpus_per_node=1,
+    gpus = getattr(request.module, "NODE_GPUS", 1)
+    cluster = LocalCluster(tmp_path_factory.mktemp("realnode"), node="real", gpus_per_node=gpus,
                            timeout_s=180)
     try:
         t = time.monotonic()
