@@ -123,3 +123,22 @@ def signal_at_first_step(proc: subprocess.Popen, sig: int, timeout: float = 600)
         if proc.poll() is None:
             proc.kill()
     return code, seen
+
+
+def wait_crd_established(cluster, name: str = "qlorajobs.qlora.dev", timeout: float = 60) -> None:
+    """Wait until the CustomResourceDefinition ``name`` has ``Established=True``.
+
+    Read through the API, not ``kubectl wait --for=condition=Established``: kubectl errors
+    out at once (``.status.conditions accessor error: <nil>``) when it reads a CRD the API
+    server has not written conditions for yet, which happens on a busy machine.
+
+    Raises:
+        AssertionError: not established within ``timeout`` seconds.
+    """
+    path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+
+    def established() -> bool:
+        conditions = (cluster.api().get(path).get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+    wait_for(established, timeout, f"the CRD {name} to be established")

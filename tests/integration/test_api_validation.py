@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import DELETE, set_path, wait_for
+from helpers import DELETE, set_path, wait_crd_established, wait_for
 from qlora_operator import crd
 from qlora_operator.api import MAX_NAME_LENGTH, QLoRAJobSpec, parse_spec
 from qlora_trainer.config import ConfigError
@@ -167,7 +167,7 @@ API_ONLY = {"missing-spec", "name-too-long"}
 def installed(cluster):
     """The committed CRD, installed and established."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd.CRD_PATH))
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd.api.PLURAL}.{crd.api.GROUP}", "--timeout=60s")
+    wait_crd_established(cluster, f"{crd.api.PLURAL}.{crd.api.GROUP}")
     return cluster
 
 

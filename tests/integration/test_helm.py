@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import wait_for
+from helpers import wait_crd_established, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "qlora-operator"
@@ -357,7 +357,7 @@ def test_install_run_upgrade_uninstall(cluster, helm, make_namespace, tmp_path):
         proc = helm("install", RELEASE, str(CHART), "--namespace", release_ns, "-f", str(values), "--wait",
                     "--timeout", "120s")
         assert "STATUS: deployed" in proc.stdout, proc.stdout
-        cluster.kubectl("wait", "--for=condition=Established", "crd/qlorajobs.qlora.dev", "--timeout=60s")
+        wait_crd_established(cluster)
         pod = wait_operator_started(cluster, api, release_ns)
         timings["install"] = time.monotonic() - t0
         assert pod["spec"]["serviceAccountName"] == SA

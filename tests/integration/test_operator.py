@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import wait_crd_established, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP_PATH = "/apis/qlora.dev/v1alpha1"
@@ -194,7 +194,7 @@ def crd(cluster):
     """The QLoRAJob CRD installed from crds/ and established."""
     crds = os.environ.get("QLORA_TEST_CRDS", str(REPO / "crds"))  # another CRD file/dir, while iterating on it
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", crds)
-    cluster.kubectl("wait", "--for=condition=Established", "crd/qlorajobs.qlora.dev", "--timeout=60s")
+    wait_crd_established(cluster)
     return "qlorajobs.qlora.dev"
 
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import upload_embedded, wait_for
+from helpers import upload_embedded, wait_crd_established, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from test_operator import REAL_TRAINER, Operator, condition  # noqa: E402 - the operator tests' process wrapper
+from test_operator import REAL_TRAINER, Operator  # noqa: E402 - the operator tests' process wrapper
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,7 @@ def node(request, tmp_path_factory):
         imported = cluster.import_image(images["trainer"])
         timings["import"] = time.monotonic() - t
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-        crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/qlorajobs.qlora.dev"
-        wait_for(lambda: condition(cluster.api().get(crd), "Established").get("status") == "True", 60,
-                 "the QLoRAJob CRD to be established")  # kubectl wait fails on a CRD with no status yet
+        wait_crd_established(cluster)
         t = time.monotonic()
         s3 = cluster.s3_client()
         for bucket in ("models", "data", "artifacts"):
