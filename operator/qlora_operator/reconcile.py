@@ -6,9 +6,11 @@ be (:mod:`plan`, :mod:`render`, :mod:`status`), and makes it so through :mod:`ku
 in three steps: decide (:func:`plan.decide` names a :class:`plan.Action`), apply (one
 ``_apply_<action>`` function each; :func:`_start_run` starts a run for a new QLoRAJob,
 a changed spec and a group restart alike; then :func:`_observe` reads the current run),
-and patch the status once (:class:`_StatusWriter`: every status decided on the way is
-applied in memory, later decisions see it, one merge patch sends it), then stop the run,
-delete pods and post the Events the status asks for. The spec the current run recorded
+and patch the status through one writer (:class:`_StatusWriter`: each status decided is
+applied in memory, later decisions see it, and :meth:`_StatusWriter.flush` sends it): once
+at the end, and before that only where the status must be written first: a new run is
+recorded before its children exist, a failed group's status before its next run starts.
+Then the run is stopped, pods deleted and the Events posted that the status asks for. The spec the current run recorded
 is parsed once. Running it twice, or after a crash at any point, converges to the same
 state: children have deterministic names and are created with create-or-adopt.
 
@@ -197,8 +199,8 @@ def reconcile(
     """Bring one QLoRAJob's children and status in line with what the cluster shows.
 
     Decide (:func:`plan.decide`), apply (one function per :class:`plan.Action`, then observe
-    the current run), patch the status once, then stop the run, delete pods and post the
-    Events the status asks for. ``ensure``: also re-create missing non-Job children of an
+    the current run), patch the status (at the end; a new run is recorded first), then stop
+    the run, delete pods and post the Events the status asks for. ``ensure``: also re-create missing non-Job children of an
     active run (spec handlers).
 
     Raises:
@@ -258,7 +260,9 @@ def _apply_create(rc: _Reconcile, ensure: bool) -> _Step:
     """The current run has no Job yet: record the run, then start it."""
     run = rc.plan.run
     if (rc.body.get("status") or {}).get("run") != run:
-        rc.emit(rc.record(rc.observed(run, None)).events)
+        recorded = rc.record(rc.observed(run, None))
+        rc.writer.flush()  # the run is recorded (and shows Pending) before any child of it exists
+        rc.emit(recorded.events)
     return _start_run(rc, run, rc.spec, fit_check=True)
 
 
@@ -267,6 +271,7 @@ def _apply_start_next(rc: _Reconcile, ensure: bool) -> _Step:
     post no Event), announce it, and start it from step 0 under its own prefix."""
     run = rc.plan.run
     rc.record(rc.observed(run, None))
+    rc.writer.flush()  # record run N+1 first: a crash then re-creates its children, never duplicates them
     fields = ", ".join(rc.plan.changed_fields[:8])
     prefix = f"{rc.spec.output.uri.rstrip('/')}/{contract.run_dir(run)}/"
     rc.emit([EventSpec("Normal", "RunStarted", f"spec changed ({fields}): starting run {run} from step 0 under {prefix}")])
@@ -329,6 +334,7 @@ def _observe(rc: _Reconcile, run: int, job: Mapping[str, Any] | None) -> tuple[S
         return result, job
     # The group of several nodes failed and every pod of it stopped: the next run restarts it
     # (Job first: its annotations carry the count, so a crash before the status patch is harmless).
+    rc.writer.flush()  # the failed run's status as it ended, before the next run starts
     rc.emit(result.events)
     restart = result.restart
     spec = rc.spec if rc.spec is not None else rc.run_spec
