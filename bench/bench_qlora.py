@@ -479,6 +479,7 @@ def product_trainer(model_dir: Path, dataset: Any, setting: str, total_steps: in
     overrides = dict(overrides)
     compile_layers = bool(overrides.pop("benchCompileLayers", False))  # probe: torch.compile per decoder layer
     keep_layers = int(overrides.pop("benchNoCheckpointLayers", 0))  # probe: the last N layers not checkpointed
+    overrides.pop("benchAllocConf", None)  # probe: PYTORCH_CUDA_ALLOC_CONF of the run's process (set in run_child)
     if keep_layers:
         callbacks = [keep_layers_callback(keep_layers)] + list(callbacks)
     raw = deep_merge(product_config_dict(model_dir, setting, total_steps, seed, out_dir), overrides)
@@ -829,7 +830,8 @@ def _jsonable(value: Any) -> Any:
 def child_env_info(device: str) -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"versions": versions(), "platform": platform.platform()}
+    info: dict[str, Any] = {"versions": versions(), "platform": platform.platform(),
+                            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=gib(props.total_memory),
@@ -902,6 +904,18 @@ def run_child(spec: dict[str, Any], name: str, out: Path, timeout: float) -> dic
         env.update(UNSLOTH_DISABLE_STATISTICS="1", UNSLOTH_COMPILE_LOCATION=str(compile_dir))
         if spec.get("unsloth_site"):
             env["PYTHONPATH"] = os.pathsep.join([spec["unsloth_site"]] + [x for x in [os.environ.get("PYTHONPATH")] if x])
+    if spec.get("kind") == "run" and str(spec.get("variant", "")).startswith("product"):
+        # The allocator settings qlora-train gives its process (qlora_trainer.speed.allocator_env), unless the
+        # variant names its own (probe ``benchAllocConf``, e.g. "expandable_segments:False" = PyTorch's default).
+        conf = (spec.get("overrides") or {}).get("benchAllocConf")
+        if conf is not None:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = str(conf)
+        else:
+            if str(TRAINER_SRC) not in sys.path:
+                sys.path.insert(0, str(TRAINER_SRC))
+            from qlora_trainer.speed import allocator_env
+
+            allocator_env(env)
     t0 = time.time()
     with open(log_path, "w") as fh:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_child", str(spec_path)],

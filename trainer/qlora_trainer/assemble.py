@@ -63,6 +63,7 @@ def build_sft_trainer(
     micro_batch_size: int | None = None,
     gradient_accumulation_steps: int | None = None,
     parallelism: str = "single",
+    unchecked_layers: int = 0,
 ) -> Any:
     """``SFTTrainer`` over ``model`` (from :func:`build_model`) with the run's ``SFTConfig``.
 
@@ -73,11 +74,13 @@ def build_sft_trainer(
     are undone here (float32 master weights; the JSON progress lines replace the prints).
     ``training.activationOffloading`` with gradient checkpointing on a GPU adds the callback of
     :func:`qlora_trainer.offload.offload_callback`; on CPU activations are in host memory already.
+    ``unchecked_layers`` (from :func:`micro_batch_layout_for`, ``training.checkpointLayers``): the
+    last that many decoder layers are not checkpointed (GPU, with gradient checkpointing).
     """
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    callbacks = list(callbacks) + speed_callbacks(cfg, hw)
+    callbacks = list(callbacks) + speed_callbacks(cfg, hw, unchecked_layers)
 
     args = sft_config(
         cfg,
@@ -104,40 +107,55 @@ def build_sft_trainer(
     return trainer
 
 
-def speed_callbacks(cfg: TrainingConfig, hw: Hardware) -> list[Any]:
-    """Trainer callbacks of the speed switches: the activation offloader (GPU, with gradient checkpointing)."""
+def speed_callbacks(cfg: TrainingConfig, hw: Hardware, unchecked_layers: int = 0) -> list[Any]:
+    """Trainer callbacks of the speed switches (GPU, with gradient checkpointing), in this order.
+
+    1. ``unchecked_layers > 0``: :func:`qlora_trainer.speed.checkpoint_layers_callback` (the last
+       ``unchecked_layers`` decoder layers not checkpointed); first, so the offloader below
+       wraps only the layers still checkpointed.
+    2. ``training.activationOffloading``: the activation offloader.
+    """
     t = cfg.training
-    if t.activation_offloading and t.gradient_checkpointing and hw.device == "cuda":
+    if not (t.gradient_checkpointing and hw.device == "cuda"):
+        return []
+    out: list[Any] = []
+    if unchecked_layers > 0:
+        from .speed import checkpoint_layers_callback
+
+        out.append(checkpoint_layers_callback(unchecked_layers))
+    if t.activation_offloading:
         from .offload import offload_callback
 
-        return [offload_callback("cuda")]
-    return []
+        out.append(offload_callback("cuda"))
+    return out
 
 
 def micro_batch_layout_for(
     cfg: TrainingConfig, model_config: dict[str, Any], hw: Hardware, *, world_size: int = 1,
-    parallelism: str | None = None, gpu_gib: float | None = None,
+    parallelism: str | None = None, gpu_gib: float | None = None, kept: tuple[int, int] | None = None,
 ) -> Any:
     """The run's micro-batch layout (:func:`qlora_trainer.estimate.micro_batch_layout`) on this machine.
 
     ``model_config``: the model's ``config.json``; ``gpu_gib`` defaults to this GPU's total
-    memory (``torch.cuda.mem_get_info``). Without CUDA, or for a model the estimate does not
-    cover, the layout stays as given.
+    memory (``torch.cuda.mem_get_info``); ``kept``: the (micro-batch, accumulation) of a resumed
+    run, whose layers not checkpointed are chosen for it. Without CUDA, or for a model the
+    estimate does not cover, the layout stays as given (or ``kept``) with every layer checkpointed.
     """
     from .estimate import EstimateError, Layout, micro_batch_layout
     from .model import compute_dtype
 
     t = cfg.training
     given = (t.micro_batch_size, t.gradient_accumulation_steps)
+    use = kept or given
     if hw.device != "cuda":
-        return Layout(*given, given, "as given: no CUDA GPU")
+        return Layout(*use, given, "as given: no CUDA GPU" if kept is None else "kept from the checkpoint resumed")
     total = gpu_gib if gpu_gib is not None else torch.cuda.mem_get_info()[1] / 2**30
     dtype = str(compute_dtype(cfg.quantization.compute_dtype, hw)).removeprefix("torch.")
     try:
         return micro_batch_layout(model_config, cfg, gpu_gib=total, world_size=world_size,
-                                  parallelism=parallelism, compute_dtype=dtype)
+                                  parallelism=parallelism, compute_dtype=dtype, kept=kept)
     except EstimateError as err:
-        return Layout(*given, given, f"as given: {err}")
+        return Layout(*use, given, f"as given: {err}")
 
 
 def build_trainer(
@@ -154,7 +172,8 @@ def build_trainer(
 
     Returns ``(trainer, info)``; ``info`` names the switches in effect (attention
     implementation, Liger, padding-free, upcast, offloading, fused LoRA, the micro-batch layout
-    of ``training.autoMicroBatch``) for the benchmark's table.
+    of ``training.autoMicroBatch``, the layers ``training.checkpointLayers`` leaves unchecked) for
+    the benchmark's table.
     """
     from .model import compute_dtype, load_tokenizer
 
@@ -165,7 +184,7 @@ def build_trainer(
     trainer = build_sft_trainer(
         cfg, model, train_dataset, tokenizer, hw=hw, dtype=dtype, output_dir=output_dir, callbacks=callbacks,
         eval_dataset=eval_dataset, micro_batch_size=layout.micro_batch_size,
-        gradient_accumulation_steps=layout.gradient_accumulation_steps,
+        gradient_accumulation_steps=layout.gradient_accumulation_steps, unchecked_layers=layout.unchecked_layers,
     )
     t = cfg.training
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
@@ -178,6 +197,7 @@ def build_trainer(
         "activationOffloading": t.activation_offloading,
         "fusedLora": bool(t.fused_lora and hw.device == "cuda"),
         "microBatchLayout": layout.summary(),
+        "uncheckpointedLayers": layout.unchecked_layers if (t.gradient_checkpointing and hw.device == "cuda") else 0,
         "embedDtype": str(base.get_input_embeddings().weight.dtype).removeprefix("torch."),
     }
     return trainer, info

@@ -220,6 +220,9 @@ def run(
 
         check_exportable(cfg, base.path)  # exit 2 before training for an unsupported architecture
     parallelism = preflight(cfg, base.path, hw, dist)
+    if hw.device == "cuda":
+        log_event("cuda_allocator", PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                  setBy=os.environ.get(ALLOC_CONF_SET_BY, "environment"))
     if dist.active:
         log_event("distributed", worldSize=dist.world_size, parallelism=parallelism, backend=hw.device)
 
@@ -531,6 +534,10 @@ def _print_estimate(configured: Any, decision: Any) -> None:
         print(decision.message)
 
 
+#: Set (to ``qlora-train``) when :func:`main` chose ``PYTORCH_CUDA_ALLOC_CONF`` (log line ``cuda_allocator``).
+ALLOC_CONF_SET_BY = "QLORA_ALLOC_CONF_SET_BY"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``qlora-train``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -549,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
         result = {"exitCode": EXIT_INVALID_CONFIG, "reason": contract.INVALID_CONFIG, "message": str(err), "artifacts": {}}
         print(write_termination_message(result), flush=True)
         return EXIT_INVALID_CONFIG
+    from .speed import allocator_env
+
+    if allocator_env(os.environ):  # before any CUDA allocation, here and in the workers a launch starts
+        os.environ[ALLOC_CONF_SET_BY] = "qlora-train"
     if needs_launch(spec):
         return launch_main(spec, argv, args)
     one_gpu = single_gpu_visible(spec)

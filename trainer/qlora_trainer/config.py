@@ -319,6 +319,19 @@ class Parallelism(str, Enum):
     fsdp = "fsdp"
 
 
+class CheckpointLayers(str, Enum):
+    """Which decoder layers gradient checkpointing recomputes (``training.checkpointLayers``).
+
+    ``all``: every decoder layer (the plain Trainer behaviour). ``auto``: on a CUDA GPU, the
+    last ``K`` decoder layers keep their activations instead (no recompute forward), ``K`` the
+    most whose memory estimate still fits the share of the GPU that ``autoMicroBatch`` uses
+    (:func:`qlora_trainer.estimate.checkpoint_layout`); on CPU, ``all``.
+    """
+
+    auto = "auto"
+    all = "all"
+
+
 class AddressingStyle(str, Enum):
     """S3 addressing: ``path`` (MinIO, most S3-compatible stores) or ``virtual`` (AWS)."""
 
@@ -521,6 +534,15 @@ class TrainingSettings(ApiModel):
             "larger micro-batches: the micro-batch becomes microBatchSize x k for the largest divisor k of "
             "gradientAccumulationSteps whose memory estimate fits 80 % of the GPU (accumulation divided by k). "
             "false keeps the layout as given. Default true."
+        ),
+    )
+    checkpoint_layers: CheckpointLayers = Field(
+        default=CheckpointLayers.auto,
+        description=(
+            "With gradientCheckpointing: which decoder layers are recomputed in the backward pass. all: every layer. "
+            "auto: on CUDA GPUs, after the micro-batch is chosen, the last K layers are not checkpointed (they keep "
+            "their activations, no recompute), K the most whose memory estimate fits 80 % of the GPU; on CPU, all. "
+            "The same function either way, only memory and speed differ. Default auto."
         ),
     )
     optimizer: Optimizer = Field(default=Optimizer.paged_adamw_8bit, description="Optimizer. Default paged_adamw_8bit.")

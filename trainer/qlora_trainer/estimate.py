@@ -314,6 +314,7 @@ def estimate(
     max_seq_length: int | None = None,
     compute_dtype: str | None = None,
     attention: str | None = None,
+    unchecked_layers: int = 0,
 ) -> Estimate:
     """Per-GPU memory of training ``cfg`` on ``world_size`` GPUs of ``gpu_gib`` GiB each.
 
@@ -330,6 +331,10 @@ def estimate(
         attention: ``varlen`` (FlashAttention on padding-free batches: no mask) or ``sdpa``
             (a block-diagonal mask per packed row); default what the trainer picks for
             the config on a GPU.
+        unchecked_layers: with gradient checkpointing, decoder layers that are not
+            checkpointed (``training.checkpointLayers: auto``, :func:`checkpoint_layout`):
+            each keeps its saved tensors like a run without checkpointing (and is not
+            offloaded); clipped to ``0..layers``; ignored without gradient checkpointing.
 
     Raises:
         EstimateError: the model config lacks a field (see :meth:`ModelShape.from_config`).
@@ -382,13 +387,16 @@ def estimate(
     layer_saved = (mlp * shape.intermediate + 12 * shape.hidden + 12 * shape.q_dim) * resid / 4 + lora_inputs
     layer_backward = (4 * shape.intermediate + 4 * shape.hidden) * resid / 4
     layer_input = tokens * shape.hidden * resid  # what a checkpointed layer keeps for the backward pass
+    unchecked = min(max(int(unchecked_layers), 0), shape.layers) if t.gradient_checkpointing else 0
+    checkpointed = shape.layers - unchecked
     if t.gradient_checkpointing:
-        in_gpu = min(OFFLOAD_IN_FLIGHT_LAYERS, shape.layers) if offload else shape.layers
-        stored = in_gpu * layer_input
-        stored_detail = f"{shape.layers} checkpointed layer inputs of {mb}x{seq} tokens" + (
+        in_gpu = min(OFFLOAD_IN_FLIGHT_LAYERS, checkpointed) if offload else checkpointed
+        stored = in_gpu * layer_input + unchecked * tokens * layer_saved
+        stored_detail = f"{checkpointed} checkpointed layer inputs of {mb}x{seq} tokens" + (
             f" (offloaded to host memory; up to {in_gpu} in flight on the GPU)" if offload else ""
-        )
-        layer_phase = tokens * (layer_saved + layer_backward)
+        ) + (f" + saved tensors of {unchecked} layers not checkpointed" if unchecked else "")
+        # The recompute of a checkpointed layer is the larger transient; with none left, a plain backward.
+        layer_phase = tokens * (layer_saved + layer_backward) if checkpointed else tokens * layer_backward
     else:
         stored = shape.layers * tokens * layer_saved
         stored_detail = f"saved tensors of all {shape.layers} layers (no gradient checkpointing)"
@@ -427,7 +435,7 @@ def estimate(
         )
     rows.append(Row("stored activations", stored / GIB, stored_detail))
     if offload:
-        host = shape.layers * layer_input
+        host = checkpointed * layer_input
         notes.append(f"activation offloading keeps {host / GIB:.2f} GiB of pinned host memory per GPU; "
                      "resources.memory must cover it")
     if logits_phase >= layer_phase:
@@ -556,6 +564,9 @@ def does_not_fit_message(shape: ModelShape, cfg: TrainingConfig, est: Estimate, 
     return head + ". Would fit: " + "; or ".join(options) + "."
 
 
+#: ``training.checkpointLayers`` value that lets :func:`checkpoint_layout` choose.
+CHECKPOINT_AUTO = "auto"
+
 #: Share of a GPU's memory that :func:`micro_batch_layout` lets the estimated peak take.
 AUTO_MICRO_BATCH_SHARE = 0.8
 
@@ -569,6 +580,9 @@ class Layout:
     given: tuple[int, int]
     reason: str
     estimate_gib: float | None = None
+    #: Decoder layers that are not checkpointed (``training.checkpointLayers``; 0: all are).
+    unchecked_layers: int = 0
+    checkpoint_reason: str = "all layers checkpointed"
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready dict (log line ``micro_batch_layout``, the bench's run record)."""
@@ -578,6 +592,8 @@ class Layout:
             "given": f"{self.given[0]}x{self.given[1]}",
             "reason": self.reason,
             "estimatedPeakGiB": None if self.estimate_gib is None else round(self.estimate_gib, 2),
+            "uncheckpointedLayers": self.unchecked_layers,
+            "checkpointLayers": self.checkpoint_reason,
         }
 
 
@@ -590,6 +606,7 @@ def micro_batch_layout(
     parallelism: str | None = None,
     compute_dtype: str | None = None,
     share: float = AUTO_MICRO_BATCH_SHARE,
+    kept: tuple[int, int] | None = None,
 ) -> Layout:
     """The largest micro-batch for the same effective batch whose estimated peak fits ``share`` of the GPU.
 
@@ -600,13 +617,21 @@ def micro_batch_layout(
     work (dequantisation, kernel launches, LoRA elementwise) runs once per micro-batch, so
     16 x 1 trained 1.6x the tokens/s of 8 x 2 on the Mistral-7B shape (``bench/RESULTS.md``,
     issues 9 and 19). ``gpu_gib``: one GPU's memory in GiB. Keeps the layout as
-    given when ``training.autoMicroBatch`` is off or no candidate larger than it fits.
+    given when ``training.autoMicroBatch`` is off or no candidate larger than it fits, and
+    ``kept`` (micro-batch, accumulation) when given (a resumed run keeps its checkpoint's).
+    Then, at the chosen micro-batch, :func:`checkpoint_layout` picks the layers that are
+    not checkpointed (``unchecked_layers``).
     """
     t = cfg.training
     given = (t.micro_batch_size, t.gradient_accumulation_steps)
-    if not t.auto_micro_batch:
-        return Layout(*given, given, "autoMicroBatch off")
     shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
+    kw: dict[str, Any] = dict(gpu_gib=gpu_gib, world_size=world_size, parallelism=parallelism,
+                              compute_dtype=compute_dtype, share=share)
+    if kept is not None:
+        layout = Layout(kept[0], kept[1], given, "kept from the checkpoint resumed")
+        return with_checkpoint_layout(layout, shape, cfg, **kw)
+    if not t.auto_micro_batch:
+        return with_checkpoint_layout(Layout(*given, given, "autoMicroBatch off"), shape, cfg, **kw)
     budget = gpu_gib * share
     for k in sorted((d for d in range(1, given[1] + 1) if given[1] % d == 0), reverse=True):
         mb = given[0] * k
@@ -615,5 +640,67 @@ def micro_batch_layout(
         if est.needed_gib <= budget or k == 1:
             why = ("as given" if k == 1 else f"{mb}x{given[1] // k}: estimated peak {est.needed_gib:.1f} GiB "
                    f"<= {share:.0%} of {gpu_gib:.1f} GiB, same effective batch")
-            return Layout(mb, given[1] // k, given, why, est.needed_gib)
+            return with_checkpoint_layout(Layout(mb, given[1] // k, given, why, est.needed_gib), shape, cfg, **kw)
     raise AssertionError("unreachable: k = 1 always returns")
+
+
+def checkpoint_layout(
+    model_config: Mapping[str, Any] | ModelShape,
+    cfg: TrainingConfig,
+    *,
+    micro_batch_size: int,
+    gpu_gib: float,
+    world_size: int = 1,
+    parallelism: str | None = None,
+    compute_dtype: str | None = None,
+    share: float = AUTO_MICRO_BATCH_SHARE,
+) -> tuple[int, float | None, str]:
+    """How many decoder layers may skip gradient checkpointing at ``micro_batch_size``: ``(K, GiB, reason)``.
+
+    ``training.checkpointLayers: auto`` with ``gradientCheckpointing`` on: ``K`` is the largest
+    number of layers (0..layers) whose estimate (:func:`estimate` with ``unchecked_layers=K``:
+    each such layer keeps its saved tensors instead of its input) fits ``share`` of the GPU
+    (``gpu_gib``, GiB); the trainer leaves the *last* ``K`` layers unchecked
+    (:func:`qlora_trainer.speed.checkpoint_layers_callback`). Each unchecked layer saves one
+    recompute forward (about a quarter of its training FLOPs). ``GiB`` is the estimated peak at
+    ``K`` (``None`` when nothing was estimated). ``K = 0`` with ``checkpointLayers: all``, without
+    gradient checkpointing, or when even ``K = 1`` does not fit.
+    """
+    t = cfg.training
+    if not t.gradient_checkpointing:
+        return 0, None, "no gradient checkpointing"
+    if getattr(t, "checkpoint_layers", "all") != CHECKPOINT_AUTO:  # str enum: equal to its value
+        return 0, None, "all layers checkpointed (checkpointLayers all)"
+    shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
+    budget = gpu_gib * share
+
+    def peak(k: int) -> float:
+        return estimate(shape, cfg, world_size=world_size, gpu_gib=gpu_gib, parallelism=parallelism,
+                        micro_batch_size=micro_batch_size, compute_dtype=compute_dtype,
+                        unchecked_layers=k).needed_gib
+
+    lo, hi = 0, shape.layers  # the peak grows with k: the largest k with peak(k) <= budget, by bisection
+    if peak(hi) <= budget:
+        lo = hi
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if peak(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid
+    gib = peak(lo)
+    if lo == 0:
+        return 0, gib, (f"all layers checkpointed: one layer not checkpointed would exceed {share:.0%} of "
+                        f"{gpu_gib:.1f} GiB")
+    return lo, gib, (f"last {lo} of {shape.layers} layers not checkpointed: estimated peak {gib:.1f} GiB <= "
+                     f"{share:.0%} of {gpu_gib:.1f} GiB at micro-batch {micro_batch_size}")
+
+
+def with_checkpoint_layout(layout: Layout, shape: ModelShape, cfg: TrainingConfig, **kw: Any) -> Layout:
+    """``layout`` with :func:`checkpoint_layout`'s choice at its micro-batch (same keyword arguments)."""
+    k, gib, why = checkpoint_layout(shape, cfg, micro_batch_size=layout.micro_batch_size, **kw)
+    layout.unchecked_layers, layout.checkpoint_reason = k, why
+    if k and gib is not None:
+        layout.estimate_gib = gib
+    return layout

@@ -29,11 +29,23 @@ default on where it pays off on a GPU; all are no-ops on CPU except padding-free
   epilogue adds ``scaling x h B^T`` into the frozen layer's output (``h = A(dropout(x))``, the
   rank-``r`` activations); its backward scales only the ``tokens x r`` and ``r x out`` products.
   Under autocast only (the training loop on a GPU); otherwise PEFT's own forward runs.
+* ``checkpointLayers: auto``: with gradient checkpointing on a GPU, the last ``K`` decoder
+  layers are not checkpointed (:func:`checkpoint_layers_callback`): they keep their saved
+  tensors for the backward pass instead of recomputing their forward from the stored input.
+  ``K`` comes from the memory estimate at the chosen micro-batch
+  (:func:`qlora_trainer.estimate.checkpoint_layout`). Checkpointing never changes the
+  function (non-reentrant checkpointing replays the layer with the same RNG state, so LoRA
+  dropout draws the same mask), only memory and time.
+* The CUDA caching allocator's ``expandable_segments:True`` (:func:`allocator_env`), set by
+  ``qlora-train`` when the pod's environment names no allocator settings: segments grow in
+  place instead of new fixed blocks per size, so less memory is reserved beyond what is
+  allocated when the micro-batch's tensor sizes vary (padding-free, variable-length rows).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -244,3 +256,66 @@ def fuse_lora(model: torch.nn.Module) -> int:
         module.forward = types.MethodType(fused_lora_forward, module)
         patched += 1
     return patched
+
+
+#: ``PYTORCH_CUDA_ALLOC_CONF`` that :func:`allocator_env` sets when the environment has none.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+#: Environment variables through which PyTorch reads its allocator settings (the second is the newer name).
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def allocator_env(environ: MutableMapping[str, str]) -> str | None:
+    """Set ``PYTORCH_CUDA_ALLOC_CONF`` to :data:`CUDA_ALLOC_CONF` in ``environ`` unless it names allocator settings.
+
+    Must run before the process (or the children it starts, which inherit ``environ``) first
+    allocates CUDA memory: PyTorch reads the variable when its allocator starts. Returns the
+    value set, or ``None`` when ``PYTORCH_CUDA_ALLOC_CONF`` or ``PYTORCH_ALLOC_CONF`` is
+    present (also empty): the operator's or the user's choice is kept.
+    """
+    if any(name in environ for name in ALLOC_CONF_VARS):
+        return None
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
+    return CUDA_ALLOC_CONF
+
+
+def uncheckpoint_last_layers(model: torch.nn.Module, count: int) -> int:
+    """Turn gradient checkpointing off on the last ``count`` decoder layers of ``model``; returns how many.
+
+    Decoder layers are transformers' ``GradientCheckpointingLayer`` modules in module order
+    (the model's layer order); each checks its ``gradient_checkpointing`` flag on every call,
+    so setting it ``False`` makes that layer keep its activations for the backward pass. Call
+    after gradient checkpointing is enabled (the Trainer enables it on every layer inside
+    ``train()``); ``count <= 0`` changes nothing.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = layers[len(layers) - count:] if count > 0 else []
+    for layer in chosen:
+        layer.gradient_checkpointing = False
+    return len(chosen)
+
+
+def checkpoint_layers_callback(count: int) -> Any:
+    """A ``TrainerCallback`` that leaves the last ``count`` decoder layers unchecked when training begins.
+
+    ``on_train_begin`` runs after the Trainer enabled gradient checkpointing and, listed before
+    the activation offloader's callback (:func:`qlora_trainer.offload.offload_callback`), before
+    it wraps the checkpointed layers, so unchecked layers are neither recomputed nor offloaded.
+    ``callback.unchecked``: how many layers it turned off (log line ``checkpoint_layers``).
+    """
+    from transformers import TrainerCallback
+
+    class CheckpointLayersCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.count = count
+            self.unchecked = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if model is None or not getattr(args, "gradient_checkpointing", False):
+                return
+            self.unchecked = uncheckpoint_last_layers(model, self.count)
+            log.info("checkpointLayers: the last %d decoder layers are not checkpointed", self.unchecked)
+
+    return CheckpointLayersCallback()

@@ -243,9 +243,14 @@ def train(
         "podName": os.environ.get(contract.ENV_POD_NAME), "decision": decision.decision,
         "fromStep": resumed_from, "message": decision.message(identity)[:1000],
     })
-    batch_layout = run_layout(cfg, base.path, hw, dist, parallelism)
-    micro_batch = int(run_state.get("microBatchSize") or batch_layout.micro_batch_size)  # a resumed run keeps its own
-    accumulation = int(run_state.get("gradientAccumulationSteps") or batch_layout.gradient_accumulation_steps)
+    kept = None
+    if run_state.get("microBatchSize") and run_state.get("gradientAccumulationSteps"):
+        kept = (int(run_state["microBatchSize"]), int(run_state["gradientAccumulationSteps"]))  # a resumed run keeps its own
+    batch_layout = run_layout(cfg, base.path, hw, dist, parallelism, kept=kept)
+    micro_batch, accumulation = batch_layout.micro_batch_size, batch_layout.gradient_accumulation_steps
+    # Layers not checkpointed (training.checkpointLayers): chosen again on every attempt for this GPU and
+    # micro-batch; they change memory and speed only, never the result, so a resumed run need not keep them.
+    unchecked = batch_layout.unchecked_layers
     eval_before = run_state.get("evalLossBefore")
     run_state = {
         "evalLossBefore": eval_before,
@@ -296,6 +301,7 @@ def train(
                 micro_batch_size=micro_batch,
                 gradient_accumulation_steps=accumulation,
                 parallelism=parallelism,
+                unchecked_layers=unchecked,
             )
             before.trainer = tensorboard.trainer = trainer
             try:
@@ -303,14 +309,34 @@ def train(
                 result = trainer.train(resume_from_checkpoint=str(local_ckpt) if local_ckpt else None)
                 break
             except torch.OutOfMemoryError as err:
-                tried.append(micro_batch)
                 if dist.active:
                     raise OutOfMemoryError(
                         f"CUDA out of memory on rank {dist.rank} at micro-batch {micro_batch}, max sequence length "
                         f"{t.max_seq_length} ({parallelism} over {dist.world_size} GPUs): the in-process back-off is "
-                        "single-GPU only; lower training.microBatchSize (raise gradientAccumulationSteps to keep the "
+                        "single-GPU only; "
+                        + (f"set training.checkpointLayers all ({unchecked} layers were not checkpointed), or "
+                           if unchecked else "")
+                        + "lower training.microBatchSize (raise gradientAccumulationSteps to keep the "
                         "effective batch), lower training.maxSeqLength, or use training.parallelism fsdp"
                     ) from err
+                if unchecked > 0:
+                    # First give back the memory of the layers not checkpointed, at the same micro-batch.
+                    step = trainer.state.global_step
+                    backoffs.append({"atStep": step, "fromMicroBatch": micro_batch, "toMicroBatch": micro_batch,
+                                     "gradientAccumulationSteps": accumulation,
+                                     "fromUncheckpointedLayers": unchecked, "toUncheckpointedLayers": 0})
+                    log_event("oom_backoff", step=step, microBatch=micro_batch, gradientAccumulationSteps=accumulation,
+                              uncheckpointedLayers=0, previousUncheckpointedLayers=unchecked, error=str(err)[:300])
+                    unchecked = 0
+                    model.zero_grad(set_to_none=True)
+                    del trainer
+                    _free_memory()
+                    local_ckpt = sync.last_local or local_ckpt
+                    if local_ckpt is None:
+                        set_peft_model_state_dict(model, initial_adapter)
+                    reporter.update(force=True)
+                    continue
+                tried.append(micro_batch)
                 if micro_batch <= 1:
                     raise OutOfMemoryError(
                         f"CUDA out of memory at every micro-batch tried ({', '.join(map(str, tried))}; effective batch "
@@ -424,26 +450,32 @@ def gather_adapter_state(model: Any) -> dict[str, Any]:
     return out
 
 
-def run_layout(cfg: TrainingConfig, model_dir: Path, hw: Hardware, dist: Dist, parallelism: str) -> Any:
-    """Micro-batch and accumulation of this run (``training.autoMicroBatch``), decided on rank 0.
+def run_layout(
+    cfg: TrainingConfig, model_dir: Path, hw: Hardware, dist: Dist, parallelism: str,
+    kept: tuple[int, int] | None = None,
+) -> Any:
+    """Micro-batch, accumulation and layers not checkpointed of this run, decided on rank 0.
 
     :func:`qlora_trainer.assemble.micro_batch_layout_for` from the model's ``config.json`` and
-    this GPU's memory; every rank gets rank 0's layout (log line ``micro_batch_layout``). An
-    unreadable ``config.json`` keeps the layout as given.
+    this GPU's memory (``training.autoMicroBatch``, ``training.checkpointLayers``; ``kept``: a
+    resumed run's micro-batch and accumulation, kept); every rank gets rank 0's layout (log line
+    ``micro_batch_layout``). An unreadable ``config.json`` keeps the layout as given (or ``kept``),
+    every layer checkpointed.
     """
     from .assemble import micro_batch_layout_for
     from .estimate import Layout
 
     t = cfg.training
     given = (t.micro_batch_size, t.gradient_accumulation_steps)
-    layout = Layout(*given, given, "as given")
+    use = kept or given
+    layout = Layout(*use, given, "as given")
     if dist.is_main:
         try:
             model_config = json.loads((Path(model_dir) / "config.json").read_text())
             layout = micro_batch_layout_for(cfg, model_config, hw, world_size=dist.world_size,
-                                            parallelism=None if parallelism == "single" else parallelism)
+                                            parallelism=None if parallelism == "single" else parallelism, kept=kept)
         except (OSError, ValueError) as err:
-            layout = Layout(*given, given, f"as given: config.json unreadable: {err}")
+            layout = Layout(*use, given, f"as given: config.json unreadable: {err}")
     layout = dist.broadcast(layout)
     log_event("micro_batch_layout", **layout.summary())
     return layout
