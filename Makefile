@@ -34,8 +34,8 @@ converter: venv
 images: venv
 	$(PY) -m localimages --prune
 
-# NODE=real: a real node (containerd, kubelet, kube-proxy; root) instead of the stand-in node agent.
-NODE ?= agent
+# One real node (containerd, kubelet, kube-proxy, CoreDNS; root); NODE=none: the API and S3 only.
+NODE ?= real
 cluster-up: venv binaries
 	$(PY) -m localcluster up --node $(NODE)
 

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     namespace = "scale"
     with tempfile.TemporaryDirectory(prefix="operator-scale-") as tmp:
-        cluster = AuditedCluster(Path(tmp) / "cluster", s3=False, node_agent=False)
+        cluster = AuditedCluster(Path(tmp) / "cluster", s3=False)
         cluster.start()
         operator = sampler = watch = None
         try:

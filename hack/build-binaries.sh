@@ -93,6 +93,15 @@ if ! have helm "$HELM_KEY"; then
   install_into helm "$HELM_KEY" build_helm
 fi
 
+name=coredns
+# CoreDNS (cluster DNS of the real node). Its main package is the module root; the version
+# string comes from coremain.CoreVersion, a constant, so no ldflags are needed.
+build_coredns() { GOBIN="$out" go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"; }
+if ! have coredns "$COREDNS_VERSION"; then
+  log "building coredns $COREDNS_VERSION"
+  install_into coredns "$COREDNS_VERSION" build_coredns
+fi
+
 name=kueue
 # Kueue (DESIGN.md section 5): started on demand by hack/localcluster/kueue.py. Its go.mod asks
 # for go 1.25, which the installed toolchain serves; GitCommit is the module's version as no git
@@ -111,6 +120,6 @@ fi
 for pair in kube-apiserver:$KUBERNETES_VERSION kube-controller-manager:$KUBERNETES_VERSION \
             kube-scheduler:$KUBERNETES_VERSION kubectl:$KUBERNETES_VERSION kubelet:$KUBERNETES_VERSION \
             kube-proxy:$KUBERNETES_VERSION etcd:$ETCD_VERSION \
-            minio:$MINIO_VERSION helm:$HELM_KEY kueue:$KUEUE_VERSION; do
+            minio:$MINIO_VERSION helm:$HELM_KEY kueue:$KUEUE_VERSION coredns:$COREDNS_VERSION; do
   echo "${pair%%:*}=$bin/${pair%%:*}-${pair#*:}/${pair%%:*}"
 done

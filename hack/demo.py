@@ -26,9 +26,7 @@ Steps (each named; a failure stops the demo and names its step):
    transformers' GGUF loader, and print where they are and how to open/load them.
 
 The GGUF export runs llama.cpp's ``convert_hf_to_gguf.py``, which the trainer image carries
-in ``/opt/llama.cpp``. ``--node agent`` runs the demo on the stand-in node agent instead (pods
-are host processes from ``.venv``, images ignored; the converter comes from ``make converter``
-through ``QLORA_LLAMA_CPP_DIR``).
+in ``/opt/llama.cpp``.
 
 The real node's CPU is the machine's: the trainer pod asks for ``QLORA_DEMO_CPU`` (default
 ``1500m``, which fits a 2-core machine beside the operator's replicas) instead of
@@ -94,15 +92,6 @@ def run(argv: list[str], *, input: str | None = None, env: dict[str, str] | None
     if proc.returncode != 0:
         raise DemoError(f"{' '.join(argv[:4])} ... exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
     return proc.stdout
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def s3_env(state_dir: Path) -> dict[str, str]:
@@ -272,34 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", default=str(REPO / ".local-cluster"))
     parser.add_argument("--max-steps", type=int, default=int(os.environ.get("QLORA_DEMO_MAX_STEPS", "0")) or None)
     parser.add_argument("--timeout", type=float, default=float(os.environ.get("QLORA_DEMO_TIMEOUT", "1800")))
-    parser.add_argument("--node", choices=("real", "agent"), default=os.environ.get("QLORA_DEMO_NODE", "real"),
-                        help="real: pods run from the images under a real kubelet (default); agent: the stand-in")
     args = parser.parse_args(argv)
     state = Path(args.state_dir)
     sys.path.insert(0, str(REPO / "hack"))
-    real = args.node == "real"
 
-    import embedded
+    with step("Build the operator and trainer images (Dockerfile.operator, Dockerfile.trainer) with podman"):
+        import localimages
 
-    images: dict[str, str] = {}
-    if real:
-        with step("Build the operator and trainer images (Dockerfile.operator, Dockerfile.trainer) with podman"):
-            import localimages
+        images = localimages.build_images(log=lambda m: print(f"    {m}", flush=True))
+        for name, ref in images.items():
+            print(f"    {name}: {ref}")
 
-            images = localimages.build_images(log=lambda m: print(f"    {m}", flush=True))
-            for name, ref in images.items():
-                print(f"    {name}: {ref}")
-    else:
-        from qlora_trainer.contract import ENV_LLAMA_CPP_DIR
-        from qlora_trainer.export import CONVERTER_VERSION
-
-        converter = Path(embedded.cache_root()) / "llama.cpp" / f"llama-cpp-python-{CONVERTER_VERSION}"
-        os.environ.setdefault(ENV_LLAMA_CPP_DIR, str(converter))  # passed to pods by the node agent
-
-    title = ("Start the local cluster (etcd, kube-apiserver, controller-manager, scheduler, MinIO, "
-             + ("a real node: containerd, kubelet, kube-proxy) and import the images" if real else "node agent)"))
-    with step(title):
-        run([sys.executable, "-m", "localcluster", "up", "--dir", str(state), "--node", args.node])
+    with step("Start the local cluster (etcd, kube-apiserver, controller-manager, scheduler, MinIO, a real "
+              "node: containerd, kubelet, kube-proxy, CoreDNS) and import the images"):
+        run([sys.executable, "-m", "localcluster", "up", "--dir", str(state), "--node", "real"])
         kubectl = [str(state / "bin" / "kubectl"), "--kubeconfig", str(state / "kubeconfig")]
         helm = [str(state / "bin" / "helm"), "--kubeconfig", str(state / "kubeconfig")]
         for ref in images.values():
@@ -333,13 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds")])
         chart = ["upgrade", "--install", RELEASE, str(REPO / "helm" / "qlora-operator"),
                  "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m"]
-        if real:  # the operator from its image; the trainer image as every job's default
-            for key, ref in (("image", images["operator"]), ("trainer.image", images["trainer"])):
-                repository, tag = ref.rsplit(":", 1)
-                chart += ["--set", f"{key}.repository={repository}", "--set", f"{key}.tag={tag}",
-                          "--set", f"{key}.pullPolicy=Never"]
-        else:  # the node agent runs the operator as a local process: give its endpoints free ports
-            chart += ["--set", f"metrics.port={free_port()}", "--set", f"health.port={free_port()}"]
+        # the operator from its image; the trainer image as every job's default
+        for key, ref in (("image", images["operator"]), ("trainer.image", images["trainer"])):
+            repository, tag = ref.rsplit(":", 1)
+            chart += ["--set", f"{key}.repository={repository}", "--set", f"{key}.tag={tag}",
+                      "--set", f"{key}.pullPolicy=Never"]
         run([*helm, *chart])
         print(run([*kubectl, "get", "deploy,pods", "-n", OPERATOR_NAMESPACE]), end="")
 
@@ -357,17 +330,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with step("kubectl apply -f examples/demo.yaml, then watch it (kubectl get qj -w)"):
         manifest = demo_manifest(env["AWS_ENDPOINT_URL"], args.max_steps,
-                                 os.environ.get("QLORA_DEMO_CPU", "1500m") if real else None)
+                                 os.environ.get("QLORA_DEMO_CPU", "1500m"))
         print(run([*kubectl, "apply", "-n", NAMESPACE, "-f", "-"], input=manifest), end="")
         obj = watch_job(kubectl, args.timeout)
         failed = condition(obj, "Failed")
         if failed and failed.get("status") == "True":
             raise DemoError(f"the job failed: {failed.get('reason')}: {failed.get('message')}")
 
-    pod_info = None
-    if real:
-        with step("The trainer pod on the real node: image, uid and read-only root, containerd, kubectl logs"):
-            pod_info = show_trainer_pod(kubectl, state.absolute())
+    with step("The trainer pod on the real node: image, uid and read-only root, containerd, kubectl logs"):
+        pod_info = show_trainer_pod(kubectl, state.absolute())
 
     with step("Results: artifacts, eval loss, and a held-out prompt answered by base and base + adapter"):
         status = obj["status"]
@@ -396,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    base model:         {base_answer!r}")
         print(f"    base + adapter:     {tuned_answer!r}")
         summary = {"evalLossBefore": before, "evalLossAfter": after, "baseAnswer": base_answer,
-                   "adapterAnswer": tuned_answer, "artifacts": artifacts, "node": args.node,
+                   "adapterAnswer": tuned_answer, "artifacts": artifacts, "node": "real",
                    "images": images, "trainerPod": pod_info}
         (state / "demo-result.json").write_text(json.dumps(summary, indent=2))
         if before is None or after is None or not after < before:

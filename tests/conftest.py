@@ -1,8 +1,8 @@
 """Fixtures shared by every test suite.
 
-- ``cluster`` (session): a started :class:`localcluster.LocalCluster` (control plane,
-  MinIO, node agent with 2 nodes of 2 ``nvidia.com/gpu`` each) in a temp dir, stopped at
-  the end of the session. Set ``QLORA_TEST_CLUSTER_DIR`` to a directory where
+- ``cluster`` (session): a started :class:`localcluster.LocalCluster` (control plane and
+  MinIO, no node: pods stay Pending) in a temp dir, stopped at the end of the session.
+  ``tests/node`` overrides it with a cluster of one real node per module. Set ``QLORA_TEST_CLUSTER_DIR`` to a directory where
   ``python -m localcluster up --dir DIR`` already runs a cluster to reuse it instead.
 - ``namespace``: a fresh ``t-<uuid>`` namespace per test (its ``default``
   ServiceAccount and ``kube-root-ca.crt`` ConfigMap exist), deleted afterwards.
@@ -47,7 +47,7 @@ def cluster(tmp_path_factory):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _terminate)
-    local = LocalCluster(tmp_path_factory.mktemp("cluster"), nodes=2, gpus_per_node=2)
+    local = LocalCluster(tmp_path_factory.mktemp("cluster"))  # no node: pods run in tests/node
     try:
         local.start()
         print(f"\nlocal cluster up in {local.startup_seconds:.1f}s {local.timings}", file=sys.stderr)

@@ -142,3 +142,27 @@ def wait_crd_established(cluster, name: str = "qlorajobs.qlora.dev", timeout: fl
         return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
     wait_for(established, timeout, f"the CRD {name} to be established")
+
+
+#: ``config.json`` fields of Mistral-7B-v0.1 and Llama-3-70B (their Hugging Face model cards'
+#: configs): the shapes the memory estimate and the fit check are tested with (no weights).
+MISTRAL_7B = {
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
+LLAMA3_70B = {
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}

@@ -3,11 +3,12 @@
 DESIGN.md section 5. The pieces:
 
 - :mod:`localcluster.binaries` finds (or builds) the pinned etcd, kube-apiserver,
-  kube-controller-manager, kube-scheduler, kubectl, MinIO and helm binaries.
+  kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy, CoreDNS, MinIO,
+  helm and Kueue binaries.
 - :mod:`localcluster.certs` generates the cluster's PKI.
 - :mod:`localcluster.cluster` starts and stops everything (:class:`LocalCluster`).
-- :mod:`localcluster.node_agent` is the stand-in for a kubelet: it registers Nodes
-  and runs the pods bound to them as local processes.
+- :mod:`localcluster.realnode` is the real node: containerd, runc, CNI, the kubelet,
+  kube-proxy and CoreDNS; :mod:`localcluster.nodeimages` builds and imports its small images.
 - ``python -m localcluster up|down|status`` is what ``make cluster-up`` and
   ``make cluster-down`` call.
 """

@@ -6,8 +6,8 @@ writes ``<dir>/kubeconfig``, ``<dir>/s3.env`` and ``<dir>/state.json`` and links
 ``<dir>`` is already up and healthy it says so and changes nothing; a half-dead one is
 stopped and started afresh. ``down`` stops everything recorded in the state file and
 exits 1 when something survived. ``status`` prints each component's state and exits 1
-unless all are healthy. ``up --node real`` starts a real node (containerd, kubelet,
-kube-proxy; see ``localcluster.realnode``) instead of the stand-in node agent;
+unless all are healthy. ``up`` starts one real node (containerd, kubelet, kube-proxy,
+CoreDNS; root; see ``localcluster.realnode``); ``up --node none`` the API and S3 only;
 ``import-image REF`` copies a podman image into that node's containerd (skipped when the
 same image ID is there).
 """
@@ -55,8 +55,9 @@ def _link_bin(cluster: LocalCluster) -> None:
 def _summary(cluster: LocalCluster) -> str:
     d = cluster.directory
     return (f"  kubeconfig: {d / 'kubeconfig'}\n  s3 env:     {d / 's3.env'} (S3 at {cluster.s3_endpoint})\n"
-            f"  nodes:      {', '.join(cluster.node_names)} ({cluster.gpus_per_node} GPU each; "
-            f"{'real node at ' + cluster.node_ip + ', containerd ' + str(cluster.containerd_socket) if cluster.node == 'real' else 'node agent'})\n"
+            + (f"  node:       {cluster.node_names[0]} ({cluster.gpus_per_node} fake GPUs; real node at "
+               f"{cluster.node_ip}, containerd {cluster.containerd_socket})\n" if cluster.node == "real"
+               else "  node:       none (pods stay Pending)\n") +
             f"  logs:       {d / 'logs'}\n"
             f"  try:        {d / 'bin' / 'kubectl'} --kubeconfig {d / 'kubeconfig'} get nodes")
 
@@ -78,7 +79,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             broken = ", ".join(n for n, ok in health.items() if not ok)
             print(f"local cluster in {existing.directory} is unhealthy ({broken}): restarting it", file=sys.stderr)
             existing.stop()
-    cluster = LocalCluster(args.dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node, detach=True,
+    cluster = LocalCluster(args.dir, gpus_per_node=args.gpus_per_node, detach=True,
                            timeout_s=args.timeout, node=args.node)
     try:
         cluster.start()
@@ -143,11 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dir", type=Path, default=Path(".local-cluster"), help="cluster directory")
         p.set_defaults(fn=fn)
         if name == "up":
-            p.add_argument("--nodes", type=int, default=1, help="number of nodes")
-            p.add_argument("--gpus-per-node", type=int, default=2, help="nvidia.com/gpu capacity per node")
+            p.add_argument("--gpus-per-node", type=int, default=2, help="fake nvidia.com/gpu capacity of the node")
             p.add_argument("--timeout", type=float, default=180.0, help="seconds each component may take to start")
-            p.add_argument("--node", choices=("agent", "real"), default="agent",
-                           help="agent: the stand-in node agent (default); real: containerd + kubelet (root)")
+            p.add_argument("--node", choices=("real", "none"), default="real",
+                           help="real: one real node, containerd + kubelet (root; default); none: API and S3 only")
         if name == "import-image":
             p.add_argument("ref", help="a podman image, e.g. localhost/qlora-local/probe:TAG")
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ VERSION_KEYS = {
     "minio": "MINIO_VERSION",
     "helm": "HELM_VERSION",
     "kueue": "KUEUE_VERSION",
+    "coredns": "COREDNS_VERSION",
 }
 
 

@@ -39,7 +39,7 @@ class Pki:
 
     ``clients`` maps a role (``admin``, ``controller-manager``, ``scheduler``,
     ``apiserver-kubelet-client``, ``node:<name>``) to its (cert, key) paths. ``kubelet_*``
-    is the node agent's serving certificate (127.0.0.1, localhost, the node names).
+    is the kubelet's serving certificate (127.0.0.1, localhost, the node names, the node address).
     """
 
     directory: Path
@@ -145,9 +145,10 @@ def write_pki(directory: Path, node_names: tuple[str, ...] = (), extra_ips: tupl
 
     Client identities: ``admin`` (CN=admin, O=system:masters), ``controller-manager``
     (CN=system:kube-controller-manager), ``scheduler`` (CN=system:kube-scheduler),
-    ``apiserver-kubelet-client`` (the API server towards the node agent) and,
+    ``apiserver-kubelet-client`` (the API server towards the kubelet) and,
     per node, ``node:<name>`` (CN=system:node:<name>, O=system:nodes), and ``kube-proxy``
-    (CN=system:kube-proxy, bound to ``system:node-proxier`` by the default RBAC).
+    (CN=system:kube-proxy, bound to ``system:node-proxier`` by the default RBAC), and ``coredns``
+    (CN=system:coredns: the real node's cluster DNS, bound to its read-only ClusterRole at start).
     ``extra_ips`` are added to the SANs of the API server's and the kubelet's serving
     certificates (the real node's address, where pods and the API server reach them).
     """
@@ -159,7 +160,7 @@ def write_pki(directory: Path, node_names: tuple[str, ...] = (), extra_ips: tupl
                     ip_addresses=APISERVER_IPS + tuple(extra_ips), server=True, client=False)
     api_cert = _write(directory / "apiserver.crt", serving.cert_pem)
     api_key = _write(directory / "apiserver.key", serving.key_pem, private=True)
-    kubelet = issue(ca_key, ca_cert, "local-node-agent", dns_names=("localhost",) + tuple(node_names),
+    kubelet = issue(ca_key, ca_cert, "local-kubelet", dns_names=("localhost",) + tuple(node_names),
                     ip_addresses=("127.0.0.1",) + tuple(extra_ips), server=True, client=False)
     kubelet_cert = _write(directory / "kubelet.crt", kubelet.cert_pem)
     kubelet_key = _write(directory / "kubelet.key", kubelet.key_pem, private=True)
@@ -172,6 +173,7 @@ def write_pki(directory: Path, node_names: tuple[str, ...] = (), extra_ips: tupl
         "scheduler": ("system:kube-scheduler", ()),
         "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", ()),
         "kube-proxy": ("system:kube-proxy", ()),
+        "coredns": ("system:coredns", ()),
     }
     for node in node_names:
         identities[f"node:{node}"] = (f"system:node:{node}", ("system:nodes",))

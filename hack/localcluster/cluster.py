@@ -1,10 +1,15 @@
 """Start and stop the local cluster: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, MinIO and the node agent, on random free loopback ports.
+kube-scheduler and MinIO on random free ports, and (``node="real"``) one real node:
+containerd, runc, CNI, the kubelet, kube-proxy and CoreDNS (:mod:`localcluster.realnode`).
 
 Usage::
 
-    with LocalCluster(tmp_dir, nodes=2, gpus_per_node=2) as cluster:
+    with LocalCluster(tmp_dir, node="real", gpus_per_node=2) as cluster:
         cluster.kubectl("get", "nodes")
+
+A cluster without a node (``node="none"``, the default) serves the API and S3 only:
+what tests of the API server's checks, of the trainer against S3 and of the operator's
+API traffic need. Pods are only ever run by the real kubelet.
 
 Every component runs in its own process group with its log in ``<dir>/logs/``; each
 is waited for until healthy (bounded; a failure raises :class:`ClusterStartError`
@@ -16,7 +21,7 @@ with ``detach=False`` (the default) is also stopped at interpreter exit.
 Files written under ``<dir>``: ``kubeconfig`` (admin, client certificate),
 ``s3.env`` (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_DEFAULT_REGION``), ``state.json`` (pids, ports; what ``down`` reads),
-``pki/``, ``etcd/``, ``minio/``, ``pods/`` (see :mod:`localcluster.podfiles`).
+``pki/``, ``etcd/``, ``minio/``, ``node/`` (the real node's files).
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ from typing import Any
 
 import yaml
 
-from localcluster import podfiles, procs, realnode
-from localcluster.binaries import HACK_DIR, find_binaries, read_versions
+from localcluster import procs, realnode
+from localcluster.binaries import find_binaries, read_versions
 from localcluster.certs import Pki, write_pki
 
 SERVICE_CIDR = "10.0.0.0/24"
@@ -53,8 +58,10 @@ STATE_FILE = "state.json"
 #: every default-on controller except those that need a cloud provider or node CIDRs.
 CONTROLLERS = "*,-cloud-node-lifecycle-controller,-service-lb-controller,-node-route-controller,-node-ipam-controller"
 #: the order components stop in (batch, share of the grace period): SIGTERM to a batch, then the next.
-STOP_BATCHES = ((("node-agent", "kubelet", "kube-proxy"), 1.5), (("containerd",), 0.5), (("kube-scheduler", "kube-controller-manager"), 1.0),
-                (("kube-apiserver",), 1.0), (("etcd", "minio"), 1.0))
+STOP_BATCHES = ((("kubelet", "kube-proxy", "coredns"), 1.5), (("containerd",), 0.5),
+                (("kube-scheduler", "kube-controller-manager"), 1.0), (("kube-apiserver",), 1.0), (("etcd", "minio"), 1.0))
+#: what ``node`` may be: no node (API and S3 only) or one real node.
+NODE_KINDS = ("none", "real")
 #: HTTP without proxies: everything here is on loopback.
 _PLAIN = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -111,22 +118,21 @@ def _kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> dict
 
 
 class LocalCluster:
-    """A local control plane, S3 server and node agent rooted in one directory.
+    """A local control plane and S3 server, and optionally one real node, rooted in one directory.
 
     Args:
         directory: where everything is written (created if missing; runtime data of a
             previous run in it is wiped on :meth:`start`).
-        nodes: number of Nodes the node agent registers (named ``local-node-<i>``),
-            unless ``node_names`` is given.
-        gpus_per_node: ``nvidia.com/gpu`` capacity of each Node.
-        node_cpu, node_memory, node_pods: the other advertised capacities.
-        s3: start MinIO. node_agent: start the node agent (``node="agent"`` only).
-        node: ``"agent"`` (default): the stand-in node agent runs pods as host processes;
-            ``"real"``: one real node (containerd, runc, CNI, kubelet, kube-proxy; see
-            :mod:`localcluster.realnode`) named ``node_names[0]`` with ``gpus_per_node``
+        node: ``"none"`` (default): no node, pods stay Pending; ``"real"``: one real node
+            (containerd, runc, CNI, kubelet, kube-proxy, CoreDNS; see
+            :mod:`localcluster.realnode`) named ``node_name`` with ``gpus_per_node``
             fake ``nvidia.com/gpu`` capacity; the API server binds 0.0.0.0 and advertises
             the node's address, MinIO listens on that address (``s3_endpoint`` uses it).
             Needs root and the fixed ports of :data:`localcluster.realnode.PORTS`.
+        node_name: the real node's name.
+        gpus_per_node: the real node's ``nvidia.com/gpu`` capacity.
+        node_pods: the real node's ``maxPods``.
+        s3: start MinIO.
         timeout_s: bound on each component's wait for health, in seconds.
         detach: leave the processes running at interpreter exit (``python -m localcluster up``).
 
@@ -134,28 +140,25 @@ class LocalCluster:
     process started carries in ``QLORA_LOCALCLUSTER``), ``kubeconfig`` (Path), ``server`` (https URL),
     ``ca_cert`` (Path), ``kubectl_path``, ``helm_path`` (Paths), ``s3_endpoint``,
     ``s3_access_key``, ``s3_secret_key``, ``s3_region``, ``s3_env`` (Path),
-    ``node_names``, ``logs_dir``, ``pods_dir``, ``ports`` (name -> port),
+    ``node_names``, ``logs_dir``, ``ports`` (name -> port),
     ``kubernetes_version``, ``startup_seconds`` and ``timings`` (component -> seconds
     until healthy, measured from the start of :meth:`start`).
     """
 
-    def __init__(self, directory: Path | str, *, nodes: int = 1, node_names: list[str] | None = None,
-                 gpus_per_node: int = 2, node_cpu: str = "32", node_memory: str = "256Gi", node_pods: int = 110,
-                 s3: bool = True, node_agent: bool = True, node: str = "agent", timeout_s: float = 120.0,
+    def __init__(self, directory: Path | str, *, node: str = "none", node_name: str = "local-node-0",
+                 gpus_per_node: int = 2, node_pods: int = 110, s3: bool = True, timeout_s: float = 120.0,
                  detach: bool = False):
         self.directory = Path(directory).absolute()
-        self.node_names = list(node_names) if node_names else [f"local-node-{i}" for i in range(nodes)]
-        if node not in ("agent", "real"):
-            raise ValueError(f"node must be 'agent' or 'real', not {node!r}")
-        if node == "real" and len(self.node_names) != 1:
-            raise ValueError(f"node='real' runs exactly one node, not {len(self.node_names)} (nodes/node_names)")
+        if node not in NODE_KINDS:
+            raise ValueError(f"node must be one of {', '.join(NODE_KINDS)}, not {node!r}")
         self.node = node
+        self.node_names = [node_name] if node == "real" else []
         self.node_ip = "127.0.0.1"
         self.containerd_socket = realnode.containerd_socket(self.directory)
         self.pause_image = ""
         self.gpus_per_node = gpus_per_node
-        self.node_cpu, self.node_memory, self.node_pods = node_cpu, node_memory, node_pods
-        self.with_s3, self.with_node_agent = s3, node_agent and node == "agent"
+        self.node_pods = node_pods
+        self.with_s3 = s3
         self.timeout_s = timeout_s
         self.detach = detach
         self.id = ""
@@ -164,7 +167,6 @@ class LocalCluster:
         self.kubeconfig = self.directory / "kubeconfig"
         self.s3_env = self.directory / "s3.env"
         self.logs_dir = self.directory / "logs"
-        self.pods_dir = self.directory / "pods"
         self.ca_cert = self.directory / "pki" / "ca.crt"
         self.server = ""
         self.kubectl_path = Path()
@@ -202,7 +204,7 @@ class LocalCluster:
         t0 = time.monotonic()
         needed = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
         if self.node == "real":
-            needed += ("kubelet", "kube-proxy")
+            needed += ("kubelet", "kube-proxy", "coredns")
             realnode.check_ports()
             realnode.ensure_packages(log=self._log)
             self.node_ip = realnode.node_ip()
@@ -217,8 +219,7 @@ class LocalCluster:
         self._stopped = False
         if not self.detach:
             atexit.register(self.stop)
-        names = ["etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler", "s3", "s3-console",
-                 "kubelet"]
+        names = ["etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler", "s3", "s3-console"]
         self.ports = dict(zip(names, procs.free_ports(len(names))))
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
         try:
@@ -234,14 +235,10 @@ class LocalCluster:
             self._start("kube-controller-manager", self._kcm_argv(bins["kube-controller-manager"]),
                         ["controller-manager"])
             self._start("kube-scheduler", self._scheduler_argv(bins["kube-scheduler"]), ["scheduler"])
-            if self.with_node_agent:
-                self._start("node-agent", self._agent_argv(), ["kubelet"], self._env_for_agent())
             self._wait("kube-controller-manager", lambda: self._https_ok(self.ports["controller-manager"]), t0)
             self._wait("kube-scheduler", lambda: self._https_ok(self.ports["scheduler"]), t0)
             if self.with_s3:
                 self._wait("minio", self._minio_healthy, t0)
-            if self.with_node_agent:
-                self._wait("node-agent", self._nodes_ready, t0)
             if self.node == "real":
                 self._start_real_node(bins, t0)
             self.startup_seconds = round(time.monotonic() - t0, 2)
@@ -254,8 +251,8 @@ class LocalCluster:
     def stop(self, grace_s: float = 10.0) -> list[str]:
         """Stop everything this cluster started; idempotent.
 
-        Components stop in batches (:data:`STOP_BATCHES`: the node agent, or the kubelet and
-        kube-proxy, first; then, on a real node, its pods' processes are killed and their
+        Components stop in batches (:data:`STOP_BATCHES`: the kubelet, kube-proxy and
+        CoreDNS first; then, on a real node, its pods' processes are killed and their
         containers deleted before containerd stops; etcd last, so the API server can shut
         down cleanly): SIGTERM to each
         process group, SIGKILL after ``grace_s`` seconds; finally every process still
@@ -312,9 +309,11 @@ class LocalCluster:
         """
         directory = Path(directory).absolute()
         state = json.loads((directory / STATE_FILE).read_text())
-        cluster = cls(directory, node_names=state["node_names"], gpus_per_node=state["gpus_per_node"],
-                      s3=state["s3"], node_agent=state["node_agent"], node=state.get("node", "agent"),
-                      detach=True)
+        node = state.get("node", "none")
+        cluster = cls(directory, node=node if node in NODE_KINDS else "none",
+                      node_name=(state["node_names"] or ["local-node-0"])[0], gpus_per_node=state["gpus_per_node"],
+                      s3=state["s3"], detach=True)
+        cluster.node_names = state["node_names"]
         cluster.node_ip = state.get("node_ip", "127.0.0.1")
         cluster.id = state["id"]
         cluster.ports = state["ports"]
@@ -370,14 +369,6 @@ class LocalCluster:
         return {"AWS_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": self.s3_access_key,
                 "AWS_SECRET_ACCESS_KEY": self.s3_secret_key, "AWS_DEFAULT_REGION": self.s3_region}
 
-    def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
-        """A container's log as the node agent captured it (see :func:`localcluster.podfiles.pod_log`)."""
-        return podfiles.pod_log(self.pods_dir, namespace, pod, container)
-
-    def pod_dir(self, namespace: str, pod: str) -> Path:
-        """The host directory of the newest pod named ``namespace/pod`` (volumes under ``volumes/``)."""
-        return podfiles.find_pod_dir(self.pods_dir, namespace, pod)
-
     def pids(self) -> dict[str, int]:
         """Component name -> pid."""
         return {name: c.pid for name, c in self.components.items()}
@@ -399,8 +390,8 @@ class LocalCluster:
         print(f"localcluster: {message}", file=sys.stderr)
 
     def _start_real_node(self, bins: dict[str, Path], t0: float) -> None:
-        """Start containerd, the kubelet and kube-proxy (the control plane is up); wait until
-        the node is Ready with its fake GPUs and kube-proxy has synced."""
+        """Start CoreDNS, containerd, the kubelet and kube-proxy (the control plane is up); wait
+        until the node is Ready with its fake GPUs, kube-proxy has synced and CoreDNS is ready."""
         from localcluster import nodeimages
 
         pki = self._pki
@@ -410,10 +401,17 @@ class LocalCluster:
         # `kubectl logs`/`exec`: the API server's kubelet client may use the real kubelet's API
         self.kubectl("create", "clusterrolebinding", "qlora-local:kubelet-api-admin",
                      "--clusterrole=system:kubelet-api-admin", "--user=kube-apiserver-kubelet-client")
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                             "items": realnode.COREDNS_RBAC}))
         realnode.record_host(self.directory)
         realnode.write_files(self.directory, node_name=name, address=self.node_ip, pause_image=self.pause_image,
                              ca_cert=pki.ca_cert, serving_cert=pki.kubelet_cert, serving_key=pki.kubelet_key,
                              max_pods=self.node_pods)
+        self.ports["dns-ready"] = procs.free_ports(1)[0]
+        corefile = realnode.write_corefile(self.directory, address=self.node_ip,
+                                           kubeconfig=Path(self._component_kubeconfig("coredns")),
+                                           ready_port=self.ports["dns-ready"])
+        self._start("coredns", realnode.coredns_argv(bins["coredns"], corefile), ["dns", "dns-ready"])
         self._start("containerd", realnode.containerd_argv(self.directory), [])
         self._wait("containerd", self._containerd_healthy, t0)
         stale = realnode.remove_containers(self.containerd_socket)  # a crashed run's, in the kept root
@@ -432,12 +430,17 @@ class LocalCluster:
         self.kubectl("patch", "node", name, "--subresource=status", "--type=merge",
                      "-p", json.dumps({"status": {"capacity": gpus, "allocatable": gpus}}))
         self._wait("kube-proxy", self._kube_proxy_healthy, t0)
+        self._wait("coredns", self._coredns_ready, t0)
 
     def _containerd_healthy(self) -> bool:
         from localcluster import nodeimages
 
         argv = nodeimages.ctr_argv(self.containerd_socket, "version")
         return subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
+
+    def _coredns_ready(self) -> bool:
+        with _PLAIN.open(f"http://127.0.0.1:{self.ports['dns-ready']}/ready", timeout=2) as resp:
+            return resp.status == 200
 
     def _kube_proxy_healthy(self) -> bool:
         url = f"http://127.0.0.1:{realnode.PORTS['kube-proxy-healthz']}/healthz"
@@ -460,10 +463,9 @@ class LocalCluster:
 
     def _prepare_directory(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        for sub in ("pki", "etcd", "minio", "pods", "run"):
+        for sub in ("pki", "etcd", "minio", "run"):
             shutil.rmtree(self.directory / sub, ignore_errors=True)
         self.logs_dir.mkdir(exist_ok=True)
-        self.pods_dir.mkdir(exist_ok=True)
 
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -592,7 +594,7 @@ class LocalCluster:
                 f"--service-account-signing-key-file={pki.sa_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
-                # kubectl logs: the API server calls the node agent's kubelet API (kubelet_server.py)
+                # kubectl logs/exec: the API server calls the kubelet's API at the node's InternalIP
                 "--kubelet-preferred-address-types=InternalIP",
                 f"--kubelet-certificate-authority={pki.ca_cert}",
                 f"--kubelet-client-certificate={pki.clients['apiserver-kubelet-client'][0]}",
@@ -639,26 +641,10 @@ class LocalCluster:
         self.s3_env.write_text("".join(f"{k}={v}\n" for k, v in self.s3_environ().items()))
         self.s3_env.chmod(0o600)
 
-    def _agent_argv(self) -> list[str]:
-        pki = self._pki
-        assert pki is not None
-        argv = [sys.executable, "-m", "localcluster.node_agent", "--pods-dir", str(self.pods_dir),
-                "--gpus", str(self.gpus_per_node), "--cpu", self.node_cpu, "--memory", self.node_memory,
-                "--max-pods", str(self.node_pods), "--kubernetes-version", self.kubernetes_version,
-                "--kubelet-port", str(self.ports["kubelet"]), "--kubelet-cert", str(pki.kubelet_cert),
-                "--kubelet-key", str(pki.kubelet_key), "--client-ca", str(pki.ca_cert)]
-        for name in self.node_names:
-            argv += ["--node", f"{name}={self._component_kubeconfig('node-' + name)}"]
-        return argv
-
-    def _env_for_agent(self) -> dict[str, str]:
-        path = os.environ.get("PYTHONPATH", "")
-        return {"PYTHONPATH": str(HACK_DIR) + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1"}
-
     def _write_state(self) -> None:
         state = {
             "id": self.id, "server": self.server, "ports": self.ports, "node_names": self.node_names,
-            "gpus_per_node": self.gpus_per_node, "s3": self.with_s3, "node_agent": self.with_node_agent,
+            "gpus_per_node": self.gpus_per_node, "s3": self.with_s3,
             "node": self.node, "node_ip": self.node_ip,
             "kubectl": str(self.kubectl_path), "helm": str(self.helm_path),
             "s3_endpoint": self.s3_endpoint, "s3_access_key": self.s3_access_key,

@@ -1,7 +1,7 @@
 """A small JSON-in, JSON-out layer over the kubernetes client's REST transport.
 
-The node agent works on plain dicts (the API's own JSON), which keeps it fast with
-many pods and free of model conversions. Authentication and TLS come from a
+Tests and the local cluster work on plain dicts (the API's own JSON), which keeps them
+free of model conversions. Authentication and TLS come from a
 kubeconfig through ``kubernetes.config``; every call has a timeout.
 """
 

@@ -15,6 +15,12 @@ this machine; facts and workarounds from ``notes/real-node.md``:
   ``<cluster dir>/node-host.json``;
 - the argv of containerd, the kubelet and kube-proxy (iptables mode,
   ``--conntrack-max-per-core 0``, fixed ports 10249/10256);
+- cluster DNS: CoreDNS as a host process on ``<node address>:53`` (:func:`write_corefile`,
+  :func:`coredns_argv`): its ``kubernetes`` plugin answers ``cluster.local`` from the API
+  server (Services, headless Services' pod hostnames such as a group's
+  ``<job-name>-0.<service>``), everything else goes to the host's resolvers; the kubelet
+  gives pods ``clusterDNS: [<node address>]`` (the address pods already reach MinIO and the
+  API server at, so no kube-dns Service is needed);
 - teardown (:func:`kill_pod_processes` and :func:`cleanup`): the pods' processes
   (every process in the ``kubepods`` cgroups), mounts under the cluster dir, the ``cni0``
   bridge, its veths and the pods' network namespaces, the ``KUBE-*`` iptables chains and the ``CNI-*`` chains of this
@@ -23,7 +29,7 @@ this machine; facts and workarounds from ``notes/real-node.md``:
 
 The ports are fixed, so one real node runs per machine: :func:`check_ports` fails at once
 when one is taken. No GPUs: the node's ``nvidia.com/gpu`` capacity is patched into its
-status (no device plugin runs); no CoreDNS: Service names do not resolve in pods.
+status (no device plugin runs).
 """
 
 from __future__ import annotations
@@ -45,8 +51,22 @@ CNI_BIN_DIR = "/usr/lib/cni"
 POD_CIDR = "10.244.0.0/24"
 BRIDGE = "cni0"
 NETWORK_NAME = "qlora-local"
-#: fixed ports: kubelet API, kubelet healthz, kube-proxy metrics, kube-proxy healthz.
-PORTS = {"kubelet": 10250, "kubelet-healthz": 10248, "kube-proxy-metrics": 10249, "kube-proxy-healthz": 10256}
+#: fixed ports: kubelet API, kubelet healthz, kube-proxy metrics, kube-proxy healthz, cluster DNS.
+PORTS = {"kubelet": 10250, "kubelet-healthz": 10248, "kube-proxy-metrics": 10249, "kube-proxy-healthz": 10256,
+         "dns": 53}
+#: the cluster's DNS domain (the kubelet's ``clusterDomain``, CoreDNS's ``kubernetes`` zone).
+CLUSTER_DOMAIN = "cluster.local"
+#: what CoreDNS's ``kubernetes`` plugin reads (the rules of CoreDNS's own deployment manifest,
+#: ``system:coredns``): bound to the ``system:coredns`` client of the local PKI at start.
+COREDNS_RBAC = [
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "system:coredns"},
+     "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"],
+                "verbs": ["list", "watch"]},
+               {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}]},
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "system:coredns"},
+     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:coredns"},
+     "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:coredns"}]},
+]
 #: sysctls the kubelet (setupKernelTunables), kube-proxy and the bridge plugin may change;
 #: recorded before start, restored by :func:`cleanup` where they differ.
 #: net.ipv4.ip_forward is recorded but not restored: podman on this machine needs it too.
@@ -206,6 +226,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         "cgroupDriver": "cgroupfs", "failSwapOn": False, "oomScoreAdj": 0,
         "podLogsDir": str(base / "pod-logs"), "maxPods": max_pods,
         "resolvConf": "/etc/resolv.conf", "serializeImagePulls": False,
+        "clusterDNS": [address], "clusterDomain": CLUSTER_DOMAIN,
         # a shared development disk: never evict or garbage-collect the imported images
         "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%", "imagefs.available": "1%",
                          "nodefs.inodesFree": "1%"},
@@ -215,6 +236,38 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     (base / "kubelet").mkdir()
     (base / "kubelet-config.yaml").write_text(json.dumps(kubelet, indent=2))
     return {"containerd": ctd / "config.toml", "kubelet": base / "kubelet-config.yaml"}
+
+
+def write_corefile(cluster_dir: Path, *, address: str, kubeconfig: Path, ready_port: int) -> Path:
+    """Write CoreDNS's Corefile to ``<node dir>/Corefile`` and return its path.
+
+    CoreDNS serves ``address``:53 (UDP and TCP): ``cluster.local`` and the reverse zones from
+    the API server through ``kubeconfig`` (``pods insecure``: ``a-b-c-d.<ns>.pod`` names, as
+    kubeadm's default Corefile), everything else forwarded to the host's ``/etc/resolv.conf``;
+    ``ready`` on ``127.0.0.1:ready_port`` answers 200 once the plugin has synced.
+    """
+    path = node_dir(cluster_dir) / "Corefile"
+    path.write_text(f"""# written by hack/localcluster/realnode.py
+.:{PORTS['dns']} {{
+    bind {address}
+    errors
+    ready 127.0.0.1:{ready_port}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig}
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }}
+    forward . /etc/resolv.conf
+    cache 5
+}}
+""")
+    return path
+
+
+def coredns_argv(binary: Path, corefile: Path) -> list[str]:
+    """CoreDNS with the node's Corefile."""
+    return [str(binary), "-conf", str(corefile)]
 
 
 def containerd_argv(cluster_dir: Path) -> list[str]:

@@ -73,7 +73,7 @@ def _reconciler(memo: Any) -> Reconciler:
 
 @kopf.on.login()
 def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
-    """kopf uses the reconciler's credentials (kubeconfig, in-cluster, or the local node agent's)."""
+    """kopf uses the reconciler's credentials (kubeconfig, in-cluster, or a token directory)."""
     return kopf.ConnectionInfo(**_runtime(memo).kube.connection_info())
 
 

@@ -103,7 +103,8 @@ class ChildConflict(ApiError):
 
 
 def _client_configuration(kubeconfig: str | None = None) -> Any:
-    """A ``kubernetes.client.Configuration``: in-cluster, the local node agent's token dir, or kubeconfig."""
+    """A ``kubernetes.client.Configuration``: in-cluster (the pod's token, or the token directory
+    ``QLORA_SA_TOKEN_DIR`` names, with ``KUBERNETES_SERVICE_HOST``), else the kubeconfig."""
     from kubernetes import client, config
 
     cfg = client.Configuration()

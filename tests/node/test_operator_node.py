@@ -51,11 +51,8 @@ from kubernetes.client.exceptions import ApiException
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from test_operator import (  # noqa: E402 - the operator tests' process wrapper and helpers (tests/integration)
-    FAKE_BEHAVIOURS,
     GROUP_PATH,
     REAL_TRAINER,
-    STAND_IN_LIB,
-    Operator,
     apply,
     condition,
     events,
@@ -67,7 +64,7 @@ from test_operator import (  # noqa: E402 - the operator tests' process wrapper 
     wait_event,
     wait_terminal,
 )
-from test_operator import manifest as stand_in_manifest  # noqa: E402
+from node_jobs import manifest  # noqa: E402 - the node's stand-in jobs (NODE_COMMAND, POD_RESOURCES)
 
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
 
@@ -75,58 +72,6 @@ pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
 #: the stand-in's 2 nodes x 2 GPUs; one more than this stays within the operator's default
 #: ``max_gpus_per_job`` (8), so ``test_unschedulable_then_failed`` reaches the scheduler.
 NODE_GPUS = 4
-#: What the stand-in trainer's pods request (requests = limits): :data:`NODE_GPUS` of them fit the
-#: node's 2 cores at once; the memory limit is what ``oom`` allocates past.
-POD_RESOURCES = {"cpu": "200m", "memory": "256Mi"}
-#: The stand-in trainer in a real pod: exit 143 on the kubelet's SIGTERM, as ``qlora-train``
-#: does (a container's pid 1 has no default action for SIGTERM).
-NODE_TRAINER = STAND_IN_LIB + r'''
-signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-''' + FAKE_BEHAVIOURS
-NODE_COMMAND = json.dumps(["python", "-c", NODE_TRAINER, "/etc/qlora/config.json"])
-
-
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def cluster(node):
-    """The real-node cluster (instead of the session's stand-in ``cluster``)."""
-    return node["cluster"]
-
-
-@pytest.fixture(scope="module")
-def buckets(node):
-    """The boto3 client of the node's MinIO (buckets ``models``, ``data``, ``artifacts``)."""
-    return node["s3"]
-
-
-@pytest.fixture
-def start_operator(node, namespace, tmp_path):
-    """start_operator(**settings) -> a running :class:`Operator` for the test namespace (stopped
-    afterwards): the trainer image as the default, ``imagePullPolicy: Never``, the stand-in trainer."""
-    started: list[Operator] = []
-
-    def start(ns: str | None = None, env: dict | None = None, ready_text: str = "qlora-operator started",
-              **settings) -> Operator:
-        settings = {"trainer_command": NODE_COMMAND, "trainer_image": node["image"], "image_pull_policy": "Never",
-                    **settings}
-        op = Operator(node["cluster"], ns or namespace, tmp_path / f"operator-{len(started)}.log", env=env, **settings)
-        started.append(op)
-        return op.start(ready_text)
-
-    yield start
-    for op in started:
-        op.stop()
-        sys.stderr.write(f"\n--- operator log ({op.namespace}), tail ---\n{op.log()[-2500:]}\n")
-
-
-def manifest(cluster, namespace: str, name: str, behaviour: str = "ok", **spec) -> dict:
-    """:func:`test_operator.manifest` for the real node: no ``spec.image`` unless given (the
-    operator's default, the trainer image) and :data:`POD_RESOURCES` unless given."""
-    body = stand_in_manifest(cluster, namespace, name, behaviour, **spec)
-    if "image" not in spec:
-        del body["spec"]["image"]
-    body["spec"]["resources"] = {**body["spec"]["resources"], **POD_RESOURCES, **spec.get("resources", {})}
-    return body
 
 
 # ----------------------------------------------------------------------------- happy path (stand-in trainer)

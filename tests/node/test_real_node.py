@@ -168,6 +168,39 @@ def test_minio_reachable_from_a_pod(node_cluster):
     assert f"GET {url}: 200" in log
 
 
+def test_cluster_dns_resolves_services_and_a_headless_services_pod_hostname(node_cluster):
+    """CoreDNS on the node: a ClusterIP Service by short and full name, the ``kubernetes``
+    Service of another namespace, and a pod's ``<hostname>.<subdomain>`` under a headless
+    Service (what a trainer group's node 0 is reached by) before that pod is Ready."""
+    cluster = node_cluster["cluster"]
+    ns = _namespace(cluster)
+    peer = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "peer", "namespace": ns, "labels": {"app": "group"}},
+            "spec": {"hostname": "group-0", "subdomain": "group", "restartPolicy": "Never",
+                     "containers": [{"name": "pause", "image": cluster.pause_image, "imagePullPolicy": "Never",
+                                     # never Ready: the name must resolve anyway (publishNotReadyAddresses)
+                                     "readinessProbe": {"tcpSocket": {"port": 1}, "periodSeconds": 1}}]}}
+    headless = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "group", "namespace": ns},
+                "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"app": "group"},
+                         "ports": [{"name": "rendezvous", "port": 29500}]}}
+    plain = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api", "namespace": ns},
+             "spec": {"selector": {"app": "none"}, "ports": [{"port": 80}]}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                         "items": [peer, headless, plain]}))
+    peer_ip = wait_for(lambda: cluster.kubectl("-n", ns, "get", "pod", "peer", "-o",
+                                               "jsonpath={.status.podIP}").stdout or None, 60, "the peer's IP")
+    api_ip = cluster.kubectl("-n", ns, "get", "service", "api", "-o", "jsonpath={.spec.clusterIP}").stdout
+    names = ["group-0.group", f"group-0.group.{ns}.svc.cluster.local", "api", f"api.{ns}.svc.cluster.local",
+             "kubernetes.default"]
+    pod = _run_pod(cluster, ns, node_cluster["probe"], ["dns", *names])
+    log = _logs(cluster, pod)
+    assert pod["status"]["phase"] == "Succeeded", log
+    assert f"group-0.group -> {peer_ip}" in log and f"group-0.group.{ns}.svc.cluster.local -> {peer_ip}" in log
+    assert f"api -> {api_ip}" in log and f"api.{ns}.svc.cluster.local -> {api_ip}" in log
+    assert "kubernetes.default -> 10.0.0.1" in log
+    ready = cluster.kubectl("-n", ns, "get", "pod", "peer", "-o", "jsonpath={.status.containerStatuses[0].ready}")
+    assert ready.stdout == "false"
+
+
 def test_stop_leaves_nothing_behind(node_cluster):
     from localcluster import procs, realnode
 

@@ -17,19 +17,9 @@ import types
 import pytest
 import torch
 
+from helpers import MISTRAL_7B
 from qlora_trainer.config import TrainingConfig
 from qlora_trainer.estimate import AUTO_MICRO_BATCH_SHARE, checkpoint_layout, estimate, micro_batch_layout
-
-MISTRAL_7B = {
-    "model_type": "mistral",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 32000,
-    "tie_word_embeddings": False,
-}
 
 
 def config(**training) -> TrainingConfig:

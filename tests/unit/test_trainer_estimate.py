@@ -15,29 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import LLAMA3_70B, MISTRAL_7B
 from qlora_trainer.config import TrainingConfig
 from qlora_trainer.estimate import CUDA_CONTEXT_GIB, NCCL_GIB, EstimateError, ModelShape, estimate, plan
 
-MISTRAL_7B = {
-    "model_type": "mistral",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 32000,
-    "tie_word_embeddings": False,
-}
-LLAMA3_70B = {
-    "model_type": "llama",
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "tie_word_embeddings": False,
-}
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 

@@ -14,7 +14,8 @@ import pytest
 from qlora_trainer.cli import main as train_main
 from qlora_trainer.fitcheck import decide
 
-from tests.unit.test_trainer_estimate import LLAMA3_70B, MISTRAL_7B, config
+from helpers import LLAMA3_70B, MISTRAL_7B
+from tests.unit.test_trainer_estimate import config
 
 
 def test_70b_on_one_24gib_gpu_does_not_fit_and_names_what_would() -> None:

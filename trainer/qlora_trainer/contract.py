@@ -10,7 +10,7 @@ never loads the trainer's stack through it.
 Five parts:
 
 * **Environment** (``ENV_*``): the ``QLORA_*`` variables the operator sets on every trainer
-  pod (and the local node agent's ``QLORA_SA_TOKEN_DIR``); all are optional for a
+  pod (and ``QLORA_SA_TOKEN_DIR`` for a process outside a pod); all are optional for a
   standalone ``qlora-train``.
 * **Exit codes** (:data:`EXIT_CODES`): code, termination reason, retry class, meaning.
 * **Termination message** (:class:`TerminationMessage`): the JSON the trainer writes to
@@ -58,8 +58,8 @@ ENV_MASTER_ADDR = "QLORA_MASTER_ADDR"
 ENV_MASTER_PORT = "QLORA_MASTER_PORT"
 #: Set by the trainer's launcher for its workers: where global rank 0 writes its result.
 ENV_WORKER_RESULT = "QLORA_WORKER_RESULT"
-#: The local node agent only: the host directory holding the projected service-account
-#: token (``token``, ``ca.crt``); unset in a real pod (in-cluster configuration).
+#: Outside a pod only (an operator or trainer run as a host process with a ServiceAccount's
+#: token): the directory holding ``token`` and ``ca.crt``; unset in a pod (in-cluster configuration).
 ENV_SA_TOKEN_DIR = "QLORA_SA_TOKEN_DIR"
 #: Where llama.cpp's converter is installed (``output.export`` gguf); the image's default otherwise.
 ENV_LLAMA_CPP_DIR = "QLORA_LLAMA_CPP_DIR"

@@ -79,8 +79,8 @@ def log_event(event: str, **fields: Any) -> None:
 def _api_client() -> Any:
     """A kubernetes ``ApiClient`` for the pod's service account.
 
-    With ``QLORA_SA_TOKEN_DIR`` set (the local node agent maps the projected token
-    there) the token and CA come from ``<dir>/token`` and ``<dir>/ca.crt`` and the host
+    With ``QLORA_SA_TOKEN_DIR`` set (a process outside a pod given a ServiceAccount's
+    token) the token and CA come from ``<dir>/token`` and ``<dir>/ca.crt`` and the host
     from ``KUBERNETES_SERVICE_HOST``/``KUBERNETES_SERVICE_PORT``; otherwise the standard
     in-cluster configuration is loaded.
     """

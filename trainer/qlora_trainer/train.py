@@ -191,6 +191,21 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _rewind_after_oom(model: Any, checkpoint: Path | None, initial_adapter: dict, reporter: Any) -> Path | None:
+    """Get ready to train again after a CUDA OOM (the caller dropped its trainer): clear the
+    gradients, free the cached GPU memory, and return ``checkpoint`` (the last checkpoint synced
+    in this run, or the one resumed from) to continue from; without one the adapter is reset to
+    its initial weights (the run restarts at step 0). Reports progress at once."""
+    from peft import set_peft_model_state_dict
+
+    model.zero_grad(set_to_none=True)
+    _free_memory()
+    if checkpoint is None:
+        set_peft_model_state_dict(model, initial_adapter)
+    reporter.update(force=True)
+    return checkpoint
+
+
 def train(
     cfg: TrainingConfig,
     base: ModelInput,
@@ -219,7 +234,7 @@ def train(
         NonFiniteLossError: NaN/inf loss (exit 6).
         Preempted: SIGTERM; a checkpoint was synced (exit 143).
     """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     hw = hw or Hardware.detect()
     dist = dist or Dist.single()
@@ -328,13 +343,8 @@ def train(
                     log_event("oom_backoff", step=step, microBatch=micro_batch, gradientAccumulationSteps=accumulation,
                               uncheckpointedLayers=0, previousUncheckpointedLayers=unchecked, error=str(err)[:300])
                     unchecked = 0
-                    model.zero_grad(set_to_none=True)
                     del trainer
-                    _free_memory()
-                    local_ckpt = sync.last_local or local_ckpt
-                    if local_ckpt is None:
-                        set_peft_model_state_dict(model, initial_adapter)
-                    reporter.update(force=True)
+                    local_ckpt = _rewind_after_oom(model, sync.last_local or local_ckpt, initial_adapter, reporter)
                     continue
                 tried.append(micro_batch)
                 if micro_batch <= 1:
@@ -364,14 +374,8 @@ def train(
                 )
                 micro_batch, accumulation = new_mb, new_acc
                 run_state.update(microBatchSize=micro_batch, gradientAccumulationSteps=accumulation)
-                model.zero_grad(set_to_none=True)
                 del trainer
-                _free_memory()
-                # Continue from the last synced checkpoint of this run (or the one resumed from), else restart.
-                local_ckpt = sync.last_local or local_ckpt
-                if local_ckpt is None:
-                    set_peft_model_state_dict(model, initial_adapter)
-                reporter.update(force=True)
+                local_ckpt = _rewind_after_oom(model, sync.last_local or local_ckpt, initial_adapter, reporter)
     finally:
         preempt.uninstall()
     train_seconds = time.monotonic() - train_start - before.seconds

@@ -5,18 +5,23 @@
 //	probe apiserver             GET https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/api/v1/namespaces/$POD_NAMESPACE/pods
 //	                            with the service-account token and CA; prints the HTTP status and the item count
 //	probe http URL              GET URL (plain HTTP), print the status; exit 0 on 2xx
+//	probe dns NAME...           resolve each NAME through the pod's /etc/resolv.conf (search
+//	                            domains included), retrying for up to 30 s; print "NAME -> ADDRS"
 //
 // Any other failure exits 1 with the error on stderr.
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 )
 
@@ -29,7 +34,7 @@ func fail(format string, args ...any) {
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: probe hello|write-root|apiserver|http URL")
+		fail("usage: probe hello|write-root|apiserver|http URL|dns NAME...")
 	}
 	switch os.Args[1] {
 	case "hello":
@@ -57,6 +62,13 @@ func main() {
 		fmt.Printf("GET %s: %d\n", os.Args[2], resp.StatusCode)
 		if resp.StatusCode/100 != 2 {
 			os.Exit(1)
+		}
+	case "dns":
+		if len(os.Args) < 3 {
+			fail("usage: probe dns NAME...")
+		}
+		for _, name := range os.Args[2:] {
+			resolve(name)
 		}
 	default:
 		fail("unknown command %q", os.Args[1])
@@ -103,5 +115,24 @@ func apiserver() {
 	if resp.StatusCode != 200 {
 		fmt.Println(string(body))
 		os.Exit(1)
+	}
+}
+
+// resolve looks NAME up with Go's own resolver (it reads /etc/resolv.conf: the kubelet's
+// nameserver, search list and ndots); a new headless Service's records can take a moment.
+func resolve(name string) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		addrs, err := net.DefaultResolver.LookupHost(ctx, name)
+		cancel()
+		if err == nil {
+			fmt.Printf("%s -> %s\n", name, strings.Join(addrs, ","))
+			return
+		}
+		if time.Now().After(deadline) {
+			fail("resolve %s: %v", name, err)
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }

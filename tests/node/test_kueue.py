@@ -1,26 +1,46 @@
-"""Real Kueue (built from its Go module, :mod:`localcluster.kueue`) on the real local control plane.
+"""Real Kueue (built from its Go module, :mod:`localcluster.kueue`) with the real node.
 
 A ClusterQueue with 1 ``nvidia.com/gpu`` of quota: two 1-GPU Jobs labelled
 ``kueue.x-k8s.io/queue-name``, as the operator renders them. Kueue's job webhook
-suspends both on create; the first is admitted (unsuspended, its pod runs on the stand-in
-node), the second's Workload stays pending with Kueue's reason and is admitted once the
-first ends.
+suspends both on create; the first is admitted (unsuspended, its pod runs on the real
+node from the trainer image), the second's Workload stays pending with Kueue's reason and
+is admitted once the first ends. Then the same with QLoRAJobs (the stand-in trainer), and
+preemption with the real trainer resuming from its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import wait_for
+from helpers import upload_embedded, wait_for
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from test_operator import (  # noqa: E402 - helpers of the operator tests
+    REAL_TRAINER,
+    apply,
+    condition,
+    events,
+    get_qj,
+    is_true,
+    wait_terminal,
+)
+
+from node_jobs import manifest  # noqa: E402 - the node's stand-in jobs
+
+pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
+
+#: Fake ``nvidia.com/gpu`` of the node (read by the ``node`` fixture): more than the queue's quota
+#: of 1, so Kueue (not the scheduler) is what makes a job wait.
+NODE_GPUS = 2
 
 
 @pytest.fixture(scope="module")
 def kueue(cluster):
-    """Kueue started on the session cluster for this module; its webhooks removed after."""
+    """Kueue started on the real-node cluster for this module; its webhooks removed after."""
     from localcluster.kueue import Kueue
 
     with Kueue(cluster) as running:
@@ -49,14 +69,14 @@ def _queues(cluster, namespace: str, gpus: int = 1, preemption: bool = False):
     return cq["metadata"]["name"]
 
 
-def _job(name: str, namespace: str, seconds: float) -> dict:
+def _job(name: str, namespace: str, seconds: float, image: str) -> dict:
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": name, "namespace": namespace, "labels": {"kueue.x-k8s.io/queue-name": "team"}},
             "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [{
-                "name": "main", "image": "python:3",
-                "command": [sys.executable, "-c", f"import time; time.sleep({seconds})"],
+                "name": "main", "image": image, "imagePullPolicy": "Never",
+                "command": ["python", "-c", f"import time; time.sleep({seconds})"],
                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi", "nvidia.com/gpu": "1"},
-                              "limits": {"nvidia.com/gpu": "1"}}}]}}}}
+                              "limits": {"memory": "64Mi", "nvidia.com/gpu": "1"}}}]}}}}
 
 
 def _workload(api, namespace: str, job: str) -> dict | None:
@@ -73,14 +93,14 @@ def _condition(obj: dict | None, kind: str) -> dict:
     return {}
 
 
-def test_second_job_waits_for_quota_with_kueues_reason(cluster, kueue, namespace):
+def test_second_job_waits_for_quota_with_kueues_reason(node, cluster, kueue, namespace):
     api = cluster.api()
     cq = _queues(cluster, namespace)
     try:
-        _apply(cluster, _job("first", namespace, 8))
+        _apply(cluster, _job("first", namespace, 8, node["image"]))
         first = wait_for(lambda: (lambda wl: wl if _condition(wl, "Admitted").get("status") == "True" else None)(
             _workload(api, namespace, "first")), 60, "the first Job's Workload to be admitted")
-        _apply(cluster, _job("second", namespace, 1))
+        _apply(cluster, _job("second", namespace, 1, node["image"]))
         second = wait_for(lambda: (lambda wl: wl if _condition(wl, "QuotaReserved").get("status") == "False"
                                    else None)(_workload(api, namespace, "second")), 60,
                           "the second Workload to be evaluated")
@@ -107,25 +127,7 @@ def test_second_job_waits_for_quota_with_kueues_reason(cluster, kueue, namespace
 
 
 # ----------------------------------------------------------------------------- QLoRAJobs through Kueue
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from test_operator import (  # noqa: E402,F401 - fixtures and helpers of the operator tests, reused
-    apply,
-    buckets,
-    condition,
-    crd,
-    events,
-    get_qj,
-    is_true,
-    manifest,
-    REAL_TRAINER,
-    s3_secret,
-    start_operator,
-    wait_terminal,
-)
-
-
-def test_qlorajobs_queue_in_kueue_and_status_mirrors_the_workload(cluster, kueue, namespace, buckets, s3_secret,
-                                                                   start_operator):
+def test_qlorajobs_queue_in_kueue_and_status_mirrors_the_workload(cluster, kueue, namespace, buckets, start_operator):
     """Two 1-GPU QLoRAJobs on a 1-GPU ClusterQueue: the second shows Queued with Kueue's reason
     and message in status (phase, Suspended condition, status.queue) and runs once the first ends."""
     api = cluster.api()
@@ -171,16 +173,14 @@ def test_qlorajobs_queue_in_kueue_and_status_mirrors_the_workload(cluster, kueue
         cluster.kubectl("delete", "clusterqueue", cq, "--wait=false", check=False)
 
 
-def _upload_embedded_model_and_data(buckets, namespace: str, tmp_path) -> None:
-    from helpers import upload_embedded
-
-    upload_embedded(buckets, tmp_path / "corpus", f"{namespace}/smollm2", {f"{namespace}/train.jsonl": ("train", 0, 96)})
+def _upload_data(buckets, namespace: str, tmp_path) -> None:
+    upload_embedded(buckets, tmp_path / "corpus", None, {f"{namespace}/train.jsonl": ("train", 0, 96)})
 
 
 def _real_job(cluster, namespace: str, name: str, steps: int, priority: str) -> dict:
     body = manifest(cluster, namespace, name, scheduling={"queueName": "team", "priorityClassName": priority})
     body["spec"].update({
-        "model": {"uri": f"s3://models/{namespace}/smollm2/"},
+        "model": {"uri": "s3://models/smollm2/"},  # uploaded by the node fixture
         "dataset": {"uri": f"s3://data/{namespace}/train.jsonl", "format": "chat"},
         "lora": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
         "training": {"maxSteps": steps, "microBatchSize": 2, "gradientAccumulationSteps": 1, "maxSeqLength": 128,
@@ -192,12 +192,12 @@ def _real_job(cluster, namespace: str, name: str, steps: int, priority: str) -> 
 
 @pytest.mark.slow
 def test_a_higher_priority_job_preempts_a_running_one_which_resumes_from_its_checkpoint(
-        cluster, kueue, namespace, buckets, s3_secret, start_operator, tmp_path):
+        cluster, kueue, namespace, buckets, start_operator, tmp_path):
     """Kueue preemption with the real trainer: the low-priority run is evicted mid-training (Job
     suspended, SIGTERM), checkpoints, shows Queued/Preempted, and once the high-priority run ends it
     is readmitted, resumes from that checkpoint and succeeds; the stopped pod is a disruption."""
     api = cluster.api()
-    _upload_embedded_model_and_data(buckets, namespace, tmp_path)
+    _upload_data(buckets, namespace, tmp_path)
     low_pc, high_pc = f"low-{namespace}", f"high-{namespace}"
     _apply(cluster, *({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": n},
                        "value": v} for n, v in ((low_pc, 100), (high_pc, 1000))))

@@ -1,15 +1,20 @@
-"""The Helm chart (``helm/qlora-operator``) on the real local cluster.
+"""The Helm chart (``helm/qlora-operator``) on the real node (``tests/node``): the operator from
+its image (``Dockerfile.operator``, built by ``make images``), two replicas with leader
+election, under the real kubelet.
 
 - ``helm lint --strict`` is clean (no warning, nothing on stderr); ``values.schema.json``
   refuses unknown keys and bad values.
 - ``helm template`` output, cluster-wide and namespaced, passes the API server's own
   validation (``kubectl apply --dry-run=server --validate=strict``) in a namespace that
   enforces the ``restricted`` Pod Security level, without a PodSecurity warning.
-- The release lifecycle: ``helm install`` into a ``restricted`` namespace; the node
-  agent runs the operator Deployment's pod, which authenticates with the chart's
-  ServiceAccount token (the process has no kubeconfig; TokenReview of the token it
-  reads names the ServiceAccount) and takes a QLoRAJob to ``Complete`` in another
-  ``restricted`` namespace: the RBAC is sufficient, and the operator log has no 403.
+- The release lifecycle: ``helm install`` into a ``restricted`` namespace; the kubelet runs
+  the Deployment's two operator pods from the operator image (uid 1000, read-only root) and
+  their readiness and liveness probes pass; the leader (the Lease's holder) authenticates
+  with the chart's ServiceAccount token (the container's process has no kubeconfig;
+  TokenReview of the token mounted in its root names the ServiceAccount), serves
+  ``/healthz`` and ``/metrics`` at its pod IP, and takes a QLoRAJob to ``Complete`` in
+  another ``restricted`` namespace: the RBAC is sufficient, and the operator log (``kubectl
+  logs`` through the kubelet) has no 403.
   That ServiceAccount cannot get, list or watch Secrets anywhere. ``helm upgrade`` to a
   list of watched namespaces rolls the Deployment, replaces the ClusterRole with
   namespaced Roles, and a job there completes too. ``helm uninstall`` removes the
@@ -19,8 +24,8 @@
 - ``slow``: the chart's operator, with namespaced RBAC, runs the real ``qlora-train`` on
   the embedded SmolLM2 model for 2 steps (about a minute on two CPU cores).
 
-The trainer in the lifecycle is a cheap stand-in that follows the trainer's contract
-with the real pieces around it: it reads the mounted config, patches
+The trainer in the lifecycle is a cheap stand-in (run by the trainer image's python) that
+follows the trainer's contract with the real pieces around it: it reads the mounted config, patches
 ``.status.progress`` with the pod's own per-job ServiceAccount token (the Role the
 operator created), writes the adapter's ``_SUCCESS`` marker to MinIO with the
 credentials the kubelet resolved from the job's Secret, and leaves the JSON
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,11 +47,15 @@ import pytest
 import yaml
 from helpers import wait_crd_established, wait_for
 
+pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "qlora-operator"
-#: The operator pod (a host process of the node agent) runs this checkout's code, not whatever
-#: copy the environment has installed (a shared virtualenv may point at another checkout).
-SOURCE_ENV = [{"name": "PYTHONPATH", "value": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")])}]
+VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+#: the token and CA the kubelet mounts in a pod's containers (the ServiceAccount admission plugin).
+SA_MOUNT = "var/run/secrets/kubernetes.io/serviceaccount"
+#: plain HTTP to pod IPs: no proxy settings of the environment.
+PLAIN = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 RELEASE = "qlora-operator"  # contains the chart name: the full name is the release name
 SA = RELEASE
 GROUP_PATH = "/apis/qlora.dev/v1alpha1"
@@ -57,7 +65,7 @@ STAND_IN_TRAINER = r'''
 import json, os, ssl, sys, time, urllib.request
 import boto3
 cfg = json.load(open(sys.argv[1]))
-tokdir = os.environ["QLORA_SA_TOKEN_DIR"]
+tokdir = "/var/run/secrets/kubernetes.io/serviceaccount"
 ctx = ssl.create_default_context(cafile=os.path.join(tokdir, "ca.crt"))
 url = "https://%s:%s/apis/qlora.dev/v1alpha1/namespaces/%s/qlorajobs/%s/status" % (
     os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"],
@@ -74,7 +82,7 @@ out = cfg["output"]["uri"].rstrip("/")
 bucket, _, prefix = out[len("s3://"):].partition("/")
 s3 = boto3.client("s3", endpoint_url=cfg["storage"]["endpoint"], region_name=cfg["storage"]["region"])
 s3.put_object(Bucket=bucket, Key=prefix + "/run-1/adapter/_SUCCESS", Body=b"")
-with open(os.environ["QLORA_TERMINATION_MESSAGE_PATH"], "w") as f:
+with open("/dev/termination-log", "w") as f:
     json.dump({"exitCode": 0, "reason": "Succeeded", "message": "stand-in trainer done",
                "artifacts": {"adapterUri": out + "/run-1/adapter/", "manifestUri": out + "/run-1/adapter/manifest.json"},
                "metrics": {"steps": total}}, f)
@@ -82,10 +90,13 @@ with open(os.environ["QLORA_TERMINATION_MESSAGE_PATH"], "w") as f:
 
 
 # ----------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def image_values(images: dict[str, str]) -> dict:
+    """Chart values that run the locally built images (``repository:tag``, never pulled)."""
+    def split(ref: str) -> dict:
+        repository, tag = ref.rsplit(":", 1)
+        return {"repository": repository, "tag": tag, "pullPolicy": "Never"}
+
+    return {"image": split(images["operator"]), "trainer": {"image": split(images["trainer"])}}
 
 
 @pytest.fixture(scope="module")
@@ -147,43 +158,61 @@ def condition(body: dict, typ: str) -> dict:
     return next((c for c in (body.get("status") or {}).get("conditions") or [] if c["type"] == typ), {})
 
 
-def operator_pod(api, namespace: str) -> dict | None:
+def operator_pods(api, namespace: str) -> list[dict]:
+    """The release's operator pods that are not being deleted."""
     pods = api.get(f"/api/v1/namespaces/{namespace}/pods",
                    labelSelector=f"app.kubernetes.io/instance={RELEASE}")["items"]
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    return live[0] if len(live) == 1 and len(pods) == 1 else None
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
-def wait_operator_started(cluster, api, namespace: str, not_uid: str | None = None) -> dict:
-    """The operator pod (another than ``not_uid``), once it is Running and kopf has started."""
+def pod_log(cluster, namespace: str, pod: str) -> str:
+    """``kubectl logs`` of a pod (through the API server and the real kubelet)."""
+    return cluster.kubectl("-n", namespace, "logs", pod).stdout
 
-    def started():
-        pod = operator_pod(api, namespace)
-        if pod is None or pod["metadata"]["uid"] == not_uid or pod["status"].get("phase") != "Running":
-            return None
+
+def wait_rolled_out(cluster, api, namespace: str, replicas: int, not_uids: frozenset[str] = frozenset()) -> dict:
+    """Wait until the Deployment's ``replicas`` pods are Ready (the kubelet's readiness probe),
+    none of them one of ``not_uids`` (an earlier revision) and no other pod is left; then until
+    the Lease names one of them as leader and that pod logged that kopf started. Returns the
+    leader's pod."""
+
+    def rolled():
+        pods = operator_pods(api, namespace)
+        everything = api.get(f"/api/v1/namespaces/{namespace}/pods",
+                             labelSelector=f"app.kubernetes.io/instance={RELEASE}")["items"]
+        ready = [p for p in pods if p["metadata"]["uid"] not in not_uids and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])]
+        return ready if len(ready) == replicas == len(everything) else None
+
+    pods = wait_for(rolled, 180, f"{replicas} ready operator pods in {namespace}", interval=0.5)
+
+    def leader():
         try:
-            log = cluster.pod_log(namespace, pod["metadata"]["name"])
-        except FileNotFoundError:
+            lease = api.get(f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{RELEASE}")
+        except Exception:  # noqa: BLE001 - not created yet
             return None
-        return pod if "qlora-operator started" in log else None
+        holder = (lease.get("spec") or {}).get("holderIdentity") or ""
+        pod = next((p for p in pods if holder.startswith(p["metadata"]["name"] + "_")), None)
+        return pod if pod and "qlora-operator started" in pod_log(cluster, namespace, pod["metadata"]["name"]) else None
 
-    return wait_for(started, 90, f"the operator pod in {namespace} to start", interval=0.5)
+    return wait_for(leader, 90, f"an operator pod in {namespace} to lead and start", interval=0.5)
 
 
-def pod_processes(marker: str, pod_name: str) -> list[dict[str, str]]:
-    """Environments of the live local processes the node agent started for ``pod_name``."""
+def container_processes(pod_name: str) -> list[dict]:
+    """The real node's container processes of ``pod_name`` (by their ``HOSTNAME``): each
+    ``{"pid", "env", "cmdline"}``. Read from the host's /proc (root)."""
+    from localcluster import realnode
+
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in sorted(realnode.pod_pids()):
         try:
-            raw = (entry / "environ").read_bytes()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-        if env.get("QLORA_LOCALCLUSTER") == marker and env.get("HOSTNAME") == pod_name:
-            found.append({**env, "__cmdline__": cmdline})
+        if env.get("HOSTNAME") == pod_name:
+            found.append({"pid": pid, "env": env, "cmdline": cmdline})
     return found
 
 
@@ -198,7 +227,6 @@ def qlorajob(cluster, namespace: str, name: str) -> dict:
             "output": {"uri": f"s3://artifacts/{namespace}/{name}/"},
             "storage": {"endpoint": cluster.s3_endpoint, "credentialsSecretRef": {"name": "s3-creds"}},
             "resources": {"gpus": 1, "cpu": "1", "memory": "1Gi"},
-            "image": "ghcr.io/qlora-operator/qlora-trainer:test",
         },
     }
 
@@ -323,32 +351,24 @@ def test_replicas_leader_election_and_rolling_update(cluster, helm):
 
 
 # ----------------------------------------------------------------------------- the release lifecycle
-def test_install_run_upgrade_uninstall(cluster, helm, make_namespace, tmp_path):
+def test_install_run_upgrade_uninstall(node, cluster, helm, make_namespace, tmp_path):
     """install (cluster-wide) -> job Complete -> upgrade (namespaced) -> job Complete -> uninstall."""
     api = cluster.api()
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    s3 = cluster.s3_client()
-    try:
-        s3.create_bucket(Bucket="artifacts")
-    except Exception as err:  # noqa: BLE001 - another test module made it
-        assert "BucketAlreadyOwnedByYou" in str(err) or "BucketAlreadyExists" in str(err), err
-
     release_ns = make_namespace(RESTRICTED)
     jobs_a = make_namespace(RESTRICTED)
     jobs_b = make_namespace(RESTRICTED)
     user = f"system:serviceaccount:{release_ns}:{SA}"
-    metrics_port, health_port = free_port(), free_port()
+    replicas = VALUES["replicas"]  # the chart's default: 2, with leader election
+    assert replicas == 2
+    images = image_values(node["images"])
     values = tmp_path / "values.yaml"
     values.write_text(json.dumps({
-        "image": {"tag": "test"},
-        "trainer": {"command": ["python", "-c", STAND_IN_TRAINER, "/etc/qlora/config.json"]},
+        **images,
+        "trainer": {**images["trainer"], "command": ["python", "-c", STAND_IN_TRAINER, "/etc/qlora/config.json"]},
         "resyncSeconds": 2,
         "logFormat": "text",
-        "metrics": {"port": metrics_port},
-        "health": {"port": health_port},
-        "extraEnv": SOURCE_ENV,
-        "replicas": 1,  # the node agent's pods share one loopback: a second replica's ports would collide
     }))
 
     installed = True
@@ -358,16 +378,27 @@ def test_install_run_upgrade_uninstall(cluster, helm, make_namespace, tmp_path):
                     "--timeout", "120s")
         assert "STATUS: deployed" in proc.stdout, proc.stdout
         wait_crd_established(cluster)
-        pod = wait_operator_started(cluster, api, release_ns)
+        pod = wait_rolled_out(cluster, api, release_ns, replicas)
         timings["install"] = time.monotonic() - t0
+        first_pods = operator_pods(api, release_ns)
         assert pod["spec"]["serviceAccountName"] == SA
+        container = pod["spec"]["containers"][0]
+        assert container["image"] == f"{images['image']['repository']}:{images['image']['tag']}"
+        status = pod["status"]["containerStatuses"][0]
+        assert status["ready"] and status["restartCount"] == 0, status
 
-        # The pod's process authenticates with the chart's ServiceAccount token, nothing else.
-        procs = [p for p in pod_processes(cluster.id, pod["metadata"]["name"]) if "qlora-operator" in p["__cmdline__"]]
-        assert len(procs) == 1, procs
+        # The container's process runs as uid 1000 on a read-only root and authenticates with
+        # the chart's ServiceAccount token, nothing else.
+        procs = [p for p in container_processes(pod["metadata"]["name"]) if "qlora-operator" in p["cmdline"]
+                 or "qlora_operator" in p["cmdline"]]
+        assert procs, container_processes(pod["metadata"]["name"])
         main = procs[0]
-        assert "KUBECONFIG" not in main, "the operator pod must not see a kubeconfig"
-        token = (Path(main["QLORA_SA_TOKEN_DIR"]) / "token").read_text().strip()
+        assert "KUBECONFIG" not in main["env"], "the operator pod must not see a kubeconfig"
+        assert os.stat(f"/proc/{main['pid']}").st_uid == 1000
+        root = Path(f"/proc/{main['pid']}/root")
+        mounts = Path(f"/proc/{main['pid']}/mounts").read_text().split("\n")
+        assert any(line.split()[1:2] == ["/"] and "ro" in line.split()[3].split(",") for line in mounts if line), mounts
+        token = (root / SA_MOUNT / "token").read_text().strip()
         review = api.create("/apis/authentication.k8s.io/v1/tokenreviews",
                             {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}})
         assert review["status"]["authenticated"] and review["status"]["user"]["username"] == user, review["status"]
@@ -378,30 +409,33 @@ def test_install_run_upgrade_uninstall(cluster, helm, make_namespace, tmp_path):
                 assert not can_i(cluster, verb, "secrets", ns, user), f"{user} can {verb} secrets in {ns or 'all'}"
         assert can_i(cluster, "list", "qlorajobs.qlora.dev", None, user)
 
-        # Health and metrics on the ports the values chose.
-        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=5) as resp:
+        # Health and metrics at the leader's pod IP on the chart's ports (the host reaches pod IPs).
+        ip = pod["status"]["podIP"]
+        with PLAIN.open(f"http://{ip}:{VALUES['health']['port']}/healthz", timeout=5) as resp:
             assert resp.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        with PLAIN.open(f"http://{ip}:{VALUES['metrics']['port']}/metrics", timeout=5) as resp:
             assert b"qlora_jobs" in resp.read()
 
         run_job_to_complete(cluster, api, jobs_a, "first")
         timings["job cluster-wide"] = time.monotonic() - t0
-        assert_no_rbac_denial(cluster.pod_log(release_ns, pod["metadata"]["name"]), user)
+        assert_no_rbac_denial(pod_log(cluster, release_ns, pod["metadata"]["name"]), user)
 
         # --- upgrade: a list of namespaces instead of the whole cluster -----------------------------
         old = api.get(f"/apis/apps/v1/namespaces/{release_ns}/deployments/{RELEASE}")
         proc = helm("upgrade", RELEASE, str(CHART), "--namespace", release_ns, "-f", str(values),
                     "--set", f"watchNamespaces={{{jobs_b}}}", "--wait", "--timeout", "120s")
         assert "STATUS: deployed" in proc.stdout and "REVISION: 2" in proc.stdout, proc.stdout
-        new_pod = wait_operator_started(cluster, api, release_ns, not_uid=pod["metadata"]["uid"])
+        new_pod = wait_rolled_out(cluster, api, release_ns, replicas,
+                                  not_uids=frozenset(p["metadata"]["uid"] for p in first_pods))
         timings["upgrade"] = time.monotonic() - t0
         deployment = api.get(f"/apis/apps/v1/namespaces/{release_ns}/deployments/{RELEASE}")
         assert deployment["metadata"]["generation"] == old["metadata"]["generation"] + 1
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         assert f"--namespace={jobs_b}" in args and "--all-namespaces" not in args, args
         wait_for(lambda: api.get(f"/apis/apps/v1/namespaces/{release_ns}/deployments/{RELEASE}")["status"]
-                 .get("updatedReplicas") == 1, 60, "the Deployment to finish rolling")
-        assert not pod_processes(cluster.id, pod["metadata"]["name"]), "the old operator process still runs"
+                 .get("updatedReplicas") == replicas, 60, "the Deployment to finish rolling")
+        for old_pod in first_pods:
+            assert not container_processes(old_pod["metadata"]["name"]), "an old operator process still runs"
         for kind in ("clusterroles", "clusterrolebindings"):
             items = api.get(f"/apis/rbac.authorization.k8s.io/v1/{kind}",
                             labelSelector=f"app.kubernetes.io/instance={RELEASE}")["items"]
@@ -415,7 +449,7 @@ def test_install_run_upgrade_uninstall(cluster, helm, make_namespace, tmp_path):
 
         run_job_to_complete(cluster, api, jobs_b, "second")
         timings["job namespaced"] = time.monotonic() - t0
-        assert_no_rbac_denial(cluster.pod_log(release_ns, new_pod["metadata"]["name"]), user)
+        assert_no_rbac_denial(pod_log(cluster, release_ns, new_pod["metadata"]["name"]), user)
 
         # --- uninstall: the operator goes, the CRD and the users' jobs stay ---------------------------
         helm("uninstall", RELEASE, "--namespace", release_ns, "--wait", "--timeout", "120s")
@@ -476,21 +510,13 @@ def test_rendered_trainer_pod_is_admitted_under_restricted(cluster, make_namespa
 
 # ----------------------------------------------------------------------------- the real trainer under the chart
 @pytest.mark.slow
-def test_real_trainer_under_the_chart(cluster, helm, make_namespace, tmp_path):
-    """The chart's operator (namespaced RBAC) runs the real ``qlora-train`` on the embedded model: 2 steps."""
+def test_real_trainer_under_the_chart(node, cluster, helm, make_namespace, tmp_path):
+    """The chart's operator (namespaced RBAC, one replica) runs the real ``qlora-train`` from the
+    trainer image on the embedded model (uploaded by the ``node`` fixture): 2 steps."""
     import embedded  # hack/embedded.py
 
     api = cluster.api()
-    s3 = cluster.s3_client()
-    for bucket in ("models", "data", "artifacts"):
-        try:
-            s3.create_bucket(Bucket=bucket)
-        except Exception as err:  # noqa: BLE001 - another test made it
-            assert "BucketAlreadyOwnedByYou" in str(err) or "BucketAlreadyExists" in str(err), err
-    model_dir = embedded.ensure_model(quiet=True)
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file():
-            s3.upload_file(str(path), "models", f"smollm2/{path.relative_to(model_dir)}")
+    s3 = node["s3"]
     release_ns = make_namespace(RESTRICTED)
     jobs_ns = make_namespace(RESTRICTED)
     corpus = tmp_path / "corpus"
@@ -500,15 +526,18 @@ def test_real_trainer_under_the_chart(cluster, helm, make_namespace, tmp_path):
 
     values = tmp_path / "values.yaml"
     values.write_text(json.dumps({
+        **image_values(node["images"]),
         "watchNamespaces": [jobs_ns],
-        "trainer": {"command": ["qlora-train", "--config", "/etc/qlora/config.json"]},
         "resyncSeconds": 2, "logFormat": "text", "timeouts": {"stalledSeconds": 600},
-        "metrics": {"port": free_port()}, "health": {"port": free_port()}, "extraEnv": SOURCE_ENV,
-        "replicas": 1,
+        "replicas": 1, "leaderElection": {"enabled": False},  # the node's 2 cores go to the trainer
     }))
     helm("install", RELEASE, str(CHART), "--namespace", release_ns, "-f", str(values), "--wait", "--timeout", "120s")
     try:
-        pod = wait_operator_started(cluster, api, release_ns)
+        pods = wait_for(lambda: [p for p in operator_pods(api, release_ns)
+                                 if p["status"].get("phase") == "Running"] or None, 120, "the operator pod")
+        pod = pods[0]
+        wait_for(lambda: "qlora-operator started" in pod_log(cluster, release_ns, pod["metadata"]["name"]), 90,
+                 "the operator to start")
         cluster.kubectl("-n", jobs_ns, "create", "secret", "generic", "s3-creds",
                         f"--from-literal=AWS_ACCESS_KEY_ID={cluster.s3_access_key}",
                         f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.s3_secret_key}")
@@ -519,7 +548,7 @@ def test_real_trainer_under_the_chart(cluster, helm, make_namespace, tmp_path):
             "lora": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
             "training": {"maxSteps": 2, "microBatchSize": 2, "gradientAccumulationSteps": 1, "maxSeqLength": 64,
                          "checkpointEverySteps": 2, "evalEverySteps": 2, "optimizer": "adamw_torch"},
-            "resources": {"gpus": 1, "cpu": "2", "memory": "4Gi"},
+            "resources": {"gpus": 1, "cpu": "1500m", "memory": "4Gi"},  # beside the operator's 100m
         })
         cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
 
@@ -534,7 +563,7 @@ def test_real_trainer_under_the_chart(cluster, helm, make_namespace, tmp_path):
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="artifacts", Prefix=f"{jobs_ns}/smol/run-1/adapter/")
                 .get("Contents", [])}
         assert f"{jobs_ns}/smol/run-1/adapter/_SUCCESS" in keys and any(k.endswith(".safetensors") for k in keys), keys
-        assert_no_rbac_denial(cluster.pod_log(release_ns, pod["metadata"]["name"]),
+        assert_no_rbac_denial(pod_log(cluster, release_ns, pod["metadata"]["name"]),
                               f"system:serviceaccount:{release_ns}:{SA}")
     finally:
         helm("uninstall", RELEASE, "--namespace", release_ns, "--wait", "--timeout", "120s", check=False)

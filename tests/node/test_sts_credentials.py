@@ -1,5 +1,6 @@
 """Temporary credentials (issue 18 item 4): an S3 session token from MinIO's STS reaches the real
-trainer through the job's Secret.
+trainer through the job's Secret (the trainer image's ``qlora-train fitcheck`` in a pod on the
+real node, reading MinIO at the node's address).
 
 MinIO's ``AssumeRole`` (its STS API on the S3 endpoint) hands out an access key, a secret key
 and a session token. The job's Secret holds the three; the operator renders
@@ -16,24 +17,23 @@ import sys
 from pathlib import Path
 
 import boto3
-from helpers import wait_for
+import pytest
+from helpers import MISTRAL_7B, wait_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_operator import (  # noqa: E402,F401 - fixtures and helpers of the operator tests, reused
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from test_operator import (  # noqa: E402 - helpers of the operator tests
+    REAL_TRAINER,
     apply,
-    buckets,
     condition,
-    crd,
     events,
     gpu_jobs,
-    jobs,
-    manifest,
-    start_operator,
-    REAL_TRAINER,
     wait_terminal,
 )
 
-from tests.unit.test_trainer_estimate import MISTRAL_7B  # noqa: E402
+from node_jobs import manifest  # noqa: E402 - the node's stand-in jobs
+
+pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
+
 
 def temporary_credentials(cluster) -> dict:
     sts = boto3.client("sts", endpoint_url=cluster.s3_endpoint, region_name=cluster.s3_region,

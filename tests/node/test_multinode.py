@@ -1,11 +1,18 @@
-"""Several trainer nodes (``spec.resources.nodes > 1``, issue 10) on the real local cluster.
+"""Several trainer nodes (``spec.resources.nodes > 1``, issue 10) on the real node (issue 16).
 
-The operator renders an Indexed Job and a headless Service; the Job controller creates
-one pod per node (hostname ``<job-name>-<index>``, ``JOB_COMPLETION_INDEX``); the node
-agent runs them as local processes and stands in for cluster DNS (``QLORA_MASTER_ADDR``,
-``<job-name>-0.<service>``, becomes ``127.0.0.1``: see ``localcluster.node_agent``).
+The operator renders an Indexed Job and a headless Service; the Job controller creates one
+pod per node (hostname ``<job-name>-<index>``, subdomain the Service, ``JOB_COMPLETION_INDEX``);
+the real kubelet runs them from the trainer image, each in its own network namespace, and the
+peers reach node 0 by its cluster DNS name ``<job-name>-0.<service>`` (``QLORA_MASTER_ADDR``),
+answered by the node's CoreDNS from the headless Service's endpoints (published before the
+pods are Ready).
 
-The pods run a stand-in group trainer (``GROUP_TRAINER``) that follows the trainer's
+One real node runs per machine (fixed ports), so a group's pods share that node: what is
+tested is the operator's group (rendering, rendezvous by DNS, restarts, suspension), not
+placement across machines. The node has :data:`NODE_GPUS` fake GPUs, so a restarted group's
+pods fit beside the old ones while they stop.
+
+The pods run a stand-in group trainer (:data:`GROUP_TRAINER`) that follows the trainer's
 contract for several nodes: it reads ``QLORA_NNODES``, ``QLORA_NODE_RANK``,
 ``QLORA_MASTER_ADDR`` and ``QLORA_MASTER_PORT``, meets its peers at node 0 over TCP (a
 rendezvous, as ``torchrun`` does), "trains" while node 0 reports progress, and exits
@@ -15,8 +22,6 @@ the dataset file name: ``ok`` (3 steps of a second), ``sleep-N`` (N steps), ``fa
 until the Job controller stops it).
 ``test_two_nodes_real_trainer`` runs the real ``qlora-train`` instead (``REAL_TRAINER``):
 two pods, each a ``torchrun`` agent with one gloo worker on CPU, the embedded model.
-
-The first tests are pure (the DNS stand-in's name rules) and need no cluster.
 """
 
 from __future__ import annotations
@@ -30,107 +35,45 @@ import pytest
 from helpers import wait_for
 from kubernetes.client.exceptions import ApiException
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_operator import (  # noqa: E402,F401 - fixtures of the operator tests, reused
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from test_operator import (  # noqa: E402 - the operator tests' helpers
     GROUP_PATH,
-    STAND_IN_LIB,
+    REAL_TRAINER,
     apply,
-    buckets,
     condition,
-    crd,
     events,
     get_qj,
     is_true,
     jobs,
-    manifest,
-    s3_secret,
-    start_operator,
     wait_condition,
 )
 
-from localcluster.podenv import DnsCandidate, dns_candidates, resolve_cluster_names  # noqa: E402
+from node_jobs import NODE_TRAINER, manifest  # noqa: E402 - the node's stand-in jobs
 
-# ----------------------------------------------------------------------------- the DNS stand-in (pure)
+pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
 
-
-@pytest.mark.parametrize(
-    ("host", "expected"),
-    [
-        ("bot-train", [DnsCandidate("ns", "bot-train", False)]),
-        ("bot-train.other", [DnsCandidate("ns", "other", True), DnsCandidate("other", "bot-train", False)]),
-        ("bot-train-0.bot-train", [DnsCandidate("ns", "bot-train", True), DnsCandidate("bot-train", "bot-train-0", False)]),
-        ("bot-train.ns.svc", [DnsCandidate("ns", "bot-train", False)]),
-        ("bot-train.ns.svc.cluster.local", [DnsCandidate("ns", "bot-train", False)]),
-        ("bot-train-0.bot-train.ns", [DnsCandidate("ns", "bot-train", True)]),
-        ("bot-train-0.bot-train.ns.svc", [DnsCandidate("ns", "bot-train", True)]),
-        ("bot-train-0.bot-train.ns.svc.cluster.local.", [DnsCandidate("ns", "bot-train", True)]),
-        ("BOT-TRAIN", [DnsCandidate("ns", "bot-train", False)]),
-        ("127.0.0.1", []),
-        ("29500", []),
-        ("/etc/qlora/config.json", []),
-        ("s3://data/x.jsonl", []),
-        ("a.b.c.d.e", []),
-        ("", []),
-    ],
-)
-def test_dns_candidates(host, expected):
-    assert dns_candidates(host, "ns") == expected
-
-
-class FakeServices:
-    """Services by (namespace, name); counts the lookups."""
-
-    def __init__(self, *services: tuple[str, str, str]):
-        self.items = {(ns, name): {"spec": {"clusterIP": ip}} for ns, name, ip in services}
-        self.calls = 0
-
-    def service(self, namespace, name):
-        self.calls += 1
-        return self.items.get((namespace, name))
-
-
-def test_resolve_cluster_names():
-    services = FakeServices(("ns", "bot-train", "None"), ("ns", "minio", "10.0.0.7"), ("other", "db", "10.0.0.8"))
-    env = {
-        "QLORA_MASTER_ADDR": "bot-train-0.bot-train",
-        "FQDN": "bot-train-0.bot-train.ns.svc.cluster.local",
-        "WITH_PORT": "minio:9000",
-        "OTHER_NS": "db.other.svc",
-        "POD_OF_NOT_HEADLESS": "x-0.minio",
-        "MISSING": "nothing-here.ns",
-        "URL": "http://minio:9000",
-        "WORD": "auto",
-        "NUMBER": "29500",
-    }
-    out = resolve_cluster_names(env, "ns", services)
-    assert out == {
-        **env,
-        "QLORA_MASTER_ADDR": "127.0.0.1",
-        "FQDN": "127.0.0.1",
-        "WITH_PORT": "127.0.0.1:9000",
-        "OTHER_NS": "127.0.0.1",
-    }
-    calls = services.calls
-    resolve_cluster_names({"A": "bot-train", "B": "bot-train"}, "ns", services)
-    assert services.calls == calls + 1  # one lookup per distinct Service
+#: Fake ``nvidia.com/gpu`` of the node (read by the ``node`` fixture): a group of 2 one-GPU pods
+#: and the next run's 2 while the failed run's stop.
+NODE_GPUS = 4
 
 
 # ----------------------------------------------------------------------------- the stand-in group trainer
 
-# The stand-in trainer of one node of a group (test_operator.STAND_IN_LIB: cfg, behaviour, finish, report).
-GROUP_TRAINER = STAND_IN_LIB + r'''
-import socket, zlib
+# The stand-in trainer of one node of a group (node_jobs.NODE_TRAINER: cfg, behaviour, finish,
+# report, exit 143 on SIGTERM).
+GROUP_TRAINER = NODE_TRAINER + r'''
+import socket
 rank, nodes = int(os.environ["QLORA_NODE_RANK"]), int(os.environ["QLORA_NNODES"])
 addr, run = os.environ["QLORA_MASTER_ADDR"], os.environ["QLORA_RUN"]
 where = "rank %d/%d run %s master %s:%s index %s host %s" % (rank, nodes, run, addr, os.environ["QLORA_MASTER_PORT"],
                                                             os.environ.get("JOB_COMPLETION_INDEX"), os.environ.get("HOSTNAME"))
 print(where, flush=True)
 
-# Rendezvous at node 0, as torchrun does. Every pod shares the machine's loopback, and other
-# tests may use 29500 there: derive a port from the namespace and run (both nodes agree).
-port = 20000 + zlib.crc32((os.environ["QLORA_JOB_NAMESPACE"] + run).encode()) % 20000
+# Rendezvous at node 0, as torchrun does: node 0 listens on every address of its pod, the
+# others connect to it by its cluster DNS name (CoreDNS; retried while the name is new).
+port = int(os.environ["QLORA_MASTER_PORT"])
 if rank == 0:
-    server = socket.create_server((addr, port))
+    server = socket.create_server(("", port))
     peers = [server.accept()[0] for _ in range(nodes - 1)]
     for peer in peers:
         peer.sendall(b"go\n")
@@ -142,7 +85,7 @@ else:
             break
         except OSError:
             if time.time() > deadline:
-                finish(1, "Error", "no rendezvous at %s:%d: %s" % (addr, port, where))
+                finish(1, "Error", "no rendezvous at %s:%d: %s: %s" % (addr, port, where, sys.exc_info()[1]))
             time.sleep(0.2)
     assert conn.makefile().readline().strip() == "go"
 
@@ -164,7 +107,6 @@ conn.sendall(b"done\n")
 finish(0, "Succeeded", where)
 '''
 GROUP_COMMAND = json.dumps(["python", "-c", GROUP_TRAINER, "/etc/qlora/config.json"])
-REAL_TRAINER = json.dumps(["qlora-train", "--config", "/etc/qlora/config.json"])
 
 
 def pods_of(api, namespace: str, qj: str) -> list[dict]:
@@ -188,7 +130,7 @@ def run_group(cluster, namespace, start_operator, name: str, behaviour: str, *, 
 
 
 # ----------------------------------------------------------------------------- on the cluster
-def test_several_nodes_need_a_dns_1035_name(cluster, namespace, crd):
+def test_several_nodes_need_a_dns_1035_name(cluster, namespace):
     body = manifest(cluster, namespace, "7b-group", resources={"nodes": 2})
     with pytest.raises(ApiException) as err:
         cluster.api().create(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs", body)
@@ -197,7 +139,7 @@ def test_several_nodes_need_a_dns_1035_name(cluster, namespace, crd):
     cluster.api().create(f"{GROUP_PATH}/namespaces/{namespace}/qlorajobs", body)
 
 
-def test_two_nodes_indexed_job_and_service(cluster, namespace, buckets, s3_secret, start_operator):
+def test_two_nodes_indexed_job_and_service(cluster, namespace, buckets, start_operator):
     api = cluster.api()
     started = time.monotonic()
     body = run_group(cluster, namespace, start_operator, "duo", "ok")
@@ -208,9 +150,10 @@ def test_two_nodes_indexed_job_and_service(cluster, namespace, buckets, s3_secre
     attempts = status["attempts"]
     assert [(a["index"], a["node"], a["phase"], a["reason"]) for a in attempts] == [
         (0, 0, "Succeeded", "Succeeded"), (0, 1, "Succeeded", "Succeeded")]
-    for attempt in attempts:  # each pod saw its rank, its index, its hostname, and node 0 at the loopback
+    for attempt in attempts:  # each pod saw its rank, its index, its hostname, and node 0 by its DNS name
         node = attempt["node"]
-        assert f"rank {node}/2 run 1 master 127.0.0.1:29500 index {node} host duo-train-{node}" in attempt["message"]
+        assert f"rank {node}/2 run 1 master duo-train-0.duo-train:29500 index {node} host duo-train-{node}" \
+            in attempt["message"]
 
     (job,) = jobs(api, namespace, "duo")
     spec = job["spec"]
@@ -222,14 +165,14 @@ def test_two_nodes_indexed_job_and_service(cluster, namespace, buckets, s3_secre
     pods = sorted(pods_of(api, namespace, "duo"), key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
     assert [(p["spec"]["hostname"], p["spec"]["subdomain"]) for p in pods] == [("duo-train-0", "duo-train"), ("duo-train-1", "duo-train")]
     env = {e["name"]: e for e in pods[1]["spec"]["containers"][0]["env"]}
-    assert env["QLORA_MASTER_ADDR"]["value"] == "duo-train-0.duo-train"  # the pod spec keeps the cluster name
+    assert env["QLORA_MASTER_ADDR"]["value"] == "duo-train-0.duo-train"
     assert env["QLORA_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     reasons = [(t, r) for t, r, _ in events(api, namespace, "duo")]
     assert ("Normal", "Completed") in reasons and not [r for t, r in reasons if t == "Warning"], reasons
     sys.stderr.write(f"\n2-node job finished in {time.monotonic() - started:.0f}s\n")
 
 
-def test_group_restarts_as_the_next_run_after_a_retryable_failure(cluster, namespace, buckets, s3_secret, start_operator):
+def test_group_restarts_as_the_next_run_after_a_retryable_failure(cluster, namespace, buckets, start_operator):
     api = cluster.api()
     started = time.monotonic()
     body = run_group(cluster, namespace, start_operator, "retry", "fail-once", runPolicy={"backoffLimit": 2}, timeout=240)
@@ -270,7 +213,7 @@ def running_pods(api, namespace: str, qj: str, run: int) -> list[dict]:
             and not p["metadata"].get("deletionTimestamp")]
 
 
-def test_disruption_restarts_the_group_without_counting(cluster, namespace, buckets, s3_secret, start_operator):
+def test_disruption_restarts_the_group_without_counting(cluster, namespace, buckets, start_operator):
     """An evicted pod (DisruptionTarget) restarts the group even with runPolicy.backoffLimit 0."""
     api = cluster.api()
     start_operator(trainer_command=GROUP_COMMAND)
@@ -297,7 +240,7 @@ def test_disruption_restarts_the_group_without_counting(cluster, namespace, buck
     assert [(a["index"], a["reason"]) for a in status["attempts"][-2:]] == [(1, "Succeeded"), (1, "Succeeded")]
 
 
-def test_suspend_and_resume_a_group(cluster, namespace, buckets, s3_secret, start_operator):
+def test_suspend_and_resume_a_group(cluster, namespace, buckets, start_operator):
     """Suspending stops every pod of the group (the Job controller does not count that as a
     failure); resuming starts them all again in the same run."""
     api = cluster.api()
@@ -321,15 +264,14 @@ def test_suspend_and_resume_a_group(cluster, namespace, buckets, s3_secret, star
 
 
 @pytest.mark.slow
-@pytest.mark.slow
-def test_two_nodes_real_trainer(cluster, namespace, buckets, s3_secret, start_operator, tmp_path):
+def test_two_nodes_real_trainer(cluster, namespace, buckets, start_operator, tmp_path):
     """qlora-train with nodes: 2 on CPU (gloo), the embedded model, a slice of the corpus."""
     from helpers import upload_embedded
 
-    upload_embedded(buckets, tmp_path / "corpus", "smollm2", {f"{namespace}/train.jsonl": ("train", 0, 32)})
+    upload_embedded(buckets, tmp_path / "corpus", None, {f"{namespace}/train.jsonl": ("train", 0, 32)})
     body = run_group(
         cluster, namespace, start_operator, "smol-duo", "ok", command=REAL_TRAINER, timeout=900,
-        resources={"cpu": "2", "memory": "4Gi"},
+        resources={"cpu": "1", "memory": "4Gi"},  # both pods share the node's 2 cores
         model={"uri": "s3://models/smollm2/"},
         dataset={"uri": f"s3://data/{namespace}/train.jsonl", "format": "chat"},
         lora={"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},

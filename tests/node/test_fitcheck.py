@@ -1,6 +1,7 @@
-"""The fit check before any GPU is taken (issue 18 item 3), on the real control plane and MinIO.
+"""The fit check before any GPU is taken (issue 18 item 3), on the real node (``tests/node``).
 
-The operator runs the real ``qlora-train fitcheck`` in a CPU-only Job before the GPU Job.
+The operator runs the real ``qlora-train fitcheck`` (the trainer image) in a CPU-only Job
+before the GPU Job.
 The model prefixes in MinIO hold only ``config.json`` (Llama-3-70B and Mistral-7B widths,
 no weights), so a check that read anything else would fail loudly.
 
@@ -20,25 +21,24 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import LLAMA3_70B, MISTRAL_7B, wait_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_operator import (  # noqa: E402,F401 - fixtures and helpers of the operator tests, reused
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from test_operator import (  # noqa: E402 - helpers of the operator tests
+    REAL_TRAINER,
     apply,
-    buckets,
     condition,
-    crd,
     events,
     gpu_jobs,
     jobs,
-    manifest,
     pods,
-    s3_secret,
-    start_operator,
-    REAL_TRAINER,
     wait_terminal,
 )
-from tests.unit.test_trainer_estimate import LLAMA3_70B, MISTRAL_7B  # noqa: E402
+
+from node_jobs import manifest  # noqa: E402 - the node's stand-in jobs
+
+pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
+
 
 def gpu_requests(pod: dict) -> list[str]:
     """The GPU quantities any container of ``pod`` requests or is limited to."""
@@ -50,7 +50,7 @@ def gpu_requests(pod: dict) -> list[str]:
     return out
 
 
-def test_a_70b_job_on_one_24gib_gpu_is_refused_before_any_gpu_pod(cluster, namespace, buckets, s3_secret, start_operator):
+def test_a_70b_job_on_one_24gib_gpu_is_refused_before_any_gpu_pod(cluster, namespace, buckets, start_operator):
     api = cluster.api()
     model = f"s3://models/{namespace}/llama-70b/"
     buckets.put_object(Bucket="models", Key=f"{namespace}/llama-70b/config.json", Body=json.dumps(LLAMA3_70B).encode())
@@ -81,7 +81,7 @@ def test_a_70b_job_on_one_24gib_gpu_is_refused_before_any_gpu_pod(cluster, names
     assert gpu_jobs(api, namespace, "big") == [] and len(jobs(api, namespace, "big")) == 1
 
 
-def test_a_job_that_fits_gets_its_gpu_job_after_the_check(cluster, namespace, buckets, s3_secret, start_operator):
+def test_a_job_that_fits_gets_its_gpu_job_after_the_check(cluster, namespace, buckets, start_operator):
     api = cluster.api()
     buckets.put_object(Bucket="models", Key=f"{namespace}/mistral-7b/config.json", Body=json.dumps(MISTRAL_7B).encode())
     start_operator(trainer_command=REAL_TRAINER)
