@@ -110,6 +110,10 @@ def attempt_from_pod(pod: Mapping[str, Any], index: int, *, group: bool = False)
     if term is not None:
         tmsg = parse_termination_message(term.get("message"))
         exit_code = term.get("exitCode")
+        if attempt["phase"] in ("Pending", "Running"):
+            # The trainer container ended (restartPolicy Never) and the kubelet has not moved the
+            # pod's phase yet: the attempt is over, its phase is the exit code's.
+            attempt["phase"] = "Succeeded" if exit_code == 0 else "Failed"
         attempt["startTime"] = term.get("startedAt") or start
         attempt["finishTime"] = term.get("finishedAt")
         attempt["exitCode"] = exit_code

@@ -1,9 +1,8 @@
-"""The operator tests' process wrapper, fixtures and helpers (no tests of its own).
+"""The operator tests' process wrapper and helpers (no tests of its own).
 
-The operator tests themselves run on the real node: ``tests/node/test_operator_node.py``
-(issue 16, item 4). What stays here is what they and the modules still on the stand-in
-node agent (``test_fitcheck``, ``test_kueue``, ``test_multinode``, ``test_sts_credentials``,
-which import from this module) share:
+The operator tests themselves run on the real node (``tests/node``: ``test_operator_node``,
+``test_multinode``, ``test_kueue``, ``test_fitcheck``, ``test_sts_credentials`` and the others
+import from this module; their fixtures are in ``tests/node/conftest.py``). What they share:
 
 - :class:`Operator`: one ``python -m qlora_operator run --namespace NS`` process (the
   cluster's admin kubeconfig) scoped to a namespace, with settings from ``QLORA_OPERATOR_*``:
@@ -12,8 +11,6 @@ which import from this module) share:
   progress patches with the pod's own ServiceAccount token) and whose behaviour is picked
   by the dataset file name (``ok``, ``exit-3``, ``kill9``, ``oom``, ``storage-once``,
   ``sleep-N``, ``pod-extras``). ``REAL_TRAINER`` is the real ``qlora-train`` command.
-- fixtures on the session ``cluster`` (stand-in node agent): ``crd``, ``buckets``,
-  ``s3_secret``, ``start_operator``.
 - helpers: ``manifest``, ``apply``, ``get_qj``, ``condition``, ``is_true``,
   ``wait_condition``, ``wait_terminal``, ``events``, ``wait_event``, ``jobs``, ``gpu_jobs``, ``pods``.
 
@@ -29,16 +26,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from helpers import wait_crd_established, wait_for
+from helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP_PATH = "/apis/qlora.dev/v1alpha1"
 
 # What every stand-in trainer program shares: its config (argv[1]: the pod's /etc/qlora/config.json,
-# a host path the node agent rewrites it to), the behaviour named by the dataset file, finish()
+# a path of the pod), the behaviour named by the dataset file, finish()
 # (termination message + exit code) and report() (a status PATCH with the trainer's ServiceAccount
-# token: in the pod's in-cluster directory, or where the node agent's QLORA_SA_TOKEN_DIR says).
+# token: in the pod's in-cluster directory, or where QLORA_SA_TOKEN_DIR says).
 STAND_IN_LIB = r'''
 import json, os, signal, ssl, sys, time, urllib.request
 cfg = json.load(open(sys.argv[1]))
@@ -73,7 +69,7 @@ def report(step, total, loss=None):
 '''
 
 # The behaviours of the stand-in trainer of one node (after STAND_IN_LIB). ``kill9`` kills
-# itself (the node agent reports an unexpected exit 137 as OOMKilled); ``oom`` allocates past
+# itself (exit 137 that is not an OOM kill); ``oom`` allocates past
 # the container's memory limit (a real kubelet's OOMKilled, from the kernel's OOM killer:
 # a process cannot SIGKILL itself as a container's pid 1).
 FAKE_BEHAVIOURS = r'''
@@ -187,56 +183,6 @@ class Operator:
     def assert_healthy(self) -> None:
         assert self.proc is not None and self.proc.poll() is None, f"operator died:\n{self.log()[-4000:]}"
         assert "Traceback" not in self.log(), self.log()[-6000:]
-
-
-@pytest.fixture(scope="session")
-def crd(cluster):
-    """The QLoRAJob CRD installed from crds/ and established."""
-    crds = os.environ.get("QLORA_TEST_CRDS", str(REPO / "crds"))  # another CRD file/dir, while iterating on it
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", crds)
-    wait_crd_established(cluster)
-    return "qlorajobs.qlora.dev"
-
-
-@pytest.fixture(scope="session")
-def buckets(cluster):
-    """MinIO buckets the tests use."""
-    s3 = cluster.s3_client()
-    for bucket in ("models", "data", "artifacts"):
-        try:
-            s3.create_bucket(Bucket=bucket)
-        except Exception as err:  # noqa: BLE001 - already there (another test module)
-            if "BucketAlreadyOwnedByYou" not in str(err) and "BucketAlreadyExists" not in str(err):
-                raise
-    return s3
-
-
-@pytest.fixture
-def s3_secret(cluster, namespace):
-    """The Secret the trainer pods read S3 credentials from (the operator never reads it)."""
-    cluster.kubectl(
-        "-n", namespace, "create", "secret", "generic", "s3-creds",
-        f"--from-literal=AWS_ACCESS_KEY_ID={cluster.s3_access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.s3_secret_key}",
-    )
-    return "s3-creds"
-
-
-@pytest.fixture
-def start_operator(cluster, crd, namespace, tmp_path):
-    """start_operator(**settings) -> a running :class:`Operator` for the test namespace (stopped afterwards)."""
-    started: list[Operator] = []
-
-    def start(ns: str | None = None, env: dict | None = None, ready_text: str = "qlora-operator started",
-              **settings) -> Operator:
-        op = Operator(cluster, ns or namespace, tmp_path / f"operator-{len(started)}.log", env=env, **settings)
-        started.append(op)
-        return op.start(ready_text)
-
-    yield start
-    for op in started:
-        op.stop()
-        sys.stderr.write(f"\n--- operator log ({op.namespace}), tail ---\n{op.log()[-2500:]}\n")
 
 
 # ----------------------------------------------------------------------------- helpers

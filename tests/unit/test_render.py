@@ -473,7 +473,8 @@ def test_multinode_job_is_indexed_and_fails_as_a_group():
     assert spec["podFailurePolicy"]["rules"] == [
         {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 6, 7, 8]}},
-        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0, 143]}},
+        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]}},
     ]
     assert pod["subdomain"] == "bot-train" and pod["restartPolicy"] == "Never"
     assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "2"  # gpus per pod

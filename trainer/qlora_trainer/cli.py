@@ -397,7 +397,7 @@ def train_main(args: argparse.Namespace) -> int:
         # process groups down. With gloo on CPU a rank tearing down while its peer had already
         # closed the connection was seen aborting after a successful run ("terminate called
         # without an active exception", exit 134), which restarted the whole group
-        # (tests/integration/test_multinode.py::test_two_nodes_real_trainer, 1 run in 4 here).
+        # (tests/node/test_multinode.py::test_two_nodes_real_trainer, 1 run in 4 on the former stand-in node).
         # The OS closes the sockets; os._exit skips the C++ destructors where that abort happens.
         logging.shutdown()
         sys.stdout.flush()

@@ -33,6 +33,7 @@ from qlora_operator.render.names import (
 )
 from qlora_operator.render.pod import render_pod_spec
 from qlora_operator.settings import OperatorSettings
+from qlora_trainer import contract
 
 
 def trainer_config_json(spec: QLoRAJobSpec) -> str:
@@ -156,7 +157,8 @@ def group_pod_failure_policy() -> dict[str, Any]:
 
     The rule that matched (the Job's ``FailureTarget`` message names its index) says why:
     0 a disruption (restarted without counting), 1 a permanent exit code (not restarted),
-    2 any other failure (counted against ``runPolicy.backoffLimit``). The operator reads
+    2 any other failure (counted against ``runPolicy.backoffLimit``), 3 exit 143 (SIGTERM:
+    a suspended Job's pods, ignored; a disruption matched rule 0 first). The operator reads
     the same from the pods, or from that message when the pod ended and was deleted before
     the operator saw it (``status.attempts_with_job_failure``); ``backoffLimit: 0`` covers a
     pod that fails without an exit code.
@@ -168,7 +170,13 @@ def group_pod_failure_policy() -> dict[str, Any]:
                 "action": "FailJob",
                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(PERMANENT_EXIT_CODES)},
             },
-            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn", "values": [0]}},
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn",
+                                                  "values": [0, contract.EXIT_PREEMPTED]}},
+            # SIGTERM, not a failure of the trainer: the Job was suspended (runPolicy.suspend, a
+            # Kueue preemption) and the Job controller deleted the pods. Without this rule the
+            # real kubelet's exit 143 matched rule 2 and failed the suspended Job.
+            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                 "values": [contract.EXIT_PREEMPTED]}},
         ]
     }
 
