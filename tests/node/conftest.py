@@ -12,7 +12,7 @@ containerd, from the images ``make images`` builds.
   machine), so modules using it run one after the other and each stops its node.
 - ``namespace``: a fresh namespace with its default ServiceAccount and the ``s3-creds`` Secret.
 - ``operator``: an operator process for the test's namespace (``qlora-operator run --namespace
-  NS``, :class:`test_operator.Operator`) with the built trainer image as the default,
+  NS``, :class:`operator_harness.Operator`) with the built trainer image as the default,
   ``imagePullPolicy: Never`` and the trainer's own command (``qlora-train``).
 - ``start_operator``: ``start_operator(**settings)`` starts such an operator with the stand-in
   trainer (``node_jobs.NODE_COMMAND``) unless ``trainer_command`` is given; stopped afterwards.
@@ -35,8 +35,7 @@ import pytest
 from helpers import upload_embedded, wait_crd_established, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from test_operator import REAL_TRAINER, Operator  # noqa: E402 - the operator tests' process wrapper
+from operator_harness import REAL_TRAINER, Operator  # the operator tests' process wrapper
 
 from node_jobs import NODE_COMMAND  # noqa: E402
 

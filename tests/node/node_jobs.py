@@ -1,7 +1,7 @@
 """QLoRAJobs for the tests on the real node: the stand-in trainer as a real pod's command and
 the manifest with the pod resources that fit the node.
 
-The stand-in trainer (:data:`NODE_COMMAND`) is ``test_operator``'s program (``STAND_IN_LIB`` +
+The stand-in trainer (:data:`NODE_COMMAND`) is ``operator_harness``'s program (``STAND_IN_LIB`` +
 ``FAKE_BEHAVIOURS``: config file, exit codes, JSON termination message, progress patches through
 the ``kubernetes`` Service with the pod's own ServiceAccount token), run by the trainer image's
 python as the operator's trainer command; it exits 143 on SIGTERM as ``qlora-train`` does (a
@@ -12,12 +12,9 @@ renders for users; only the command differs.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_operator import FAKE_BEHAVIOURS, STAND_IN_LIB  # noqa: E402 - the stand-in trainer's program
-from test_operator import manifest as stand_in_manifest  # noqa: E402
+from operator_harness import FAKE_BEHAVIOURS, STAND_IN_LIB  # the stand-in trainer's program
+from operator_harness import manifest as stand_in_manifest  # noqa: E402
 
 #: What the stand-in trainer's pods request (requests = limits): four of them fit the node's
 #: 2 cores at once; the memory limit is what the ``oom`` behaviour allocates past.
@@ -30,7 +27,7 @@ NODE_COMMAND = json.dumps(["python", "-c", NODE_TRAINER + FAKE_BEHAVIOURS, "/etc
 
 
 def manifest(cluster, namespace: str, name: str, behaviour: str = "ok", **spec) -> dict:
-    """``test_operator.manifest`` for the real node: no ``spec.image`` unless given (the
+    """``operator_harness.manifest`` for the real node: no ``spec.image`` unless given (the
     operator's default, the trainer image) and :data:`POD_RESOURCES` unless given."""
     body = stand_in_manifest(cluster, namespace, name, behaviour, **spec)
     if "image" not in spec:

@@ -27,7 +27,7 @@ import json
 
 import pytest
 from helpers import upload_embedded, wait_for
-from test_operator import apply, events, get_qj, is_true, jobs, manifest, pods, wait_event  # tests/integration
+from operator_harness import apply, events, get_qj, is_true, jobs, manifest, pods, wait_event  # tests/operator_harness.py
 
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster, pytest.mark.slow]
 

@@ -29,14 +29,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from helpers import wait_for
 from kubernetes.client.exceptions import ApiException
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_operator import (  # noqa: E402 - the operator tests' helpers
+from operator_harness import (  # the operator tests' helpers
     GROUP_PATH,
     REAL_TRAINER,
     apply,
@@ -48,7 +46,7 @@ from test_operator import (  # noqa: E402 - the operator tests' helpers
     wait_condition,
 )
 
-from node_jobs import NODE_TRAINER, manifest  # noqa: E402 - the node's stand-in jobs
+from node_jobs import NODE_TRAINER, manifest  # the node's stand-in jobs
 
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
 

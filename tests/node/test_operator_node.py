@@ -3,7 +3,7 @@ MinIO, and one real node (containerd + runc + CNI, the kubelet, kube-proxy) whos
 the trainer image built by ``make images`` (``tests/node/conftest.py``: the ``node`` fixture,
 with :data:`NODE_GPUS` fake ``nvidia.com/gpu``).
 
-Each test runs its own operator process (:class:`test_operator.Operator`: ``python -m
+Each test runs its own operator process (:class:`operator_harness.Operator`: ``python -m
 qlora_operator run --namespace NS``, the cluster's admin kubeconfig) scoped to the test's
 namespace, with the trainer image as its default image (``imagePullPolicy: Never``) and for
 most tests a cheap stand-in trainer as the trainer command (:data:`NODE_COMMAND`: ``python -c``
@@ -48,9 +48,7 @@ import pytest
 from helpers import wait_for
 from kubernetes.client.exceptions import ApiException
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from test_operator import (  # noqa: E402 - the operator tests' process wrapper and helpers (tests/integration)
+from operator_harness import (  # the operator tests' process wrapper and helpers (tests/integration)
     GROUP_PATH,
     REAL_TRAINER,
     apply,
@@ -64,7 +62,7 @@ from test_operator import (  # noqa: E402 - the operator tests' process wrapper 
     wait_event,
     wait_terminal,
 )
-from node_jobs import manifest  # noqa: E402 - the node's stand-in jobs (NODE_COMMAND, POD_RESOURCES)
+from node_jobs import manifest  # the node's stand-in jobs (NODE_COMMAND, POD_RESOURCES)
 
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
 

@@ -50,9 +50,7 @@ import pytest
 
 from helpers import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from test_operator import (  # noqa: E402 - the operator tests' process wrapper and helpers, reused
+from operator_harness import (  # the operator tests' process wrapper and helpers, reused
     GROUP_PATH,
     apply,
     condition,

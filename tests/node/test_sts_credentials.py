@@ -13,15 +13,12 @@ MinIO: the fit check fails ``StorageError`` naming the object, and no GPU Job ex
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import boto3
 import pytest
 from helpers import MISTRAL_7B, wait_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_operator import (  # noqa: E402 - helpers of the operator tests
+from operator_harness import (  # helpers of the operator tests
     REAL_TRAINER,
     apply,
     condition,
@@ -30,7 +27,7 @@ from test_operator import (  # noqa: E402 - helpers of the operator tests
     wait_terminal,
 )
 
-from node_jobs import manifest  # noqa: E402 - the node's stand-in jobs
+from node_jobs import manifest  # the node's stand-in jobs
 
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
 

@@ -1,4 +1,4 @@
-"""The operator tests' process wrapper and helpers (no tests of its own).
+"""The operator tests' process wrapper and helpers (``tests/operator_harness.py``; no tests).
 
 The operator tests themselves run on the real node (``tests/node``: ``test_operator_node``,
 ``test_multinode``, ``test_kueue``, ``test_fitcheck``, ``test_sts_credentials`` and the others
